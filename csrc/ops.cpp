@@ -1,0 +1,56 @@
+// Operator schemas of dnnrl_ext (the dispatcher's view of the library) and the
+// pybind11 module that `import dnnrl_ext._C` loads. Kernels live in cpu/ and cuda/
+// and register themselves with TORCH_LIBRARY_IMPL; autograd and fake (meta)
+// implementations are registered from Python in dnnrl_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(dnnrl_ext, m) {
+  // Fused mining + triplet loss over one batch with integer labels.
+  //   x (B, D) float{16,32,64}/bfloat16, labels (B,) integer.
+  //   mining: 0 batch_hard, 1 semi_hard; loss_type: 0 exp, 1 hinge;
+  //   reduction: 0 none, 1 mean, 2 sum.
+  // Returns loss (() or (B,), float32; float64 for float64 x), pos (B,) int64,
+  // neg (B,) int64 (-1 for invalid anchors), r (B,) (0 for invalid), valid (B,) bool.
+  m.def(
+      "triplet_loss(Tensor x, Tensor labels, int mining, int loss_type, float alpha, "
+      "float gamma, float margin, int reduction) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Same loss on explicit triplets: anchor/positive/negative (T,) int64 indices into x.
+  // Returns loss (() or (T,)) and r (T,).
+  m.def(
+      "triplet_loss_indexed(Tensor x, Tensor anchor, Tensor positive, Tensor negative, "
+      "int loss_type, float alpha, float gamma, float margin, int reduction) -> (Tensor, Tensor)");
+  // Gradient of either form w.r.t. x from the saved indices (no second mining pass).
+  //   anchor: None for the mined form (anchor t is row t), else (T,) int64.
+  //   valid: None when every triplet is valid, else (T,) bool.
+  //   grad_loss: () for mean/sum, (T,) for none.  Returns (B, D) in x's dtype.
+  m.def(
+      "triplet_loss_backward(Tensor grad_loss, Tensor x, Tensor? anchor, Tensor pos, "
+      "Tensor neg, Tensor r, Tensor? valid, int loss_type, float alpha, float gamma, "
+      "float margin, int reduction) -> Tensor");
+  // k nearest gallery rows of every query by squared Euclidean distance, sorted
+  // ascending, ties to the smaller index: dist (Q, k) float32/float64, idx (Q, k) int64.
+  m.def("knn(Tensor query, Tensor gallery, int k) -> (Tensor, Tensor)");
+  // Majority vote of the k nearest: pred (Q,) int64, votes (Q, num_classes) int64.
+  // A tie in votes goes to the tied class whose nearest member ranks first.
+  m.def(
+      "knn_vote(Tensor query, Tensor gallery, Tensor gallery_labels, int k, int num_classes) "
+      "-> (Tensor, Tensor)");
+}
+
+namespace {
+bool compiled_with_cuda() {
+#ifdef DNNRL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Compiled kernels of dnnrl_ext (ops are registered under torch.ops.dnnrl_ext)";
+  module.def("compiled_with_cuda", &compiled_with_cuda,
+             "True when the CUDA kernels were compiled into this build");
+}

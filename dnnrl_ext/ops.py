@@ -1,0 +1,293 @@
+"""Typed wrappers over ``torch.ops.dnnrl_ext.*`` with argument checking, plus the
+fake-tensor and autograd registrations that make the ops work under
+``torch.compile`` and ``torch.library.opcheck``.
+
+Every public function takes ``backend``: ``"auto"`` / ``"compiled"`` run the fused
+kernels (an error says how to rebuild if they are missing), ``"reference"`` runs the
+pure-PyTorch version in :mod:`dnnrl_ext.reference`.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _extension
+from . import reference as ref
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+class TripletLossOutput(NamedTuple):
+    """Loss plus what the miner chose (``return_details=True``).
+
+    loss: () or (B,); pos, neg: (B,) int64 (-1 for invalid anchors);
+    r: (B,) relative distance d(a,n) - d(a,p), no gradient; valid: (B,) bool.
+    """
+    loss: Tensor
+    pos: Tensor
+    neg: Tensor
+    r: Tensor
+    valid: Tensor
+
+
+# --------------------------------------------------------------------------- checks
+def _code(name: str, value, table: dict) -> int:
+    if isinstance(value, str) and value in table:
+        return table[value]
+    raise ValueError("%s must be one of %s, got %r" % (name, sorted(table), value))
+
+
+def _check_embeddings(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(x).__name__))
+    if x.dim() != 2:
+        raise ValueError("%s must be 2-D (rows, dim), got shape %s" % (name, tuple(x.shape)))
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError("%s must be float16, bfloat16, float32 or float64, got %s" % (name, x.dtype))
+
+
+def _check_index_vector(name: str, t, length: Optional[int], device: torch.device,
+                        length_name: str = "") -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError("%s must be a torch.Tensor, got %s" % (name, type(t).__name__))
+    if t.dim() != 1:
+        raise ValueError("%s must be 1-D, got shape %s" % (name, tuple(t.shape)))
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError("%s must be an integer tensor, got %s" % (name, t.dtype))
+    if length is not None and t.shape[0] != length:
+        raise ValueError("%s must have length %d (%s), got %d" % (name, length, length_name, t.shape[0]))
+    if t.device != device:
+        raise ValueError("%s is on %s but the embeddings are on %s" % (name, t.device, device))
+
+
+def _check_finite_param(name: str, value) -> float:
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("%s must be a finite number, got %r" % (name, value))
+    return value
+
+
+def _eager() -> bool:
+    """Value checks that read tensor data (a device sync) run only outside torch.compile."""
+    return not torch.compiler.is_compiling()
+
+
+def _use_reference(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend in ("auto", "compiled"):
+        _extension.require(device)
+        return False
+    raise ValueError("backend must be 'auto', 'compiled' or 'reference', got %r" % (backend,))
+
+
+# --------------------------------------------------------------------------- loss
+def triplet_loss(embeddings: Tensor, labels: Tensor, *, mining: str = "batch_hard",
+                 loss: str = "exp", alpha: float = 0.2, gamma: float = 0.0, margin: float = 0.2,
+                 reduction: str = "mean", return_details: bool = False,
+                 backend: str = "auto"):
+    """Fused in-batch mining + triplet loss (SPEC section 2).
+
+    Args:
+        embeddings: (B, D) float16/bfloat16/float32/float64, any device.
+        labels: (B,) integer class labels on the same device.
+        mining: "batch_hard" or "semi_hard".
+        loss: "exp" (the paper's exponential loss, uses alpha and gamma) or "hinge"
+            (``max(d(a,p) - d(a,n) + margin, 0)``; gamma still sets the semi-hard threshold).
+        reduction: "mean" over valid anchors, "sum", or "none" ((B,), 0 for invalid anchors).
+        return_details: also return mined indices, r and validity (TripletLossOutput).
+    Returns:
+        The loss: () or (B,), float32 (float64 for float64 embeddings); or a
+        TripletLossOutput when ``return_details``.
+    """
+    _check_embeddings("embeddings", embeddings)
+    _check_index_vector("labels", labels, embeddings.shape[0], embeddings.device,
+                        "one label per embedding row")
+    m = _code("mining", mining, ref.MINING_CODES)
+    lt = _code("loss", loss, ref.LOSS_CODES)
+    red = _code("reduction", reduction, ref.REDUCTION_CODES)
+    alpha, gamma, margin = (_check_finite_param(n, v) for n, v in
+                            (("alpha", alpha), ("gamma", gamma), ("margin", margin)))
+    if _use_reference(backend, embeddings.device):
+        out = ref.triplet_loss(embeddings, labels, m, lt, alpha, gamma, margin, red)
+    else:
+        out = torch.ops.dnnrl_ext.triplet_loss(embeddings, labels, m, lt, alpha, gamma, margin, red)
+    out = TripletLossOutput(*out)
+    return out if return_details else out.loss
+
+
+def triplet_loss_from_triplets(embeddings: Tensor, anchor: Tensor, positive: Tensor,
+                               negative: Tensor, *, loss: str = "exp", alpha: float = 0.2,
+                               gamma: float = 0.0, margin: float = 0.2, reduction: str = "mean",
+                               return_r: bool = False, backend: str = "auto"):
+    """Triplet loss on explicit triplets (the paper's randomly sampled triplets).
+
+    Args:
+        embeddings: (B, D); anchor, positive, negative: (T,) integer indices in [0, B).
+    Returns:
+        loss () or (T,) (and r (T,) when ``return_r``).
+    """
+    _check_embeddings("embeddings", embeddings)
+    _check_index_vector("anchor", anchor, None, embeddings.device)
+    T = anchor.shape[0]
+    _check_index_vector("positive", positive, T, embeddings.device, "same as anchor")
+    _check_index_vector("negative", negative, T, embeddings.device, "same as anchor")
+    B = embeddings.shape[0]
+    if _eager() and T > 0:
+        for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative)):
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= B:
+                raise IndexError("%s holds indices in [%d, %d] but embeddings has %d rows"
+                                 % (name, lo, hi, B))
+    lt = _code("loss", loss, ref.LOSS_CODES)
+    red = _code("reduction", reduction, ref.REDUCTION_CODES)
+    alpha, gamma, margin = (_check_finite_param(n, v) for n, v in
+                            (("alpha", alpha), ("gamma", gamma), ("margin", margin)))
+    anchor, positive, negative = anchor.long(), positive.long(), negative.long()
+    if _use_reference(backend, embeddings.device):
+        value, r = ref.triplet_loss_indexed(embeddings, anchor, positive, negative, lt,
+                                            alpha, gamma, margin, red)
+    else:
+        value, r = torch.ops.dnnrl_ext.triplet_loss_indexed(
+            embeddings, anchor, positive, negative, lt, alpha, gamma, margin, red)
+    return (value, r) if return_r else value
+
+
+# --------------------------------------------------------------------------- knn
+def _check_knn(query, gallery, k) -> None:
+    _check_embeddings("query", query)
+    _check_embeddings("gallery", gallery)
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError("query has dim %d but gallery has dim %d" % (query.shape[1], gallery.shape[1]))
+    if query.device != gallery.device:
+        raise ValueError("query is on %s but gallery is on %s" % (query.device, gallery.device))
+    if query.dtype != gallery.dtype:
+        raise TypeError("query is %s but gallery is %s: cast one of them" % (query.dtype, gallery.dtype))
+    if gallery.shape[0] == 0:
+        raise ValueError("gallery is empty: k-NN needs at least one gallery row")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError("k must be an int, got %r" % (k,))
+    if not 1 <= k <= gallery.shape[0]:
+        raise ValueError("k must be in [1, %d] (the gallery size), got %d" % (gallery.shape[0], k))
+
+
+def knn(query: Tensor, gallery: Tensor, k: int, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """The k nearest gallery rows of every query by squared Euclidean distance.
+
+    Args:
+        query: (Q, D), gallery: (N, D), same dtype and device; 1 <= k <= N.
+    Returns:
+        dist (Q, k) ascending, float32 (float64 for float64); idx (Q, k) int64.
+        Ties go to the smaller gallery index. The Q x N matrix is never built.
+    """
+    _check_knn(query, gallery, k)
+    if _use_reference(backend, query.device):
+        return ref.knn(query, gallery, k)
+    return torch.ops.dnnrl_ext.knn(query, gallery, k)
+
+
+def knn_vote(query: Tensor, gallery: Tensor, gallery_labels: Tensor, k: int, num_classes: int,
+             *, return_votes: bool = False, backend: str = "auto"):
+    """k-NN majority vote.
+
+    Args:
+        query: (Q, D); gallery: (N, D); gallery_labels: (N,) integers in [0, num_classes).
+    Returns:
+        pred (Q,) int64 (and votes (Q, num_classes) int64 when ``return_votes``). A tie
+        in votes goes to the tied class whose nearest member ranks first.
+    """
+    _check_knn(query, gallery, k)
+    _check_index_vector("gallery_labels", gallery_labels, gallery.shape[0], gallery.device,
+                        "one label per gallery row")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError("num_classes must be a positive int, got %r" % (num_classes,))
+    if gallery_labels.dtype == torch.uint8 or gallery_labels.dtype == torch.int8:
+        gallery_labels = gallery_labels.long()
+    if _eager():
+        lo, hi = int(gallery_labels.min()), int(gallery_labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError("gallery_labels must lie in [0, %d) (num_classes), got values in [%d, %d]"
+                             % (num_classes, lo, hi))
+    if _use_reference(backend, query.device):
+        pred, votes = ref.knn_vote(query, gallery, gallery_labels, k, num_classes)
+    else:
+        pred, votes = torch.ops.dnnrl_ext.knn_vote(query, gallery, gallery_labels.long(), k, num_classes)
+    return (pred, votes) if return_votes else pred
+
+
+# --------------------------------------------------------------------------- registrations
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return ref.accumulation_dtype(dtype)
+
+
+def _register() -> None:
+    lib = "dnnrl_ext::"
+
+    @torch.library.register_fake(lib + "triplet_loss")
+    def _(x, labels, mining, loss_type, alpha, gamma, margin, reduction):
+        B = x.shape[0]
+        acc = _acc(x.dtype)
+        loss = x.new_empty((B,) if reduction == ref.NONE else (), dtype=acc)
+        idx = x.new_empty((B,), dtype=torch.long)
+        return loss, idx, torch.empty_like(idx), x.new_empty((B,), dtype=acc), x.new_empty((B,), dtype=torch.bool)
+
+    @torch.library.register_fake(lib + "triplet_loss_indexed")
+    def _(x, anchor, positive, negative, loss_type, alpha, gamma, margin, reduction):
+        T = anchor.shape[0]
+        acc = _acc(x.dtype)
+        return x.new_empty((T,) if reduction == ref.NONE else (), dtype=acc), x.new_empty((T,), dtype=acc)
+
+    @torch.library.register_fake(lib + "triplet_loss_backward")
+    def _(grad_loss, x, anchor, pos, neg, r, valid, loss_type, alpha, gamma, margin, reduction):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "knn")
+    def _(query, gallery, k):
+        Q = query.shape[0]
+        return query.new_empty((Q, k), dtype=_acc(query.dtype)), query.new_empty((Q, k), dtype=torch.long)
+
+    @torch.library.register_fake(lib + "knn_vote")
+    def _(query, gallery, gallery_labels, k, num_classes):
+        Q = query.shape[0]
+        return query.new_empty((Q,), dtype=torch.long), query.new_empty((Q, num_classes), dtype=torch.long)
+
+    # Autograd: the backward kernel reuses the indices the forward saved.
+    def _setup_mined(ctx, inputs, output):
+        x, _labels, _mining, loss_type, alpha, gamma, margin, reduction = inputs
+        _loss, pos, neg, r, valid = output
+        ctx.save_for_backward(x, pos, neg, r, valid)
+        ctx.params = (loss_type, alpha, gamma, margin, reduction)
+        ctx.mark_non_differentiable(pos, neg, r, valid)
+
+    def _backward_mined(ctx, grad_loss, *_unused):
+        x, pos, neg, r, valid = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.dnnrl_ext.triplet_loss_backward(
+                grad_loss.contiguous(), x, None, pos, neg, r, valid, *ctx.params)
+        return grad_x, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "triplet_loss", _backward_mined, setup_context=_setup_mined)
+
+    def _setup_indexed(ctx, inputs, output):
+        x, anchor, positive, negative, loss_type, alpha, gamma, margin, reduction = inputs
+        _loss, r = output
+        ctx.save_for_backward(x, anchor, positive, negative, r)
+        ctx.params = (loss_type, alpha, gamma, margin, reduction)
+        ctx.mark_non_differentiable(r)
+
+    def _backward_indexed(ctx, grad_loss, _grad_r):
+        x, anchor, positive, negative, r = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.dnnrl_ext.triplet_loss_backward(
+                grad_loss.contiguous(), x, anchor, positive, negative, r, None, *ctx.params)
+        return grad_x, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "triplet_loss_indexed", _backward_indexed,
+                                    setup_context=_setup_indexed)
+
+
+if _extension.is_available():
+    _register()
