@@ -1,0 +1,163 @@
+"""GPU benchmark: dnnrl_ext's CUDA kernels against the alternatives, same inputs, one run.
+
+* Fused loss forward+backward vs the plain-PyTorch reference (cdist + masks + max/min)
+  and pytorch-metric-learning (BatchHardMiner + TripletMarginLoss), B in {128, 1024,
+  8192}, D = 512, float32 and bfloat16.
+* knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) and with a 1,000,000-row
+  gallery vs chunked torch (cdist + topk).
+Times are medians of CUDA-event timings after warm-up; peak memory is the allocator's
+peak above what the inputs already hold; "mm_fraction" is the distance work's FLOP rate
+(2 B^2 D, or 2 Q N D) over the card's measured torch.mm rate in the same dtype.
+
+Usage:  python3 benchmarks/bench_gpu.py [--quick] [--out DIR_OR_JSON]
+"""
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import alternatives  # noqa: E402
+import common  # noqa: E402
+
+import dnnrl_ext  # noqa: E402
+
+DEV = "cuda"
+
+
+def mm_rate(dtype, n=8192):
+    """Measured matrix-multiply FLOP/s of this card for dtype (float32 without TF32)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=DEV, dtype=dtype)
+    b = torch.randn(n, n, device=DEV, dtype=dtype)
+    t = common.time_cuda(lambda: a @ b, repeats=10, warmup=3)
+    return 2 * n ** 3 / t
+
+
+def measure(fn, repeats):
+    """(median seconds, peak extra MiB) of fn() on the GPU."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return common.time_cuda(fn, repeats=repeats), peak
+
+
+def bench_loss(sizes, dtypes, rates, repeats):
+    rows = []
+    pml = alternatives.PMLBatchHard()
+    for dtype in dtypes:
+        for B in sizes:
+            g = torch.Generator(device=DEV).manual_seed(B)
+            x0 = torch.nn.functional.normalize(torch.randn(B, 512, device=DEV, generator=g), dim=1).to(dtype)
+            y = torch.randint(0, 7, (B,), device=DEV, generator=g)
+            x = x0.clone().requires_grad_(True)
+
+            def step(loss_fn):
+                x.grad = None
+                loss_fn(x, y).backward()
+
+            row = {"dtype": str(dtype).replace("torch.", ""), "B": B}
+            cands = {"dnnrl_ext": lambda a, b: dnnrl_ext.triplet_loss(a, b),
+                     "plain_pytorch": alternatives.plain_pytorch_exp_triplet,
+                     "pml": pml}
+            for name, f in cands.items():
+                try:
+                    t, mem = measure(lambda f=f: step(f), repeats)
+                    row[name + "_ms"], row[name + "_mib"] = t * 1e3, mem
+                except Exception as exc:  # an alternative that cannot run this dtype
+                    row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+            with torch.no_grad():
+                t_fwd = common.time_cuda(lambda: dnnrl_ext.triplet_loss(x0, y), repeats=repeats)
+            row["ours_fwd_ms"] = t_fwd * 1e3
+            row["mm_fraction"] = 2 * B * B * 512 / t_fwd / rates[dtype]
+            for alt in ("plain_pytorch", "pml"):
+                if isinstance(row.get(alt + "_ms"), float) and isinstance(row.get("dnnrl_ext_ms"), float):
+                    row["x_vs_" + alt] = row[alt + "_ms"] / row["dnnrl_ext_ms"]
+            rows.append(row)
+            print(row, flush=True)
+            del x, x0
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_knn(shapes, rates, repeats):
+    rows = []
+    for Q, N in shapes:
+        g = torch.Generator(device=DEV).manual_seed(N)
+        q = torch.nn.functional.normalize(torch.randn(Q, 512, device=DEV, generator=g), dim=1)
+        gal = torch.nn.functional.normalize(torch.randn(N, 512, device=DEV, generator=g), dim=1)
+        lab = torch.randint(0, 7, (N,), device=DEV, generator=g)
+        row = {"Q": Q, "N": N, "k": 10}
+        ours = alt = None
+        try:
+            t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
+            row.update(dnnrl_ext_ms=t * 1e3, dnnrl_ext_mib=mem,
+                       mm_fraction=2 * Q * N * 512 / t / rates[torch.float32])
+            ours = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
+        except Exception as exc:
+            row["dnnrl_ext_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+        try:
+            t, mem = measure(lambda: alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7), repeats)
+            row.update(chunked_torch_ms=t * 1e3, chunked_torch_mib=mem)
+            alt = alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7)
+        except Exception as exc:
+            row["chunked_torch_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+        if ours is not None and alt is not None:
+            row["x_vs_chunked"] = row["chunked_torch_ms"] / row["dnnrl_ext_ms"]
+            row["pred_agreement"] = float((ours == alt).double().mean())
+        rows.append(row)
+        print(row, flush=True)
+        del q, gal, lab
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    ap.add_argument("--out", default=None, help="JSON file or directory (default benchmarks/results/)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA device")
+    info = common.machine("cuda")
+    print("machine:", info, flush=True)
+    rates = {torch.float32: mm_rate(torch.float32), torch.bfloat16: mm_rate(torch.bfloat16)}
+    print("measured mm TFLOP/s: fp32 %.1f, bf16 %.1f" % (rates[torch.float32] / 1e12,
+                                                         rates[torch.bfloat16] / 1e12), flush=True)
+    repeats = 5 if args.quick else 20
+    payload = {"machine": info, "mm_tflops": {"float32": rates[torch.float32] / 1e12,
+                                              "bfloat16": rates[torch.bfloat16] / 1e12}}
+    try:
+        payload["loss"] = bench_loss((128, 1024, 8192), (torch.float32, torch.bfloat16), rates, repeats)
+    except Exception:
+        traceback.print_exc()
+    try:
+        shapes = [(3589, 28709)] + ([] if args.quick else [(3589, 1_000_000)])
+        payload["knn_vote"] = bench_knn(shapes, rates, max(3, repeats // 4))
+    except Exception:
+        traceback.print_exc()
+    md = []
+    if payload.get("loss"):
+        print("\n## Fused loss forward+backward, D=512, 7 classes (%s)" % info.get("gpu"))
+        md.append(common.print_table(payload["loss"], [
+            "dtype", "B", "dnnrl_ext_ms", "plain_pytorch_ms", "pml_ms", "x_vs_plain_pytorch", "x_vs_pml",
+            "dnnrl_ext_mib", "plain_pytorch_mib", "pml_mib", "ours_fwd_ms", "mm_fraction"]))
+    if payload.get("knn_vote"):
+        print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
+        md.append(common.print_table(payload["knn_vote"], [
+            "Q", "N", "dnnrl_ext_ms", "chunked_torch_ms", "x_vs_chunked", "dnnrl_ext_mib",
+            "chunked_torch_mib", "mm_fraction", "pred_agreement"]))
+    payload["markdown"] = "\n\n".join(md)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if not out.endswith(".json"):
+        out = os.path.join(out, "%s-%s.json" % (common.card_slug(info), info["date"]))
+    common.write_json(out, payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Exercise every CUDA op once per code path on small inputs, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python3 benchmarks/sanitize_ops.py
+    compute-sanitizer --tool racecheck python3 benchmarks/sanitize_ops.py
+
+Also checks each result against the reference so that a run that "passes" the
+sanitizer but computes garbage does not go unnoticed. Exit code 1 on a mismatch.
+"""
+import sys
+
+import torch
+
+import dnnrl_ext
+from dnnrl_ext import reference as ref
+
+DEV = "cuda"
+failures = []
+
+
+def check(name, got, want, atol=1e-3, rtol=1e-3):
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if got.shape != want.shape or not torch.allclose(got, want, atol=atol, rtol=rtol, equal_nan=True):
+        err = (got - want).abs().max().item() if got.shape == want.shape else "shape %s vs %s" % (got.shape, want.shape)
+        failures.append("%s: max err %s" % (name, err))
+
+
+def main():
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)):
+        for B, D in ((0, 8), (1, 8), (37, 19), (130, 72), (257, 130)):
+            x = torch.randn(B, D, device=DEV).to(dtype)
+            y = torch.randint(0, 5, (B,), device=DEV)
+            for mining in ("batch_hard", "semi_hard"):
+                for loss in ("exp", "hinge"):
+                    for reduction in ("mean", "none"):
+                        for deterministic in (False, True):
+                            torch.use_deterministic_algorithms(deterministic)
+                            xa = x.clone().requires_grad_(True)
+                            out = dnnrl_ext.triplet_loss(xa, y, mining=mining, loss=loss, gamma=-0.5,
+                                                         reduction=reduction, return_details=True)
+                            out.loss.sum().backward()
+                            xr = x.detach().cpu().clone().requires_grad_(True)
+                            want = dnnrl_ext.triplet_loss(xr, y.cpu(), mining=mining, loss=loss, gamma=-0.5,
+                                                          reduction=reduction, backend="reference")
+                            want.sum().backward()
+                            tag = "%s B=%d %s %s %s det=%s" % (dtype, B, mining, loss, reduction, deterministic)
+                            check("loss " + tag, out.loss, want, tol, tol)
+                            if B:
+                                check("grad " + tag, xa.grad, xr.grad, tol * 10, tol * 10)
+            torch.use_deterministic_algorithms(False)
+            if B:
+                T = 3 * B
+                a, p, n = (torch.randint(0, B, (T,), device=DEV) for _ in range(3))
+                xa = x.clone().requires_grad_(True)
+                dnnrl_ext.triplet_loss_from_triplets(xa, a, p, n, gamma=-0.5).backward()
+                xr = x.detach().cpu().clone().requires_grad_(True)
+                dnnrl_ext.triplet_loss_from_triplets(xr, a.cpu(), p.cpu(), n.cpu(), gamma=-0.5,
+                                                     backend="reference").backward()
+                check("indexed grad %s B=%d" % (dtype, B), xa.grad, xr.grad, tol * 10, tol * 10)
+                for k in (1, min(B, 10), B):
+                    d, i = dnnrl_ext.knn(x, x.flip(0).contiguous(), k)
+                    dr, _ = ref.knn(x.cpu(), x.flip(0).cpu(), k)
+                    check("knn %s B=%d k=%d" % (dtype, B, k), d, dr, tol * 10, tol * 10)
+                    pred = dnnrl_ext.knn_vote(x, x.flip(0).contiguous(), y, k, 5)
+                    assert pred.shape == (B,)
+    torch.cuda.synchronize()
+    print("sanitize_ops: %d mismatches" % len(failures))
+    for f in failures[:30]:
+        print("  ", f)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
