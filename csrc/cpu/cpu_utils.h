@@ -1,0 +1,83 @@
+// Helpers shared by the CPU kernels: argument checks with messages that name the
+// argument, the accumulation dtype, and exact row distances.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+namespace dnnrl {
+namespace cpu {
+
+// float64 for float64 inputs, float32 for every other floating dtype (SPEC section 2).
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A (rows, dim) floating CPU tensor.
+inline void check_embeddings(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D (rows, dim), got shape ", t.sizes());
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
+              " must be float16, bfloat16, float32 or float64, got ", s);
+}
+
+// A 1-D integer CPU tensor of the given length (length < 0: any).
+inline void check_index_vector(const char* name, const at::Tensor& t, int64_t length,
+                               const char* length_desc) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name,
+              " must be an integer tensor, got ", t.scalar_type());
+  if (length >= 0) {
+    TORCH_CHECK(t.size(0) == length, name, " must have length ", length, " (", length_desc,
+                "), got ", t.size(0));
+  }
+}
+
+// Every entry of idx[0..n) lies in [lo, hi), else an error naming the argument.
+inline void check_index_range(const char* name, const int64_t* idx, int64_t n, int64_t lo, int64_t hi,
+                              const char* what) {
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(idx[t] >= lo && idx[t] < hi, name, "[", t, "] = ", idx[t], " is out of range [", lo,
+                ", ", hi, ") (", what, ")");
+  }
+}
+
+// ||a - b||^2 by explicit differences with 8 partial sums (vectorisable without
+// reassociation, and closer to torch's blocked reduction than one running sum).
+template <typename acc_t>
+inline acc_t exact_sq_dist(const acc_t* a, const acc_t* b, int64_t D) {
+  constexpr int kW = 8;
+  acc_t part[kW] = {};
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    for (int l = 0; l < kW; ++l) {
+      const acc_t t = a[d + l] - b[d + l];
+      part[l] += t * t;
+    }
+  }
+  for (int l = 0; d < D; ++d, ++l) {
+    const acc_t t = a[d] - b[d];
+    part[l] += t * t;
+  }
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+// ||a||^2, same summation pattern as exact_sq_dist.
+template <typename acc_t>
+inline acc_t sq_norm(const acc_t* a, int64_t D) {
+  constexpr int kW = 8;
+  acc_t part[kW] = {};
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    for (int l = 0; l < kW; ++l) part[l] += a[d + l] * a[d + l];
+  }
+  for (int l = 0; d < D; ++d, ++l) part[l] += a[d] * a[d];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+}  // namespace cpu
+}  // namespace dnnrl

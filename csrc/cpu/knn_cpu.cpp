@@ -1,0 +1,260 @@
+// CPU kernels of the k-NN ops (contracts in dnnrl_ext/reference.py):
+//   knn       k nearest gallery rows per query, squared Euclidean, ascending
+//   knn_vote  majority vote of those k (ties -> the class whose nearest member ranks first)
+//
+// The Q x N distance matrix is never built. Work items are (query block, gallery
+// segment) pairs taken dynamically by the workers; each walks its segment in gallery
+// blocks, computes a QB x NB tile q g^T with one single-threaded BLAS call (the tile
+// stays in L2), turns it into distances with the same expression as the reference,
+// (||q||^2 - 2 q.g) + ||g||^2 clamped at 0, and updates a per-(query, segment) sorted
+// top-k list. Lists are merged per query at the end. Every list is scanned in
+// ascending gallery order and merged with the key (NaN last, distance, index), so the
+// result does not depend on the thread schedule. Memory: O((Q + N) D + Q k S) plus
+// one tile per thread.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "cpu/cpu_utils.h"
+
+namespace dnnrl {
+namespace ops {
+
+namespace {
+
+using at::Tensor;
+
+// Query rows and gallery rows per tile, and gallery rows per segment (work item).
+constexpr int64_t kQueryBlock = 256;
+constexpr int64_t kGalleryBlock = 1024;
+
+// Ranking key: non-NaN before NaN, then smaller distance, then smaller index.
+template <typename acc_t>
+inline bool key_less(acc_t d, int64_t j, acc_t bd, int64_t bj) {
+  const bool dn = d != d, bn = bd != bd;
+  if (dn != bn) return bn;
+  if (!dn && d != bd) return d < bd;
+  return j < bj;
+}
+
+// Inserts (d, j) into the sorted list kd/ki of length cnt <= k (caller checked that it
+// belongs there).
+template <typename acc_t>
+inline void insert_sorted(acc_t* kd, int64_t* ki, int64_t& cnt, int64_t k, acc_t d, int64_t j) {
+  int64_t pos = cnt < k ? cnt : k - 1;
+  while (pos > 0 && key_less(d, j, kd[pos - 1], ki[pos - 1])) {
+    kd[pos] = kd[pos - 1];
+    ki[pos] = ki[pos - 1];
+    --pos;
+  }
+  kd[pos] = d;
+  ki[pos] = j;
+  if (cnt < k) ++cnt;
+}
+
+// Offers the distances row[0..nj) of gallery rows g0.. (ascending) to one list.
+template <typename acc_t>
+inline void scan_row(const acc_t* row, int64_t nj, int64_t g0, acc_t* kd, int64_t* ki, int64_t& cnt,
+                     int64_t k) {
+  int64_t c = 0;
+  // Until the list is full of non-NaN values every candidate needs the full key.
+  for (; c < nj && (cnt < k || kd[k - 1] != kd[k - 1]); ++c) {
+    if (cnt < k || key_less(row[c], g0 + c, kd[k - 1], ki[k - 1])) insert_sorted(kd, ki, cnt, k, row[c], g0 + c);
+  }
+  // Then only a strictly smaller distance can enter (equal ones have a larger index;
+  // NaN compares false).
+  acc_t worst = kd[k - 1];
+  for (; c < nj; ++c) {
+    if (row[c] < worst) {
+      insert_sorted(kd, ki, cnt, k, row[c], g0 + c);
+      worst = kd[k - 1];
+    }
+  }
+}
+
+// Fills dist (Q, k) and idx (Q, k) for acc-dtype contiguous q (Q, D), g (N, D).
+template <typename acc_t>
+void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64_t* out_i) {
+  const int64_t Q = q.size(0), N = g.size(0), D = q.size(1);
+  if (Q == 0) return;
+  const acc_t* qp = q.data_ptr<acc_t>();
+  const acc_t* gp = g.data_ptr<acc_t>();
+  std::vector<acc_t> qn(Q), gn(N);
+  at::parallel_for(0, Q, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) qn[i] = cpu::sq_norm(qp + i * D, D);
+  });
+  at::parallel_for(0, N, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) gn[i] = cpu::sq_norm(gp + i * D, D);
+  });
+
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nqb = (Q + kQueryBlock - 1) / kQueryBlock;
+  const int64_t ngb = (N + kGalleryBlock - 1) / kGalleryBlock;
+  // Enough segments that the work items balance over the threads (>= 8 per thread).
+  int64_t nseg = std::min<int64_t>(ngb, std::max<int64_t>(1, (8 * nthreads + nqb - 1) / nqb));
+  const int64_t seg_blocks = (ngb + nseg - 1) / nseg;
+  nseg = (ngb + seg_blocks - 1) / seg_blocks;
+  const int64_t nitems = nqb * nseg;
+
+  // Segment s of query i: list at ((s * Q) + i) * k; with one segment, the output itself.
+  std::vector<acc_t> seg_d(nseg > 1 ? nseg * Q * k : 0);
+  std::vector<int64_t> seg_i(nseg > 1 ? nseg * Q * k : 0);
+  std::vector<int64_t> seg_cnt(nseg * Q, 0);
+  acc_t* list_d = nseg > 1 ? seg_d.data() : out_d;
+  int64_t* list_i = nseg > 1 ? seg_i.data() : out_i;
+
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<acc_t> tile(kQueryBlock * kGalleryBlock);
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t item = next.fetch_add(1); item < nitems; item = next.fetch_add(1)) {
+        const int64_t qb = item / nseg, s = item % nseg;
+        const int64_t i0 = qb * kQueryBlock, ni = std::min(kQueryBlock, Q - i0);
+        const int64_t gb_end = std::min(ngb, (s + 1) * seg_blocks);
+        const Tensor qblk = q.narrow(0, i0, ni);
+        for (int64_t gb = s * seg_blocks; gb < gb_end; ++gb) {
+          const int64_t j0 = gb * kGalleryBlock, nj = std::min(kGalleryBlock, N - j0);
+          Tensor out = at::from_blob(tile.data(), {ni, nj}, q.options());
+          at::mm_out(out, qblk, g.narrow(0, j0, nj).t());
+          const acc_t* gnj = gn.data() + j0;
+          for (int64_t r = 0; r < ni; ++r) {
+            acc_t* row = tile.data() + r * nj;
+            const acc_t qi = qn[i0 + r];
+            for (int64_t c = 0; c < nj; ++c) {
+              const acc_t d = (qi - acc_t(2) * row[c]) + gnj[c];
+              row[c] = d < acc_t(0) ? acc_t(0) : d;  // NaN stays NaN
+            }
+            const int64_t li = s * Q + i0 + r;
+            scan_row(row, nj, j0, list_d + li * k, list_i + li * k, seg_cnt[li], k);
+          }
+        }
+      }
+    }
+  });
+
+  if (nseg == 1) return;
+  // Merge the segments of every query (segment order = gallery order).
+  at::parallel_for(0, Q, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      acc_t* kd = out_d + i * k;
+      int64_t* ki = out_i + i * k;
+      int64_t cnt = 0;
+      for (int64_t s = 0; s < nseg; ++s) {
+        const int64_t li = s * Q + i;
+        const acc_t* sd = seg_d.data() + li * k;
+        const int64_t* si = seg_i.data() + li * k;
+        for (int64_t t = 0; t < seg_cnt[li]; ++t) {
+          if (cnt < k || key_less(sd[t], si[t], kd[k - 1], ki[k - 1])) {
+            insert_sorted(kd, ki, cnt, k, sd[t], si[t]);
+          } else {
+            break;  // the segment's list is sorted: the rest cannot enter either
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_knn_args(const Tensor& query, const Tensor& gallery, int64_t k) {
+  cpu::check_embeddings("query", query);
+  cpu::check_embeddings("gallery", gallery);
+  TORCH_CHECK(query.size(1) == gallery.size(1), "query has dim ", query.size(1), " but gallery has dim ",
+              gallery.size(1));
+  TORCH_CHECK(query.scalar_type() == gallery.scalar_type(), "query is ", query.scalar_type(),
+              " but gallery is ", gallery.scalar_type(), ": cast one of them");
+  TORCH_CHECK(gallery.size(0) > 0, "gallery is empty: k-NN needs at least one gallery row");
+  TORCH_CHECK(k >= 1 && k <= gallery.size(0), "k must be in [1, ", gallery.size(0),
+              "] (the gallery size), got ", k);
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> knn_forward_kernel_impl(const Tensor& query, const Tensor& gallery, int64_t k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = cpu::acc_dtype(query.scalar_type());
+  // half / bfloat16 rows are converted to float32 once (O((Q + N) D)).
+  const Tensor q = query.detach().contiguous().to(acc);
+  const Tensor g = gallery.detach().contiguous().to(acc);
+  const int64_t Q = q.size(0);
+  Tensor dist = at::empty({Q, k}, at::TensorOptions().dtype(acc));
+  Tensor idx = at::empty({Q, k}, at::TensorOptions().dtype(at::kLong));
+  knn_search<acc_t>(q, g, k, dist.data_ptr<acc_t>(), idx.data_ptr<int64_t>());
+  return {dist, idx};
+}
+
+std::tuple<Tensor, Tensor> knn_forward_kernel(const Tensor& query, const Tensor& gallery, int64_t k) {
+  at::NoGradGuard no_grad;  // internal BLAS calls must not be recorded
+  check_knn_args(query, gallery, k);
+  std::tuple<Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "knn_forward_kernel", [&] {
+    out = knn_forward_kernel_impl<scalar_t>(query, gallery, k);
+  });
+  return out;
+}
+
+// Vote of one query: votes per class, prediction = most votes, ties to the class whose
+// nearest member ranks first (score = votes * (k + 1) + (k - first rank)).
+void vote_row(const int64_t* nbr_idx, const int64_t* labels, int64_t k, int64_t C, int64_t* votes,
+              int64_t* pred, std::vector<int64_t>& first) {
+  std::fill(first.begin(), first.end(), k);
+  std::fill(votes, votes + C, 0);
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t c = labels[nbr_idx[t]];
+    ++votes[c];
+    if (first[c] == k) first[c] = t;
+  }
+  int64_t best = 0, best_score = -1;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t score = votes[c] * (k + 1) + (k - first[c]);
+    if (score > best_score) {
+      best_score = score;
+      best = c;
+    }
+  }
+  *pred = best;
+}
+
+std::tuple<Tensor, Tensor> knn_vote_forward_kernel(const Tensor& query, const Tensor& gallery,
+                                                   const Tensor& gallery_labels, int64_t k,
+                                                   int64_t num_classes) {
+  at::NoGradGuard no_grad;
+  check_knn_args(query, gallery, k);
+  cpu::check_index_vector("gallery_labels", gallery_labels, gallery.size(0), "one label per gallery row");
+  TORCH_CHECK(num_classes >= 1, "num_classes must be positive, got ", num_classes);
+  const Tensor labels = gallery_labels.contiguous().to(at::kLong);
+  const int64_t* lp = labels.data_ptr<int64_t>();
+  cpu::check_index_range("gallery_labels", lp, labels.size(0), 0, num_classes, "num_classes");
+  Tensor idx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "knn_vote_forward_kernel", [&] {
+    idx = std::get<1>(knn_forward_kernel_impl<scalar_t>(query, gallery, k));
+  });
+  const int64_t Q = query.size(0);
+  Tensor pred = at::empty({Q}, at::TensorOptions().dtype(at::kLong));
+  Tensor votes = at::empty({Q, num_classes}, at::TensorOptions().dtype(at::kLong));
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  int64_t* pp = pred.data_ptr<int64_t>();
+  int64_t* vp = votes.data_ptr<int64_t>();
+  at::parallel_for(0, Q, 256, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> first(num_classes);
+    for (int64_t i = b0; i < b1; ++i) vote_row(ip + i * k, lp, k, num_classes, vp + i * num_classes, pp + i, first);
+  });
+  return {pred, votes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dnnrl_ext, CPU, m) {
+  m.impl(TORCH_SELECTIVE_NAME("dnnrl_ext::knn"), TORCH_FN(knn_forward_kernel));
+  m.impl(TORCH_SELECTIVE_NAME("dnnrl_ext::knn_vote"), TORCH_FN(knn_vote_forward_kernel));
+}
+
+}  // namespace ops
+}  // namespace dnnrl
