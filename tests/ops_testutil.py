@@ -334,3 +334,26 @@ def upstream_for(reduction: str, B: int, seed: int, dtype) -> torch.Tensor:
     if reduction == "none":
         return torch.rand(B, generator=g, dtype=torch.float64).to(dtype) * 2 - 0.5
     return (torch.rand((), generator=g, dtype=torch.float64) * 2 + 0.25).to(dtype)
+
+
+# --------------------------------------------------------------------------- knn helpers
+def cross64(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
+    """(Q, N) float64 squared distances by explicit differences."""
+    a = q.detach().double().cpu().numpy()
+    b = g.detach().double().cpu().numpy()
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def knn_tie_free(q: torch.Tensor, g: torch.Tensor, k: int, rel: float = None) -> bool:
+    """True when, for every query, the k+1 smallest distances are pairwise separated by
+    more than ``rel * scale``, so the k nearest and their order are unambiguous."""
+    if q.shape[0] == 0:
+        return True
+    acc = acc_dtype(q.dtype)
+    if rel is None:
+        rel = eps(acc) * (64 * math.sqrt(q.shape[1]) + 64)
+    scale = row_scale(torch.cat([q.double(), g.double()]))
+    d = np.sort(cross64(q, g), axis=1)[:, :k + 1]
+    if d.shape[1] < 2:
+        return True
+    return bool((np.diff(d, axis=1) > rel * scale).all())
