@@ -1,0 +1,472 @@
+// CUDA kernels of dnnrl_ext::knn and dnnrl_ext::knn_vote.
+//
+// Fast path (k small enough that every thread's top-k list fits in shared memory,
+// k <= 77 for float32 with the 128x128 tile, about 190 with the 64x64 tile):
+//   row_norms   ||q||^2 and ||g||^2                         warp per row
+//   knn_pass    distance tiles (tile.cuh); thread t keeps a sorted top-k list of
+//               query t / TPR over every TPR-th column of the tiles of its column
+//               split, by insertion against the current k-th best in registers
+//                                                           grid (query tiles, splits)
+//   knn_merge   warp per query: k-way merge of the splits x TPR sorted lists
+//               (<= 128, 4 per lane) into dist/idx; knn_vote also votes here
+// Large k: knn_large, block per query (grid-stride): distances of a 1024-row gallery
+// tile, bitonic sort in shared memory, merge-path merge with the running top-k
+// list (ping-pong between the output and one (Q, k) workspace); then knn_vote runs
+// vote_rows. Extra memory O(Q k + Q + N), never Q x N.
+// Order everywhere: ascending distance, NaN last, ties to the smaller index.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "tile.cuh"
+
+namespace dnnrl {
+namespace cuda {
+namespace {
+
+constexpr int kListsPerLane = 4;  // knn_merge handles up to 128 lists per query
+constexpr int kMaxLists = 32 * kListsPerLane;
+constexpr int kLargeTile = 1024;
+constexpr int kLargeThreads = 256;
+
+template <typename Eng>
+constexpr size_t knn_smem(int k) {
+  return Eng::kMainBytes + Eng::BN * sizeof(typename Eng::acc_t) +
+         static_cast<size_t>(k) * Eng::kThreads * (sizeof(typename Eng::acc_t) + sizeof(int));
+}
+
+template <typename Eng>
+__global__ void __launch_bounds__(Eng::kThreads) knn_pass_kernel(
+    const typename Eng::T* __restrict__ q, const typename Eng::T* __restrict__ g,
+    const typename Eng::acc_t* __restrict__ qn, const typename Eng::acc_t* __restrict__ gn, int Q, int N, int D,
+    bool vec, int k, int col_tiles, int splits, typename Eng::acc_t* __restrict__ part_d, int* __restrict__ part_i) {
+  using acc_t = typename Eng::acc_t;
+  constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
+  constexpr int TPR = NT / BM;
+  constexpr int CPT = BN / TPR;
+  extern __shared__ __align__(128) unsigned char smem[];
+  acc_t* cn = reinterpret_cast<acc_t*>(smem + Eng::kMainBytes);
+  acc_t* ld = cn + BN;                                 // [k][NT]: thread-interleaved, conflict-free
+  int* li = reinterpret_cast<int*>(ld + static_cast<size_t>(k) * NT);
+  const int tid = threadIdx.x;
+  const int row0 = blockIdx.x * BM, split = blockIdx.y;
+  const int r = tid / TPR, h = tid % TPR;
+  const int row = row0 + r;
+  const bool row_ok = row < Q;
+  const acc_t rn = row_ok ? qn[row] : acc_t(0);
+  int cnt = 0;         // entries in this thread's list
+  acc_t wd = 0;        // the k-th best so far (valid once cnt == k; wj = -1 before)
+  int wj = -1;
+
+  for (int ct = split; ct < col_tiles; ct += splits) {
+    const int col0 = ct * BN;
+    for (int c = tid; c < BN; c += NT) cn[c] = col0 + c < N ? gn[col0 + c] : acc_t(0);
+    Eng::run(q, row0, Q, g, col0, N, D, vec, smem);
+    const acc_t* S = reinterpret_cast<const acc_t*>(smem);
+    if (row_ok) {
+      for (int u = 0; u < CPT; ++u) {
+        const int c = ((u + r) % CPT) * TPR + h;
+        const int j = col0 + c;
+        if (j >= N) continue;
+        const acc_t d = clamp0(rn + cn[c] - acc_t(2) * S[r * LDS + c]);
+        if (!knn_less(d, j, wd, wj)) continue;  // wj < 0 while the list is not full
+        int p = cnt < k ? cnt : k - 1;         // full: the last entry drops out
+        while (p > 0) {
+          const acc_t pd = ld[(p - 1) * NT + tid];
+          const int pi = li[(p - 1) * NT + tid];
+          if (!knn_less(d, j, pd, pi)) break;
+          ld[p * NT + tid] = pd;
+          li[p * NT + tid] = pi;
+          --p;
+        }
+        ld[p * NT + tid] = d;
+        li[p * NT + tid] = j;
+        if (cnt < k) ++cnt;
+        if (cnt == k) {
+          wd = ld[(k - 1) * NT + tid];
+          wj = li[(k - 1) * NT + tid];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (row_ok) {
+    const int64_t base = ((static_cast<int64_t>(split) * Q + row) * TPR + h) * k;
+    for (int e = 0; e < k; ++e) {
+      part_d[base + e] = e < cnt ? ld[e * NT + tid] : acc_t(0);
+      part_i[base + e] = e < cnt ? li[e * NT + tid] : -1;
+    }
+  }
+}
+
+// Label of gallery row j, or -1 when j or its label is out of range (skipped).
+__device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t j, int64_t N, int64_t C) {
+  if (j < 0 || j >= N) return -1;
+  const int64_t l = labels[j];
+  return (l >= 0 && l < C) ? l : -1;
+}
+
+// Majority vote of one query's k neighbours (idx, nearest first), by one warp.
+// The winner is the first class, in rank order of first appearance, with the most
+// votes: exactly "ties go to the tied class whose nearest member ranks first".
+__device__ void vote_row(const int64_t* idx, int k, const int64_t* labels, int64_t N, int64_t C,
+                         int64_t* votes, int64_t* pred) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t c = lane; c < C; c += 32) votes[c] = 0;
+  __syncwarp();
+  int64_t best_c = 0;
+  int best_v = 0;
+  for (int e = 0; e < k; ++e) {
+    const int64_t le = label_of(labels, idx[e], N, C);
+    if (le < 0) continue;  // same for every lane
+    int before = 0, total = 0;
+    for (int e0 = 0; e0 < k; e0 += 32) {
+      const int e2 = e0 + lane;
+      const bool m = e2 < k && label_of(labels, idx[e2], N, C) == le;
+      const unsigned b = __ballot_sync(0xffffffffu, m);
+      total += __popc(b);
+      const int lim = e - e0;  // lanes below lim rank before e
+      const unsigned lt = lim >= 32 ? 0xffffffffu : (lim <= 0 ? 0u : ((1u << lim) - 1u));
+      before += __popc(b & lt);
+    }
+    if (before > 0) continue;  // not the first appearance of its class
+    if (lane == 0) votes[le] = total;
+    if (total > best_v) {
+      best_v = total;
+      best_c = le;
+    }
+  }
+  if (lane == 0) *pred = best_c;
+}
+
+// Warp per query: k-way merge of `lists` sorted lists (list l = split l / tpr,
+// owner thread l % tpr). Every gallery index appears in exactly one list.
+template <typename acc_t, bool kVote>
+__global__ void __launch_bounds__(256) knn_merge_kernel(
+    const acc_t* __restrict__ part_d, const int* __restrict__ part_i, int lists, int tpr, int Q, int k,
+    acc_t* __restrict__ out_d, int64_t* __restrict__ out_i, const int64_t* __restrict__ labels, int64_t N,
+    int64_t C, int64_t* __restrict__ votes, int64_t* __restrict__ pred) {
+  const int q = blockIdx.x * 8 + threadIdx.x / 32;
+  if (q >= Q) return;
+  const int lane = threadIdx.x % 32;
+  int64_t base[kListsPerLane];
+  int ptr[kListsPerLane];
+  acc_t hd[kListsPerLane];
+  int hj[kListsPerLane];
+#pragma unroll
+  for (int u = 0; u < kListsPerLane; ++u) {
+    const int l = lane + 32 * u;
+    base[u] = ((static_cast<int64_t>(l / tpr) * Q + q) * tpr + l % tpr) * k;
+    ptr[u] = 0;
+    hd[u] = l < lists ? part_d[base[u]] : acc_t(0);
+    hj[u] = l < lists ? part_i[base[u]] : -1;
+  }
+  for (int e = 0; e < k; ++e) {
+    acc_t bd = hd[0];
+    int bj = hj[0], bu = 0;
+#pragma unroll
+    for (int u = 1; u < kListsPerLane; ++u) {
+      if (knn_less(hd[u], hj[u], bd, bj)) {
+        bd = hd[u];
+        bj = hj[u];
+        bu = u;
+      }
+    }
+    acc_t md = bd;
+    int mj = bj;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const acc_t od = __shfl_xor_sync(0xffffffffu, md, off);
+      const int oj = __shfl_xor_sync(0xffffffffu, mj, off);
+      if (knn_less(od, oj, md, mj)) {
+        md = od;
+        mj = oj;
+      }
+    }
+    if (mj >= 0 && bj == mj) {  // indices are unique: exactly one lane owns the minimum
+#pragma unroll
+      for (int u = 0; u < kListsPerLane; ++u) {
+        if (u == bu) {
+          ++ptr[u];
+          const bool more = ptr[u] < k;
+          hd[u] = more ? part_d[base[u] + ptr[u]] : acc_t(0);
+          hj[u] = more ? part_i[base[u] + ptr[u]] : -1;
+        }
+      }
+    }
+    if (lane == 0) {
+      if (out_d != nullptr) out_d[static_cast<int64_t>(q) * k + e] = md;
+      out_i[static_cast<int64_t>(q) * k + e] = mj;
+    }
+  }
+  if (kVote) {
+    __syncwarp();  // lane 0's idx writes are visible to the warp
+    vote_row(out_i + static_cast<int64_t>(q) * k, k, labels, N, C, votes + static_cast<int64_t>(q) * C, pred + q);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ int count_less_smem(const acc_t* sd, const int* si, int len, acc_t d, int j) {
+  int lo = 0, hi = len;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (knn_less(sd[mid], si[mid], d, j)) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+template <typename acc_t>
+__device__ __forceinline__ int count_less_global(const acc_t* gd, const int64_t* gi, int len, acc_t d, int j) {
+  int lo = 0, hi = len;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (knn_less(gd[mid], static_cast<int>(gi[mid]), d, j)) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Any k: block per query. The running list ping-pongs between (d0, i0) (the
+// output) and (d1, i1) (a workspace); it ends in the output.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kLargeThreads) knn_large_kernel(
+    const T* __restrict__ q, const T* __restrict__ g, const acc_t* __restrict__ qn, const acc_t* __restrict__ gn,
+    int Q, int N, int D, int k, acc_t* d0, int64_t* i0, acc_t* d1, int64_t* i1) {
+  __shared__ acc_t sd[kLargeTile];
+  __shared__ int si[kLargeTile];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  constexpr int kWarps = kLargeThreads / 32;
+  for (int qi = blockIdx.x; qi < Q; qi += gridDim.x) {
+    const T* xq = q + static_cast<int64_t>(qi) * D;
+    const acc_t qq = qn[qi];
+    const int64_t row = static_cast<int64_t>(qi) * k;
+    int L = 0, cur = 0;
+    for (int n0 = 0; n0 < N; n0 += kLargeTile) {
+      const int cnt = min(kLargeTile, N - n0);
+      for (int i = warp; i < kLargeTile; i += kWarps) {
+        if (i < cnt) {
+          const T* xg = g + static_cast<int64_t>(n0 + i) * D;
+          acc_t dot = 0;
+          for (int e = lane; e < D; e += 32) dot += load_acc<acc_t>(xq + e) * load_acc<acc_t>(xg + e);
+          dot = warp_sum(dot);
+          if (lane == 0) {
+            sd[i] = clamp0(qq + gn[n0 + i] - acc_t(2) * dot);
+            si[i] = n0 + i;
+          }
+        } else if (lane == 0) {
+          sd[i] = 0;
+          si[i] = -1;  // sorts after everything
+        }
+      }
+      __syncthreads();
+      for (int size = 2; size <= kLargeTile; size <<= 1) {  // bitonic sort, ascending
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+          for (int i = tid; i < kLargeTile; i += kLargeThreads) {
+            const int p = i ^ stride;
+            if (p > i) {
+              const bool up = (i & size) == 0;
+              const acc_t a = sd[i], b = sd[p];
+              const int ai = si[i], bi = si[p];
+              if (up ? knn_less(b, bi, a, ai) : knn_less(a, ai, b, bi)) {
+                sd[i] = b; si[i] = bi; sd[p] = a; si[p] = ai;
+              }
+            }
+          }
+          __syncthreads();
+        }
+      }
+      acc_t* sdst = cur ? d0 : d1;
+      int64_t* idst = cur ? i0 : i1;
+      const acc_t* ssrc = cur ? d1 : d0;
+      const int64_t* isrc = cur ? i1 : i0;
+      const int Lp = min(k, L + cnt);
+      for (int i = tid; i < L; i += kLargeThreads) {  // running list entries
+        const acc_t a = ssrc[row + i];
+        const int ai = static_cast<int>(isrc[row + i]);
+        const int p = i + count_less_smem(sd, si, cnt, a, ai);
+        if (p < Lp) { sdst[row + p] = a; idst[row + p] = ai; }
+      }
+      for (int i = tid; i < cnt; i += kLargeThreads) {  // this tile's entries
+        const acc_t b = sd[i];
+        const int bi = si[i];
+        const int p = i + count_less_global(ssrc + row, isrc + row, L, b, bi);
+        if (p < Lp) { sdst[row + p] = b; idst[row + p] = bi; }
+      }
+      __syncthreads();  // global writes visible to the block before the next merge reads them
+      cur ^= 1;
+      L = Lp;
+    }
+    if (cur == 1) {  // the list ended in the workspace
+      for (int e = tid; e < k; e += kLargeThreads) {
+        d0[row + e] = d1[row + e];
+        i0[row + e] = i1[row + e];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(256) vote_rows_kernel(const int64_t* __restrict__ idx, int Q, int k,
+                                                        const int64_t* __restrict__ labels, int64_t N, int64_t C,
+                                                        int64_t* __restrict__ votes, int64_t* __restrict__ pred) {
+  const int q = blockIdx.x * 8 + threadIdx.x / 32;
+  if (q >= Q) return;
+  vote_row(idx + static_cast<int64_t>(q) * k, k, labels, N, C, votes + static_cast<int64_t>(q) * C, pred + q);
+}
+
+// ------------------------------------------------------------------ host side
+template <typename Eng>
+bool knn_fits(int k) {
+  return knn_smem<Eng>(k) <= static_cast<size_t>(max_smem_optin());
+}
+
+// Fast path with engine Eng. Writes out_i (and out_d when non-null; and votes/pred
+// when labels is non-null).
+template <typename Eng>
+void knn_fast(const typename Eng::T* q, const typename Eng::T* g, const typename Eng::acc_t* qn,
+              const typename Eng::acc_t* gn, int Q, int N, int D, bool vec, int k, typename Eng::acc_t* out_d,
+              int64_t* out_i, const int64_t* labels, int64_t C, int64_t* votes, int64_t* pred,
+              const at::TensorOptions& opts, cudaStream_t stream) {
+  using acc_t = typename Eng::acc_t;
+  constexpr int TPR = Eng::kThreads / Eng::BM;
+  const size_t smem = knn_smem<Eng>(k);
+  auto kern = knn_pass_kernel<Eng>;
+  allow_smem(kern, smem);
+  const int64_t row_tiles = ceil_div<int64_t>(Q, Eng::BM);
+  const int64_t col_tiles = ceil_div<int64_t>(N, Eng::BN);
+  const int splits = static_cast<int>(
+      pick_splits(resident_slots(kern, Eng::kThreads, smem), row_tiles, col_tiles, kMaxLists / TPR));
+  const int64_t entries = static_cast<int64_t>(splits) * Q * TPR * k;
+  at::Tensor ws = at::empty({entries * static_cast<int64_t>(sizeof(acc_t) + sizeof(int))}, opts.dtype(at::kByte));
+  acc_t* part_d = reinterpret_cast<acc_t*>(ws.data_ptr<uint8_t>());
+  int* part_i = reinterpret_cast<int*>(part_d + entries);
+  kern<<<dim3(static_cast<unsigned>(row_tiles), splits), Eng::kThreads, smem, stream>>>(
+      q, g, qn, gn, Q, N, D, vec, k, static_cast<int>(col_tiles), splits, part_d, part_i);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Q, 8));
+  if (labels != nullptr) {
+    knn_merge_kernel<acc_t, true><<<blocks, 256, 0, stream>>>(part_d, part_i, splits * TPR, TPR, Q, k, out_d, out_i,
+                                                              labels, N, C, votes, pred);
+  } else {
+    knn_merge_kernel<acc_t, false><<<blocks, 256, 0, stream>>>(part_d, part_i, splits * TPR, TPR, Q, k, out_d,
+                                                               out_i, nullptr, N, 0, nullptr, nullptr);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Shared driver of knn and knn_vote. out_d may be undefined (vote only needs idx).
+template <typename scalar_t>
+void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Tensor& out_d, at::Tensor& out_i,
+              const at::Tensor* labels, int64_t C, at::Tensor* votes, at::Tensor* pred) {
+  using T = typename Native<scalar_t>::type;
+  using acc_t = typename Acc<scalar_t>::type;
+  using Large = typename Engines<T>::Large;
+  using Small = typename Engines<T>::Small;
+  const int Q = static_cast<int>(query.size(0)), N = static_cast<int>(gallery.size(0));
+  const int D = static_cast<int>(query.size(1));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const T* qp = reinterpret_cast<const T*>(query.data_ptr<scalar_t>());
+  const T* gp = reinterpret_cast<const T*>(gallery.data_ptr<scalar_t>());
+  const bool vec = aligned16(qp) && aligned16(gp) && (D * sizeof(T)) % 16 == 0;
+  const auto opts = query.options();
+  at::Tensor norms = at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* qn = norms.data_ptr<acc_t>();
+  acc_t* gn = qn + Q;
+  row_norms_kernel<T, acc_t><<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(qp, Q, D, qn);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  row_norms_kernel<T, acc_t><<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(gp, N, D, gn);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  acc_t* dptr = out_d.defined() ? out_d.data_ptr<acc_t>() : nullptr;
+  const int64_t* lab = labels ? labels->data_ptr<int64_t>() : nullptr;
+  int64_t* vptr = votes ? votes->data_ptr<int64_t>() : nullptr;
+  int64_t* pptr = pred ? pred->data_ptr<int64_t>() : nullptr;
+  const bool big = ceil_div<int64_t>(Q, Large::BM) * ceil_div<int64_t>(N, Large::BN) >= num_sms();
+  if (k <= 32 && big && knn_fits<Large>(k)) {
+    knn_fast<Large>(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts,
+                    stream);
+  } else if (knn_fits<Small>(k)) {
+    knn_fast<Small>(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts,
+                    stream);
+  } else {
+    at::Tensor d0 = out_d.defined() ? out_d : at::empty({Q, k}, opts.dtype(norms.scalar_type()));
+    at::Tensor d1 = at::empty({Q, k}, d0.options());
+    at::Tensor i1 = at::empty({Q, k}, out_i.options());
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(Q, static_cast<int64_t>(num_sms()) * 4));
+    knn_large_kernel<T, acc_t><<<blocks, kLargeThreads, 0, stream>>>(qp, gp, qn, gn, Q, N, D, k,
+                                                                     d0.data_ptr<acc_t>(), out_i.data_ptr<int64_t>(),
+                                                                     d1.data_ptr<acc_t>(), i1.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (lab != nullptr) {
+      vote_rows_kernel<acc_t><<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
+          out_i.data_ptr<int64_t>(), Q, k, lab, N, C, vptr, pptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+void check_knn(const char* op, const at::Tensor& query, const at::Tensor& gallery, int64_t k) {
+  TORCH_CHECK(query.is_cuda(), op, ": query must be a CUDA tensor");
+  TORCH_CHECK(gallery.device() == query.device(), op, ": gallery is on ", gallery.device(), " but query is on ",
+              query.device());
+  TORCH_CHECK(query.dim() == 2, op, ": query must be 2-D (Q, D), got ", query.dim(), " dims");
+  TORCH_CHECK(gallery.dim() == 2, op, ": gallery must be 2-D (N, D), got ", gallery.dim(), " dims");
+  TORCH_CHECK(query.size(1) == gallery.size(1), op, ": query has dim ", query.size(1), " but gallery has dim ",
+              gallery.size(1));
+  TORCH_CHECK(query.scalar_type() == gallery.scalar_type(), op, ": query is ", query.scalar_type(),
+              " but gallery is ", gallery.scalar_type());
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble ||
+                  query.scalar_type() == at::kHalf || query.scalar_type() == at::kBFloat16,
+              op, ": query must be float16, bfloat16, float32 or float64, got ", query.scalar_type());
+  TORCH_CHECK(gallery.size(0) >= 1, op, ": gallery is empty");
+  TORCH_CHECK(k >= 1 && k <= gallery.size(0), op, ": k must be in [1, ", gallery.size(0), "], got ", k);
+  TORCH_CHECK(query.size(0) < (int64_t(1) << 31) && gallery.size(0) < (int64_t(1) << 31) &&
+                  query.size(1) < (int64_t(1) << 31),
+              op, ": sizes must stay below 2^31");
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_forward_kernel(const at::Tensor& query_in, const at::Tensor& gallery_in,
+                                                      int64_t k) {
+  check_knn("knn", query_in, gallery_in, k);
+  c10::cuda::CUDAGuard guard(query_in.device());
+  const at::Tensor query = query_in.contiguous(), gallery = gallery_in.contiguous();
+  const auto acc_type = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dist = at::empty({query.size(0), k}, query.options().dtype(acc_type));
+  at::Tensor idx = at::empty({query.size(0), k}, query.options().dtype(at::kLong));
+  if (query.size(0) == 0) return {dist, idx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "dnnrl_knn_cuda", [&] {
+    knn_impl<scalar_t>(query, gallery, static_cast<int>(k), dist, idx, nullptr, 0, nullptr, nullptr);
+  });
+  return {dist, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_vote_kernel(const at::Tensor& query_in, const at::Tensor& gallery_in,
+                                                   const at::Tensor& labels_in, int64_t k, int64_t num_classes) {
+  check_knn("knn_vote", query_in, gallery_in, k);
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == gallery_in.size(0),
+              "knn_vote: gallery_labels must have shape (", gallery_in.size(0), "), got ", labels_in.sizes());
+  TORCH_CHECK(labels_in.device() == query_in.device(), "knn_vote: gallery_labels is on ", labels_in.device(),
+              " but query is on ", query_in.device());
+  TORCH_CHECK(at::isIntegralType(labels_in.scalar_type(), false), "knn_vote: gallery_labels must be integer, got ",
+              labels_in.scalar_type());
+  TORCH_CHECK(num_classes >= 1, "knn_vote: num_classes must be positive, got ", num_classes);
+  c10::cuda::CUDAGuard guard(query_in.device());
+  const at::Tensor query = query_in.contiguous(), gallery = gallery_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t Q = query.size(0);
+  at::Tensor pred = at::empty({Q}, query.options().dtype(at::kLong));
+  at::Tensor votes = at::empty({Q, num_classes}, query.options().dtype(at::kLong));
+  if (Q == 0) return {pred, votes};
+  at::Tensor idx = at::empty({Q, k}, query.options().dtype(at::kLong));  // O(Q k) workspace
+  at::Tensor no_dist;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "dnnrl_knn_vote_cuda", [&] {
+    knn_impl<scalar_t>(query, gallery, static_cast<int>(k), no_dist, idx, &labels, num_classes, &votes, &pred);
+  });
+  return {pred, votes};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dnnrl
+
+TORCH_LIBRARY_IMPL(dnnrl_ext, CUDA, m) {
+  m.impl("knn", &dnnrl::cuda::knn_forward_kernel);
+  m.impl("knn_vote", &dnnrl::cuda::knn_vote_kernel);
+}

@@ -1,0 +1,169 @@
+// Small device helpers shared by the CUDA kernels of dnnrl_ext: element types,
+// conversions to the accumulation type, cp.async, warp reductions with the
+// mining / k-NN tie rules, and a launcher that raises the shared-memory limit.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <algorithm>
+#include <cstdint>
+
+#include "../common.h"
+
+namespace dnnrl {
+namespace cuda {
+
+// c10 element types -> the CUDA-native type with the same bits (for wmma / intrinsics).
+template <typename T> struct Native { using type = T; };
+template <> struct Native<c10::Half> { using type = __half; };
+template <> struct Native<c10::BFloat16> { using type = __nv_bfloat16; };
+
+// Accumulation type: float64 for float64, float32 for everything else.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename acc_t> __device__ __forceinline__ acc_t to_acc(float v) { return v; }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Load one element as the accumulation type.
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t load_acc(const T* p) { return static_cast<acc_t>(to_float(*p)); }
+template <>
+__device__ __forceinline__ double load_acc<double, double>(const double* p) { return *p; }
+
+// Store an accumulation-type value as element type T (round to nearest even).
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store_as(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <typename T> __device__ __forceinline__ T zero_elem();
+template <> __device__ __forceinline__ float zero_elem<float>() { return 0.f; }
+template <> __device__ __forceinline__ double zero_elem<double>() { return 0.0; }
+template <> __device__ __forceinline__ __half zero_elem<__half>() { return __float2half_rn(0.f); }
+template <> __device__ __forceinline__ __nv_bfloat16 zero_elem<__nv_bfloat16>() {
+  return __float2bfloat16_rn(0.f);
+}
+
+// --------------------------------------------------------------------- cp.async
+// 16-byte async copy global -> shared; when !valid the 16 bytes are zero-filled
+// (src-size 0: nothing is read, but `gmem` must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+#else
+  if (valid) {
+    *reinterpret_cast<int4*>(smem) = *reinterpret_cast<const int4*>(gmem);
+  } else {
+    *reinterpret_cast<int4*>(smem) = make_int4(0, 0, 0, 0);
+  }
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// --------------------------------------------------------------------- orderings
+// k-NN order: ascending distance, NaN after every number, ties to the smaller
+// index; an empty slot (j < 0) after everything. A strict total order on (d, j)
+// pairs with distinct j, so any merge order gives the same result.
+template <typename acc_t>
+__device__ __forceinline__ bool knn_less(acc_t d1, int j1, acc_t d2, int j2) {
+  if (j2 < 0) return j1 >= 0;
+  if (j1 < 0) return false;
+  bool n1 = d1 != d1, n2 = d2 != d2;
+  if (n1 || n2) return n2 && (!n1 || j1 < j2);
+  return d1 < d2 || (d1 == d2 && j1 < j2);
+}
+
+// Mining candidates: an empty candidate (j < 0) never wins; otherwise common.h's rules.
+template <typename acc_t>
+__device__ __forceinline__ bool take_max(acc_t d, int j, acc_t best, int best_j) {
+  return j >= 0 && better_max<acc_t>(d, j, best, best_j);
+}
+template <typename acc_t>
+__device__ __forceinline__ bool take_min(acc_t d, int j, acc_t best, int best_j) {
+  return j >= 0 && better_min<acc_t>(d, j, best, best_j);
+}
+
+// Butterfly sum: every lane ends with the bitwise-same value (a+b == b+a), so the
+// result is deterministic and needs no broadcast.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Squared distance clamped at 0 without turning NaN into 0 (fmax would).
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamp0(acc_t d) { return d < acc_t(0) ? acc_t(0) : d; }
+
+// --------------------------------------------------------------------- host helpers
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline int max_smem_optin() {
+  return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
+// Raise a kernel's dynamic shared-memory limit (needed above 48 KB), once per
+// (kernel, device, size): the set lookup is cheaper than the driver call.
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, size_t>> done;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, bytes);
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  done.insert(key);
+}
+
+// Blocks of `kernel` that fit on the whole device at once.
+template <typename Kernel>
+inline int64_t resident_slots(Kernel kernel, int threads, size_t smem) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return static_cast<int64_t>(std::max(per_sm, 1)) * num_sms();
+}
+
+// Column splits per row tile: as many as fit in one wave of resident blocks (so
+// small problems still fill every SM, and the grid never spills into a mostly empty
+// second wave), at most one per column tile and at most max_splits.
+inline int64_t pick_splits(int64_t slots, int64_t row_tiles, int64_t col_tiles, int64_t max_splits) {
+  int64_t s = slots / std::max<int64_t>(row_tiles, 1);
+  s = std::min(std::min(s, col_tiles), max_splits);
+  return std::max<int64_t>(s, 1);
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T>
+inline int64_t ceil_div(T a, T b) { return (a + b - 1) / b; }
+
+}  // namespace cuda
+}  // namespace dnnrl
