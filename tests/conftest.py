@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ops_testutil
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=False, print_blob=True,
+    "ci", max_examples=40, deadline=None, derandomize=False, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture])
 settings.register_profile(
