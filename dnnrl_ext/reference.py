@@ -107,6 +107,9 @@ def mine(x: Tensor, labels: Tensor, mining: int = BATCH_HARD, gamma: float = 0.0
         pos (B,) int64, neg (B,) int64 (-1 where invalid), valid (B,) bool.
     """
     B = x.shape[0]
+    if B == 0:  # amax/amin refuse empty rows
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return empty, empty.clone(), torch.zeros(0, dtype=torch.bool, device=x.device)
     with torch.no_grad():
         d = squared_distances(x, x)
         same = labels[:, None] == labels[None, :]
