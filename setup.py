@@ -72,8 +72,8 @@ def make_extension():
     with_cuda, why = _want_cuda()
     debug = _flag("DNNRL_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = opt + ["-std=c++17", "-fopenmp", "-march=x86-64-v2", "-mtune=generic"]
+    sources = [os.path.join("csrc", "ops.cpp"), os.path.join("csrc", "autograd.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = opt + ["-std=c++20", "-fopenmp", "-march=x86-64-v2", "-mtune=generic"]
     if not debug:
         cxx += ["-ffp-contract=off"]  # keep CPU results reproducible across builds
     define_macros = []
@@ -84,7 +84,7 @@ def make_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         define_macros.append(("DNNRL_WITH_CUDA", None))
         include_dirs += _nvidia_wheel_includes()
-        nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         if _flag("DNNRL_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")
         ext = CUDAExtension(

@@ -113,7 +113,8 @@ class KNNClassifier:
         _, idx = ops.knn(q, self.gallery, k_max, backend=self.backend)
         acc = accuracy_per_k(self.gallery_labels[idx], y, self.num_classes)
         self.val_accuracy_per_k = {k + 1: float(a) for k, a in enumerate(acc.tolist())}
-        self.k = int(torch.argmax(acc).item()) + 1  # argmax returns the first (smallest k)
+        best = acc.max()
+        self.k = int(torch.nonzero(acc == best)[0, 0].item()) + 1  # ties to the smaller k
         return self.k
 
     def kneighbors(self, embeddings, k: Optional[int] = None):

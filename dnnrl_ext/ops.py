@@ -1,6 +1,6 @@
 """Typed wrappers over ``torch.ops.dnnrl_ext.*`` with argument checking, plus the
-fake-tensor and autograd registrations that make the ops work under
-``torch.compile`` and ``torch.library.opcheck``.
+fake-tensor registrations that make the ops work under ``torch.compile`` and
+``torch.library.opcheck`` (autograd is registered in C++: csrc/autograd.cpp).
 
 Every public function takes ``backend``: ``"auto"`` / ``"compiled"`` run the fused
 kernels (an error says how to rebuild if they are missing), ``"reference"`` runs the
@@ -252,41 +252,9 @@ def _register() -> None:
         Q = query.shape[0]
         return query.new_empty((Q,), dtype=torch.long), query.new_empty((Q, num_classes), dtype=torch.long)
 
-    # Autograd: the backward kernel reuses the indices the forward saved.
-    def _setup_mined(ctx, inputs, output):
-        x, _labels, _mining, loss_type, alpha, gamma, margin, reduction = inputs
-        _loss, pos, neg, r, valid = output
-        ctx.save_for_backward(x, pos, neg, r, valid)
-        ctx.params = (loss_type, alpha, gamma, margin, reduction)
-        ctx.mark_non_differentiable(pos, neg, r, valid)
-
-    def _backward_mined(ctx, grad_loss, *_unused):
-        x, pos, neg, r, valid = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.dnnrl_ext.triplet_loss_backward(
-                grad_loss.contiguous(), x, None, pos, neg, r, valid, *ctx.params)
-        return grad_x, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "triplet_loss", _backward_mined, setup_context=_setup_mined)
-
-    def _setup_indexed(ctx, inputs, output):
-        x, anchor, positive, negative, loss_type, alpha, gamma, margin, reduction = inputs
-        _loss, r = output
-        ctx.save_for_backward(x, anchor, positive, negative, r)
-        ctx.params = (loss_type, alpha, gamma, margin, reduction)
-        ctx.mark_non_differentiable(r)
-
-    def _backward_indexed(ctx, grad_loss, _grad_r):
-        x, anchor, positive, negative, r = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.dnnrl_ext.triplet_loss_backward(
-                grad_loss.contiguous(), x, anchor, positive, negative, r, None, *ctx.params)
-        return grad_x, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "triplet_loss_indexed", _backward_indexed,
-                                    setup_context=_setup_indexed)
+    # Autograd of triplet_loss / triplet_loss_indexed is registered in C++
+    # (csrc/autograd.cpp, the Autograd dispatch key): the backward kernel reuses the
+    # indices the forward saved, and no Python runs per step (see that file for why).
 
 
 if _extension.is_available():

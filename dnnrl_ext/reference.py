@@ -60,8 +60,10 @@ def _pick(d: Tensor, mask: Tensor, largest: bool) -> Tuple[Tensor, Tensor]:
     row_has_nan = is_nan.any(1, keepdim=True)
     hit = torch.where(row_has_nan, is_nan, mask & (masked == best[:, None]))
     found = mask.any(1)
-    # argmax of a 0/1 row returns its first 1, i.e. the smallest tied index
-    index = torch.where(found, hit.to(torch.uint8).argmax(1), torch.full_like(found, -1, dtype=torch.long))
+    # the smallest tied index (argmax's choice among equal values is not specified on CUDA)
+    columns = torch.arange(d.shape[1], device=d.device).expand_as(hit)
+    first = torch.where(hit, columns, torch.full_like(columns, d.shape[1])).amin(1)
+    index = torch.where(found, first, torch.full_like(first, -1))
     return found, index
 
 
@@ -72,10 +74,14 @@ def _row_sq_dist(x: Tensor, i: Tensor, j: Tensor) -> Tensor:
 
 
 def _per_triplet_loss(r: Tensor, loss_type: int, alpha: float, gamma: float, margin: float) -> Tensor:
+    # where() selects before exp / the hinge, so the branch not taken can neither
+    # overflow (exp of a large positive number) nor leak a gradient at the kink
     if loss_type == EXP:
-        value = torch.where(r > gamma, torch.exp(-alpha * (r - gamma)), torch.ones_like(r))
+        excess = torch.where(r > gamma, r - gamma, torch.zeros_like(r))
+        value = torch.exp(-alpha * excess)
     elif loss_type == HINGE:
-        value = torch.clamp(margin - r, min=0.0)
+        slack = margin - r
+        value = torch.where(slack > 0, slack, torch.zeros_like(r))
     else:
         raise ValueError("loss_type must be 0 (exp) or 1 (hinge), got %r" % (loss_type,))
     # where() above would turn a NaN r into a finite number: keep NaN visible

@@ -126,24 +126,29 @@ inline int max_smem_optin() {
   return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
 }
 
-// Raise a kernel's dynamic shared-memory limit (needed above 48 KB), once per
-// (kernel, device, size): the set lookup is cheaper than the driver call.
+// Raise a kernel's dynamic shared-memory limit (needed above 48 KB) to the device's
+// opt-in maximum, once per (kernel, device). Always the maximum: a limit set for one
+// size must never be lowered by a later, smaller request, or a launch that needs the
+// larger size would fail with "invalid argument".
 template <typename Kernel>
 inline void allow_smem(Kernel kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return;
   static std::mutex mu;
-  static std::set<std::tuple<const void*, int, size_t>> done;
+  static std::set<std::pair<const void*, int>> done;
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, bytes);
+  auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
   std::lock_guard<std::mutex> lock(mu);
   if (done.count(key)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int limit = max_smem_optin() - static_cast<int>(attr.sharedSizeBytes);
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "dnnrl_ext: kernel needs ", bytes,
+              " bytes of shared memory, the device allows ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
   done.insert(key);
 }
 
-// Blocks of `kernel` that fit on the whole device at once.
 template <typename Kernel>
 inline int64_t resident_slots(Kernel kernel, int threads, size_t smem) {
   int per_sm = 0;
