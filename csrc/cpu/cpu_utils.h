@@ -5,7 +5,17 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
+
+// Hand-written AVX2 paths for the hot loops (the build targets x86-64-v2, and GCC
+// does not vectorise index-carrying selects); chosen at run time by cpu_has_avx2().
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DNNRL_X86_SIMD 1
+#include <immintrin.h>
+#else
+#define DNNRL_X86_SIMD 0
+#endif
 
 namespace dnnrl {
 namespace cpu {
@@ -13,6 +23,16 @@ namespace cpu {
 // float64 for float64 inputs, float32 for every other floating dtype (SPEC section 2).
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// DNNRL_NO_SIMD=1 in the environment forces the portable loops (to test them).
+inline bool cpu_has_avx2() {
+#if DNNRL_X86_SIMD
+  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("DNNRL_NO_SIMD") == nullptr;
+  return has;
+#else
+  return false;
+#endif
 }
 
 // A (rows, dim) floating CPU tensor.

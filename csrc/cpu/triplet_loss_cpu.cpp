@@ -27,6 +27,7 @@
 #include <limits>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -39,6 +40,7 @@ namespace ops {
 namespace {
 
 using at::Tensor;
+using cpu::cpu_has_avx2;
 using cpu::exact_sq_dist;
 
 template <typename acc_t>
@@ -88,7 +90,7 @@ struct ColumnBest {
 
 enum class Pass { kHard, kSemi };
 
-constexpr int kLanes = 8;
+constexpr int kLanes = 16;
 
 // Rows per distance tile: large enough for an efficient sgemm, small enough that the
 // tile stays in L2 and that there are several tile pairs to share between threads.
@@ -98,105 +100,197 @@ int64_t tile_rows(int64_t B) {
   return std::max<int64_t>(16, ((B + 1) / 2 + 7) / 8 * 8);
 }
 
-// Reduces one tile of squared distances for the row anchors [i0, i0+ni) and, off the
-// diagonal, for the column anchors [j0, j0+nj). `tile` holds x_I x_J^T on entry and is
-// overwritten by the distances.
+// State of one tile-row sweep: the row anchor's kLanes running bests and the
+// column anchors' running bests (off the diagonal).
+template <typename acc_t>
+struct RowSweep {
+  const acc_t* srow;   // x_i . x_j for the tile's columns
+  const acc_t* sqj;    // ||x_j||^2
+  const int32_t* labj;
+  const acc_t* thrj;   // semi-hard thresholds of the column anchors
+  int64_t nj;
+  acc_t sqi, ti;       // ||x_i||^2, threshold of the row anchor
+  int32_t li, self, rr;  // row label, column index of the anchor itself (-1: none), row index
+  acc_t *bp, *bn, *cp, *cn;
+  int32_t *bpj, *bnj, *cpr, *cnr;
+};
+
+// Portable sweep of columns [c, nj). Everything is element-wise: lane l keeps the
+// best of columns l, l + kLanes, ...; column c keeps the best over rows so far.
+// Comparisons are strict and indices ascend, so each keeps the smallest index
+// among equals.
+template <Pass kPass, bool kColumns, typename acc_t>
+void sweep_row_scalar(const RowSweep<acc_t>& s, int64_t c) {
+  constexpr bool kHard = kPass == Pass::kHard;
+  const acc_t inf = kInf<acc_t>, two = acc_t(2);
+  for (int l = 0; c < s.nj; ++c, l = (l + 1) % kLanes) {
+    const acc_t v = (s.sqi + s.sqj[c]) - two * s.srow[c];
+    const bool same = s.labj[c] == s.li;
+    acc_t nc;
+    if constexpr (kHard) {
+      const acc_t pc = (same && c != s.self) ? v : -inf;
+      if (pc > s.bp[l]) { s.bp[l] = pc; s.bpj[l] = int32_t(c); }
+      if (kColumns && pc > s.cp[c]) { s.cp[c] = pc; s.cpr[c] = s.rr; }
+      nc = same ? inf : v;
+    } else {
+      nc = (!same && v > s.ti) ? v : inf;
+    }
+    if (nc < s.bn[l]) { s.bn[l] = nc; s.bnj[l] = int32_t(c); }
+    if constexpr (kColumns) {
+      const acc_t ncc = kHard ? nc : ((!same && v > s.thrj[c]) ? v : inf);
+      if (ncc < s.cn[c]) { s.cn[c] = ncc; s.cnr[c] = s.rr; }
+    }
+  }
+}
+
+#if DNNRL_X86_SIMD
+// Lanes of b where m is set, else of a (int32 lanes selected by a float mask).
+__attribute__((target("avx2"), always_inline)) inline __m256i blend_i(__m256i a, __m256i b, __m256 m) {
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m));
+}
+
+// AVX2 sweep of the float tiles (compilers do not vectorise the index-carrying
+// selects above). Same arithmetic, (||x_i||^2 + ||x_j||^2) - 2 s without FMA, so
+// results equal the portable path. 16 columns per step into lanes 0-7 and 8-15.
+// Returns the first column left for the portable sweep.
+template <Pass kPass, bool kColumns>
+__attribute__((target("avx2"))) int64_t sweep_row_avx2(const RowSweep<float>& s) {
+  constexpr bool kHard = kPass == Pass::kHard;
+  const __m256 inf = _mm256_set1_ps(kInf<float>), ninf = _mm256_set1_ps(-kInf<float>);
+  const __m256 two = _mm256_set1_ps(2.f), sqi = _mm256_set1_ps(s.sqi), ti = _mm256_set1_ps(s.ti);
+  const __m256i li = _mm256_set1_epi32(s.li), self = _mm256_set1_epi32(s.self), rr = _mm256_set1_epi32(s.rr);
+  const __m256i step = _mm256_set1_epi32(kLanes);
+  __m256 bp[2], bn[2];
+  __m256i bpj[2], bnj[2], idx[2];
+  for (int h = 0; h < 2; ++h) {
+    bp[h] = _mm256_loadu_ps(s.bp + 8 * h);
+    bn[h] = _mm256_loadu_ps(s.bn + 8 * h);
+    bpj[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.bpj + 8 * h));
+    bnj[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.bnj + 8 * h));
+    idx[h] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * h));
+  }
+  int64_t c = 0;
+  for (; c + kLanes <= s.nj; c += kLanes) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t cc = c + 8 * h;
+      const __m256 v = _mm256_sub_ps(_mm256_add_ps(sqi, _mm256_loadu_ps(s.sqj + cc)),
+                                     _mm256_mul_ps(two, _mm256_loadu_ps(s.srow + cc)));
+      const __m256i lab = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.labj + cc));
+      const __m256 same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lab, li));
+      __m256 nc;
+      if constexpr (kHard) {
+        const __m256 is_self = _mm256_castsi256_ps(_mm256_cmpeq_epi32(idx[h], self));
+        const __m256 pc = _mm256_blendv_ps(ninf, v, _mm256_andnot_ps(is_self, same));
+        const __m256 up = _mm256_cmp_ps(pc, bp[h], _CMP_GT_OQ);
+        bp[h] = _mm256_blendv_ps(bp[h], pc, up);
+        bpj[h] = blend_i(bpj[h], idx[h], up);
+        if constexpr (kColumns) {
+          const __m256 cpv = _mm256_loadu_ps(s.cp + cc);
+          const __m256 cu = _mm256_cmp_ps(pc, cpv, _CMP_GT_OQ);
+          _mm256_storeu_ps(s.cp + cc, _mm256_blendv_ps(cpv, pc, cu));
+          __m256i* cpr = reinterpret_cast<__m256i*>(s.cpr + cc);
+          _mm256_storeu_si256(cpr, blend_i(_mm256_loadu_si256(cpr), rr, cu));
+        }
+        nc = _mm256_blendv_ps(v, inf, same);
+      } else {
+        const __m256 beyond = _mm256_andnot_ps(same, _mm256_cmp_ps(v, ti, _CMP_GT_OQ));
+        nc = _mm256_blendv_ps(inf, v, beyond);
+      }
+      const __m256 un = _mm256_cmp_ps(nc, bn[h], _CMP_LT_OQ);
+      bn[h] = _mm256_blendv_ps(bn[h], nc, un);
+      bnj[h] = blend_i(bnj[h], idx[h], un);
+      if constexpr (kColumns) {
+        __m256 ncc = nc;
+        if constexpr (!kHard) {
+          const __m256 beyond = _mm256_andnot_ps(same, _mm256_cmp_ps(v, _mm256_loadu_ps(s.thrj + cc), _CMP_GT_OQ));
+          ncc = _mm256_blendv_ps(inf, v, beyond);
+        }
+        const __m256 cnv = _mm256_loadu_ps(s.cn + cc);
+        const __m256 cu = _mm256_cmp_ps(ncc, cnv, _CMP_LT_OQ);
+        _mm256_storeu_ps(s.cn + cc, _mm256_blendv_ps(cnv, ncc, cu));
+        __m256i* cnr = reinterpret_cast<__m256i*>(s.cnr + cc);
+        _mm256_storeu_si256(cnr, blend_i(_mm256_loadu_si256(cnr), rr, cu));
+      }
+      idx[h] = _mm256_add_epi32(idx[h], step);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    _mm256_storeu_ps(s.bp + 8 * h, bp[h]);
+    _mm256_storeu_ps(s.bn + 8 * h, bn[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.bpj + 8 * h), bpj[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.bnj + 8 * h), bnj[h]);
+  }
+  return c;
+}
+#endif
+
+template <Pass kPass, bool kColumns, typename acc_t>
+void sweep_row(const RowSweep<acc_t>& s) {
+  int64_t c = 0;
+#if DNNRL_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu_has_avx2()) c = sweep_row_avx2<kPass, kColumns>(s);
+  }
+#endif
+  sweep_row_scalar<kPass, kColumns>(s, c);
+}
+
+// Reduces one tile for the row anchors [i0, i0+ni) and, off the diagonal, for the
+// column anchors [j0, j0+nj). `tile` holds x_I x_J^T; d = (||x_i||^2 + ||x_j||^2) - 2 s.
 //   kHard: farthest positive and nearest negative.
 //   kSemi: nearest negative with d > thr[anchor] (thr = d(a,p) + gamma).
+// One fused sweep per tile row; lanes and column bests are merged with the tie rule.
 template <Pass kPass, typename acc_t>
-void reduce_tile(acc_t* tile, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const acc_t* sq,
+void reduce_tile(const acc_t* tile, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const acc_t* sq,
                  const int32_t* lab, const acc_t* thr, AnchorBest<acc_t>& best,
                  ColumnBest<acc_t>& col) {
+  constexpr bool kHard = kPass == Pass::kHard;
   const bool diag = i0 == j0;
-  const acc_t* sqj = sq + j0;
-  const int32_t* labj = lab + j0;
-  const acc_t* thrj = thr + j0;
-  if (!diag) col.reset(nj);
-  const acc_t two = acc_t(2);
+  col.reset(nj);
+  acc_t bp[kLanes], bn[kLanes];
+  int32_t bpj[kLanes], bnj[kLanes];
+  RowSweep<acc_t> s;
+  s.sqj = sq + j0;
+  s.labj = lab + j0;
+  s.thrj = kHard ? nullptr : thr + j0;
+  s.nj = nj;
+  s.bp = bp;
+  s.bn = bn;
+  s.bpj = bpj;
+  s.bnj = bnj;
+  s.cp = col.pos_v.data();
+  s.cn = col.neg_v.data();
+  s.cpr = col.pos_r.data();
+  s.cnr = col.neg_r.data();
   for (int64_t r = 0; r < ni; ++r) {
-    acc_t* row = tile + r * nj;
     const int64_t gi = i0 + r;
-    const int32_t li = lab[gi];
-    const acc_t sqi = sq[gi];
-    for (int64_t c = 0; c < nj; ++c) row[c] = (sqi + sqj[c]) - two * row[c];
-    if (diag) row[r] = -kInf<acc_t>;  // self: never a positive; same label, never a negative
-
-    // Row anchor gi: lane-wise running bests (strict comparisons keep the smallest
-    // index of each lane), then a merge of the lanes with the tie rule.
-    acc_t bp[kLanes], bn[kLanes];
-    int32_t bpj[kLanes], bnj[kLanes];
+    s.srow = tile + r * nj;
+    s.sqi = sq[gi];
+    s.ti = kHard ? acc_t(0) : thr[gi];
+    s.li = lab[gi];
+    s.self = diag ? int32_t(r) : -1;  // never a positive of itself
+    s.rr = int32_t(r);
     for (int l = 0; l < kLanes; ++l) {
       bp[l] = -kInf<acc_t>;
       bn[l] = kInf<acc_t>;
       bpj[l] = -1;
       bnj[l] = -1;
     }
-    const acc_t ti = kPass == Pass::kSemi ? thr[gi] : acc_t(0);
-    int64_t c = 0;
-    for (; c + kLanes <= nj; c += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t v = row[c + l];
-        const bool same = labj[c + l] == li;
-        if (kPass == Pass::kHard) {
-          const acc_t pc = same ? v : -kInf<acc_t>;
-          const bool up = pc > bp[l];
-          bp[l] = up ? pc : bp[l];
-          bpj[l] = up ? int32_t(c + l) : bpj[l];
-        }
-        const acc_t nc = (!same && (kPass == Pass::kHard || v > ti)) ? v : kInf<acc_t>;
-        const bool un = nc < bn[l];
-        bn[l] = un ? nc : bn[l];
-        bnj[l] = un ? int32_t(c + l) : bnj[l];
-      }
-    }
-    for (int l = 0; c < nj; ++c, ++l) {
-      const acc_t v = row[c];
-      const bool same = labj[c] == li;
-      if (kPass == Pass::kHard && same && v > bp[l]) {
-        bp[l] = v;
-        bpj[l] = int32_t(c);
-      }
-      if (!same && (kPass == Pass::kHard || v > ti) && v < bn[l]) {
-        bn[l] = v;
-        bnj[l] = int32_t(c);
-      }
+    if (diag) {
+      sweep_row<kPass, false>(s);
+    } else {
+      sweep_row<kPass, true>(s);
     }
     for (int l = 0; l < kLanes; ++l) {
-      if (kPass == Pass::kHard && bpj[l] >= 0) offer_max(bp[l], j0 + bpj[l], best.pos_v[gi], best.pos_j[gi]);
+      if (kHard && bpj[l] >= 0) offer_max(bp[l], j0 + bpj[l], best.pos_v[gi], best.pos_j[gi]);
       if (bnj[l] >= 0) offer_min(bn[l], j0 + bnj[l], best.neg_v[gi], best.neg_j[gi]);
     }
-
-    // Column anchors j0 + c (off-diagonal tiles only): element-wise over c, rows in
-    // ascending order, so strict comparisons again keep the smallest row index.
-    if (!diag) {
-      acc_t* cp = col.pos_v.data();
-      acc_t* cn = col.neg_v.data();
-      int32_t* cpr = col.pos_r.data();
-      int32_t* cnr = col.neg_r.data();
-      const int32_t rr = int32_t(r);
-      for (int64_t c2 = 0; c2 < nj; ++c2) {
-        const acc_t v = row[c2];
-        const bool same = labj[c2] == li;
-        if (kPass == Pass::kHard) {
-          const acc_t pc = same ? v : -kInf<acc_t>;
-          const bool up = pc > cp[c2];
-          cp[c2] = up ? pc : cp[c2];
-          cpr[c2] = up ? rr : cpr[c2];
-        }
-        const acc_t nc = (!same && (kPass == Pass::kHard || v > thrj[c2])) ? v : kInf<acc_t>;
-        const bool un = nc < cn[c2];
-        cn[c2] = un ? nc : cn[c2];
-        cnr[c2] = un ? rr : cnr[c2];
-      }
-    }
   }
-  if (!diag) {
-    for (int64_t c = 0; c < nj; ++c) {
-      const int64_t gj = j0 + c;
-      if (kPass == Pass::kHard && col.pos_r[c] >= 0)
-        offer_max(col.pos_v[c], i0 + col.pos_r[c], best.pos_v[gj], best.pos_j[gj]);
-      if (col.neg_r[c] >= 0) offer_min(col.neg_v[c], i0 + col.neg_r[c], best.neg_v[gj], best.neg_j[gj]);
-    }
+  if (diag) return;
+  for (int64_t c = 0; c < nj; ++c) {
+    const int64_t gj = j0 + c;
+    if (kHard && s.cpr[c] >= 0) offer_max(s.cp[c], i0 + s.cpr[c], best.pos_v[gj], best.pos_j[gj]);
+    if (s.cnr[c] >= 0) offer_min(s.cn[c], i0 + s.cnr[c], best.neg_v[gj], best.neg_j[gj]);
   }
 }
 
