@@ -1,0 +1,235 @@
+"""Command line: ``dnnrl train``, ``dnnrl eval``, ``dnnrl embed`` (also ``python -m dnnrl``)."""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .config import METHODS, PRESETS, Config
+
+log = logging.getLogger("dnnrl")
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("expected on/off, got %r" % s)
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", default=None, required=required,
+                   help="FER-2013 challenge CSV, a Kaggle-layout folder (train/<class>/, test/<class>/), "
+                        "a .zip/.tar(.gz/.xz) of one, or any folder of class sub-folders"
+                        + ("" if required else "; default: the built-in synthetic data set"))
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip (and count in the run log) corrupt images / malformed CSV rows instead of failing")
+    p.add_argument("--cache-dir", default=None,
+                   help="decoded-data cache (default $DNNRL_CACHE or ~/.cache/dnnrl)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"],
+                   help="dnnrl_ext ops: compiled kernels (auto falls back to the reference with a warning)")
+    p.add_argument("--amp", default=None, choices=["auto", "bf16", "off"],
+                   help="autocast (default auto: bf16 on CUDA)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="batch size for embedding (512)")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show real defaults; None means "from the preset / config", already said in the help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    ap = argparse.ArgumentParser(
+        prog="dnnrl", description="DNNRL facial expression recognition: train, evaluate, embed.",
+        formatter_class=_Formatter)
+    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed}")
+    sub.required = True
+    fmt = _Formatter
+
+    t = sub.add_parser("train", help="train a model and evaluate it (results.json in --out)",
+                       formatter_class=fmt, description=(
+                           "Train DNNRL / T-DNN / DNN with the paper's protocol, then embed the training set "
+                           "as the k-NN gallery, choose k on validation and write results.json, report.md and "
+                           "confusion matrices into --out. Without --data: the synthetic demo (CPU preset). "
+                           "Defaults marked 'preset' come from --preset (paper for real data, cpu for synthetic)."))
+    t.add_argument("--out", default="runs/demo", help="run directory")
+    t.add_argument("--method", default=None, choices=METHODS,
+                   help="dnnrl: exp triplet + k-NN; tdnn: hinge triplet + k-NN; dnn: softmax (default dnnrl)")
+    _add_data_args(t)
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="paper: Table 1 network at 108 px; cpu: 48 px, width 0.25, 12 epochs "
+                        "(default: cpu without --data, paper with it)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
+    g = t.add_argument_group("network / input")
+    g.add_argument("--image-size", type=int, default=None, help="network input side (preset; paper 108)")
+    g.add_argument("--width", type=float, default=None, help="channel multiplier (preset; paper 1.0)")
+    g.add_argument("--embed-dim", type=int, default=None, help="embedding size (%d)" % d.embed_dim)
+    g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
+    g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
+    g = t.add_argument_group("loss / batches")
+    g.add_argument("--batch-size", type=int, default=None, help="batch size (%d)" % d.batch_size)
+    g.add_argument("--sampler", default=None, choices=["random", "pk"],
+                   help="random batches (the paper) or class-balanced P x K (%s)" % d.sampler)
+    g.add_argument("--mining", default=None, choices=["batch_hard", "semi_hard"], help="(%s)" % d.mining)
+    g.add_argument("--alpha", type=float, default=None, help="exp loss slope (%g)" % d.alpha)
+    g.add_argument("--gamma", type=float, default=None,
+                   help="exp loss margin (%g; the paper's 0 learns nothing with in-batch mining)" % d.gamma)
+    g.add_argument("--margin", type=float, default=None, help="hinge margin for tdnn (%g)" % d.margin)
+    g.add_argument("--reduction", default=None, choices=["sum", "mean"],
+                   help="triplet loss over a batch (%s: the paper's Eq. 1)" % d.reduction)
+    g = t.add_argument_group("optimisation / protocol")
+    g.add_argument("--lr", type=float, default=None, help="initial SGD lr (%g)" % d.lr)
+    g.add_argument("--lr-min", type=float, default=None, help="lr floor (%g)" % d.lr_min)
+    g.add_argument("--momentum", type=float, default=None, help="(%g)" % d.momentum)
+    g.add_argument("--weight-decay", type=float, default=None, help="(%g)" % d.weight_decay)
+    g.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without a new best val loss (preset; paper 20)")
+    g.add_argument("--max-epochs", type=int, default=None, help="epoch cap (preset; paper %d)" % d.max_epochs)
+    g.add_argument("--epoch-batches", type=int, default=None, help="cap batches per epoch (reduced runs)")
+    g.add_argument("--train-subset", type=int, default=None, help="train on a stratified subset of N images")
+    g.add_argument("--val-subset", type=int, default=None, help="validate on a stratified subset")
+    g.add_argument("--k-max", type=int, default=None, help="largest k tried on validation (%d)" % d.k_max)
+    g.add_argument("--monitor-gallery", type=int, default=None,
+                   help="training images in the per-epoch val k-NN monitor (0 = off)")
+    g = t.add_argument_group("machinery")
+    g.add_argument("--seed", type=int, default=None, help="(%d)" % d.seed)
+    _add_runtime_args(g)
+    g.add_argument("--channels-last", default=None, choices=["auto", "on", "off"], help="(auto: on CUDA)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--log-every", type=int, default=None, help="steps between host syncs (%d)" % d.log_every)
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no tqdm progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a trained model on data (results.json + confusion matrix)",
+                       formatter_class=fmt, description=(
+                           "Embed the data's training split as the k-NN gallery, choose k on its validation "
+                           "split, report val/test accuracy (the softmax head for dnn models)."))
+    e.add_argument("checkpoint", help="a run directory or a best.pt / checkpoint.pt file")
+    _add_data_args(e)
+    e.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
+    e.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
+    _add_runtime_args(e)
+
+    m = sub.add_parser("embed", help="write embeddings of a data set to .npz or .pt",
+                       formatter_class=fmt,
+                       description="Embeddings (N, 512), labels and split names of every split of --data.")
+    m.add_argument("checkpoint", help="a run directory or a best.pt / checkpoint.pt file")
+    _add_data_args(m)
+    m.add_argument("--out", default="embeddings.npz", help="output file: .npz (numpy) or .pt (torch)")
+    _add_runtime_args(m)
+    return ap
+
+
+def _train(args) -> int:
+    from .config import resolve
+    from .train import train
+    keys = ["method", "data", "preset", "image_size", "width", "embed_dim", "dropout", "flip", "batch_size",
+            "sampler", "mining", "alpha", "gamma", "margin", "reduction", "lr", "lr_min", "momentum",
+            "weight_decay", "patience", "max_epochs", "epoch_batches", "train_subset", "val_subset", "k_max",
+            "monitor_gallery", "skip_bad", "cache_dir", "seed", "device", "backend", "amp", "channels_last",
+            "compile", "log_every", "progress", "eval_batch_size"]
+    over = {k: getattr(args, k) for k in keys}
+    over["out"] = args.out
+    cfg = resolve(over)
+    results = train(cfg, resume=args.resume)
+    if results is not None:
+        print(json.dumps({k: results.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
+    return 0
+
+
+def _load_checkpoint(path: str):
+    import torch
+    if os.path.isdir(path):
+        for name in ("best.pt", "checkpoint.pt"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError("no best.pt or checkpoint.pt in %s" % path)
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    model_state = st.get("best_state") or st["model"]
+    return path, Config.from_dict(st["config"]), st["class_names"], model_state
+
+
+def _restore(args):
+    """(cfg, model, data placed on device, class_names, device, backend) for eval / embed."""
+    from .runtime import load_data, pick_device, place_data, resolve_backend
+    from .train import augment_config, build, setup_logging
+    path, cfg, class_names, state = _load_checkpoint(args.checkpoint)
+    for k in ("device", "backend", "amp", "eval_batch_size", "cache_dir"):
+        if getattr(args, k, None) is not None:
+            setattr(cfg, k, getattr(args, k))
+    cfg.skip_bad = bool(args.skip_bad)
+    if args.data is not None:
+        cfg.data = args.data
+    cfg.train_subset = cfg.val_subset = None
+    device = pick_device(cfg.device)
+    backend = resolve_backend(cfg.backend, device)
+    ds = load_data(cfg)
+    if ds.class_names != list(class_names):
+        log.warning("data classes %s differ from the model's %s", ds.class_names, class_names)
+    data, _ = place_data(ds, device)
+    model = build(cfg, len(class_names), device)
+    model.load_state_dict(state)
+    model.eval()
+    return path, cfg, model, data, ds.class_names, device, backend
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_model
+    from .runtime import use_channels_last
+    from .train import augment_config, setup_logging
+    setup_logging(None)
+    path, cfg, model, data, names, device, backend = _restore(args)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "eval")
+    setup_logging(out)
+    if "train" not in data:
+        raise SystemExit("dnnrl eval: the data has no training split to use as the k-NN gallery")
+    res = evaluate_model(model, data, names, augment_config(cfg), device, cfg.method, backend, out,
+                         k_max=args.k_max, amp=cfg.amp, channels_last=use_channels_last(cfg.channels_last, device),
+                         batch_size=cfg.eval_batch_size, extra={"checkpoint": path, "data": cfg.data})
+    print(json.dumps({k: res.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
+    return 0
+
+
+def _embed(args) -> int:
+    import numpy as np
+    import torch
+    from .runtime import embed, use_channels_last
+    from .train import augment_config, setup_logging
+    setup_logging(None)
+    path, cfg, model, data, names, device, _ = _restore(args)
+    cl = use_channels_last(cfg.channels_last, device)
+    out = {"class_names": np.array(names)}
+    for s, (x, y) in data.items():
+        out["%s_embeddings" % s] = embed(model, x, augment_config(cfg), device, cfg.amp, cl,
+                                         cfg.eval_batch_size).cpu().numpy()
+        out["%s_labels" % s] = y.cpu().numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.out.endswith(".pt"):
+        torch.save({k: (torch.from_numpy(v) if v.dtype != object and v.dtype.kind != "U" else list(v))
+                    for k, v in out.items()}, args.out)
+    else:
+        np.savez(args.out, **out)
+    log.info("wrote %s (%s)", args.out, {k: v.shape for k, v in out.items()})
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"train": _train, "eval": _eval, "embed": _embed}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

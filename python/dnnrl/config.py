@@ -1,0 +1,106 @@
+"""Run configuration: one dataclass, presets, and JSON round-trip."""
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+METHODS = ("dnnrl", "tdnn", "dnn")
+
+
+@dataclass
+class Config:
+    """Everything a run depends on; saved as config.json in the run directory."""
+    # what to train
+    method: str = "dnnrl"            # dnnrl: exp triplet + k-NN; tdnn: hinge triplet + k-NN; dnn: softmax
+    data: Optional[str] = None        # CSV / folder / archive; None = the synthetic set
+    out: str = "runs/demo"
+    preset: Optional[str] = None      # "paper" (Table 1 at 108 px) or "cpu" (reduced); None = by data
+    # network and input
+    image_size: int = 108             # network input side (the paper's 108)
+    width: float = 1.0                # channel multiplier (1.0 = Table 1)
+    embed_dim: int = 512
+    dropout: float = 0.2
+    flip: bool = False                # random horizontal flips (not in the paper)
+    # loss and batches
+    batch_size: int = 128
+    sampler: str = "pk"               # "random" (the paper) or "pk" (class-balanced P x K)
+    mining: str = "semi_hard"         # "batch_hard" or "semi_hard"
+    alpha: float = 0.2
+    gamma: float = -0.5               # exp loss margin; the paper's 0 learns nothing with mining
+    margin: float = 0.2               # hinge margin (tdnn)
+    reduction: str = "sum"            # triplet loss over the batch: "sum" (the paper's Eq. 1) or "mean"
+    # optimisation and protocol (SPEC section 6)
+    lr: float = 0.01
+    lr_min: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rise_threshold: float = 0.10      # val loss > (1 + this) * best -> lr / 10, reload best
+    patience: int = 20                # stop after this many epochs without a new best
+    max_epochs: int = 200
+    epoch_batches: Optional[int] = None   # cap on batches per epoch (reduced runs)
+    train_subset: Optional[int] = None    # use a stratified random subset of the training set
+    val_subset: Optional[int] = None
+    # evaluation
+    k_max: int = 50
+    monitor_gallery: int = 2000       # train images used for the per-epoch val k-NN accuracy (0: off)
+    # data options
+    skip_bad: bool = False
+    cache_dir: Optional[str] = None
+    synthetic_train_per_class: int = 600
+    synthetic_val_per_class: int = 100
+    synthetic_test_per_class: int = 200
+    # machinery
+    seed: int = 0
+    device: str = "auto"              # "auto" = cuda when available
+    backend: str = "auto"             # dnnrl_ext backend: "auto" (compiled) or "reference"
+    amp: str = "auto"                 # "auto" = bf16 autocast on cuda; "bf16"; "off"
+    channels_last: str = "auto"       # "auto" = on cuda
+    compile: bool = False             # torch.compile the model
+    log_every: int = 50               # steps between host syncs for the progress bar / log
+    progress: bool = True             # tqdm bars
+    eval_batch_size: int = 512
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def load(cls, path: str) -> "Config":
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh))
+
+
+# Values a preset sets unless the user gave them explicitly.
+PRESETS = {
+    # the paper's network and protocol
+    "paper": {},
+    # reduced scale for a CPU: the synthetic demo finishes in a few minutes on 2 cores
+    "cpu": {"image_size": 48, "width": 0.25, "max_epochs": 12, "patience": 4,
+            "monitor_gallery": 1000},
+}
+
+
+def resolve(overrides: Dict[str, Any]) -> Config:
+    """Defaults <- preset <- explicit overrides (None values in overrides are ignored).
+
+    Without ``data`` (the synthetic set) the preset defaults to "cpu"; with data, "paper".
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    preset = given.get("preset") or ("cpu" if not given.get("data") else "paper")
+    if preset not in PRESETS:
+        raise ValueError("preset must be one of %s, got %r" % (sorted(PRESETS), preset))
+    values = dict(PRESETS[preset])
+    values.update(given)
+    values["preset"] = preset
+    cfg = Config.from_dict(values)
+    if cfg.method not in METHODS:
+        raise ValueError("method must be one of %s, got %r" % (METHODS, cfg.method))
+    return cfg

@@ -1,0 +1,151 @@
+"""Final evaluation: training set as k-NN gallery, k chosen on validation, accuracy
+(overall and per class), confusion matrices (JSON + PNG) and a markdown report."""
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dnnrl_ext import KNNClassifier
+
+from .runtime import embed
+from .transforms import AugmentConfig
+
+log = logging.getLogger("dnnrl")
+
+
+def confusion(pred: Tensor, true: Tensor, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts: rows true class, columns predicted class."""
+    idx = (true.long() * num_classes + pred.long()).cpu()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).numpy()
+
+
+def split_metrics(pred: Tensor, true: Tensor, class_names: List[str]) -> Dict[str, object]:
+    C = len(class_names)
+    cm = confusion(pred, true, C)
+    per = {name: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, name in enumerate(class_names)}
+    n = int(cm.sum())
+    return {"accuracy": float(np.trace(cm) / n) if n else None, "n": n, "per_class_accuracy": per,
+            "confusion_matrix": cm.tolist()}
+
+
+def plot_confusion(cm: np.ndarray, class_names: List[str], title: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, "%d" % cm[i, j], ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: AugmentConfig,
+                   device: torch.device, method: str, backend: str, out_dir: str,
+                   k_max: int = 50, amp: str = "auto", channels_last: bool = False,
+                   batch_size: int = 512, extra: Optional[dict] = None) -> Dict[str, object]:
+    """Evaluate and write results.json, confusion_*.json/png and report.md into out_dir.
+
+    Args:
+        data: {split: (images uint8 (N, S, S), labels int64 (N,))}; needs "train".
+        method: "dnnrl" / "tdnn" (k-NN on embeddings) or "dnn" (the softmax head;
+            the k-NN accuracy of its features is reported alongside).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    C = len(class_names)
+    kw = dict(aug=aug, device=device, amp=amp, channels_last=channels_last, batch_size=batch_size)
+    emb = {s: embed(model, x, **kw) for s, (x, _) in data.items()}
+    labels = {s: y.to(device) for s, (_, y) in data.items()}
+    has_val, has_test = "val" in data, "test" in data
+    clf = KNNClassifier(num_classes=C, backend=backend)
+    clf.fit(emb["train"], labels["train"],
+            val=(emb["val"], labels["val"]) if has_val else None, k_max=k_max)
+    results: Dict[str, object] = {"method": method, "class_names": list(class_names),
+                                  "sizes": {s: int(y.shape[0]) for s, (_, y) in data.items()}}
+    preds = {}
+    if method == "dnn":
+        for s in ("val", "test"):
+            if s in data:
+                preds[s] = embed(model, data[s][0], head=True, **kw).argmax(1)
+        results["k"] = None
+        results["knn_k"] = clf.k
+        for s in ("val", "test"):
+            if s in data:
+                results["knn_%s_accuracy" % s] = clf.score(emb[s], labels[s])
+    else:
+        for s in ("val", "test"):
+            if s in data:
+                preds[s] = clf.predict(emb[s])
+        results["k"] = clf.k
+    if clf.val_accuracy_per_k:
+        results["val_accuracy_per_k"] = clf.val_accuracy_per_k
+    for s in ("val", "test"):
+        results["%s_accuracy" % s] = None
+        if s in preds:
+            m = split_metrics(preds[s], labels[s], class_names)
+            results["%s_accuracy" % s] = m["accuracy"]
+            results["%s_per_class_accuracy" % s] = m["per_class_accuracy"]
+            with open(os.path.join(out_dir, "confusion_%s.json" % s), "w") as fh:
+                json.dump({"class_names": list(class_names), "rows": "true", "columns": "predicted",
+                           "matrix": m["confusion_matrix"]}, fh, indent=1)
+            acc = m["accuracy"]
+            plot_confusion(np.array(m["confusion_matrix"]), class_names,
+                           "%s, %s split: accuracy %.2f %%" % (method, s, 100 * (acc or 0)),
+                           os.path.join(out_dir, "confusion_%s.png" % s))
+    if extra:
+        results.update(extra)
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    write_report(results, os.path.join(out_dir, "report.md"))
+    log.info("val accuracy %s, test accuracy %s, k %s", _pct(results["val_accuracy"]),
+             _pct(results["test_accuracy"]), results["k"])
+    return results
+
+
+def _pct(v) -> str:
+    return "-" if v is None else "%.2f %%" % (100 * v)
+
+
+def write_report(results: Dict[str, object], path: str) -> None:
+    names = results["class_names"]
+    lines = ["# dnnrl run report", "",
+             "method: **%s**; k-NN k: %s; sizes: %s" % (results["method"], results.get("k"), results["sizes"]),
+             "", "| split | accuracy |", "|---|---|"]
+    for s in ("val", "test"):
+        lines.append("| %s | %s |" % (s, _pct(results.get("%s_accuracy" % s))))
+    if results["method"] == "dnn" and results.get("knn_k") is not None:
+        lines += ["", "k-NN on the softmax network's features (k=%s): val %s, test %s"
+                  % (results["knn_k"], _pct(results.get("knn_val_accuracy")),
+                     _pct(results.get("knn_test_accuracy")))]
+    lines += ["", "Per-class accuracy:", "", "| class | val | test |", "|---|---|---|"]
+    for n in names:
+        v = (results.get("val_per_class_accuracy") or {}).get(n)
+        t = (results.get("test_per_class_accuracy") or {}).get(n)
+        lines.append("| %s | %s | %s |" % (n, _pct(v), _pct(t)))
+    for s in ("test", "val"):
+        if results.get("%s_accuracy" % s) is not None:
+            lines += ["", "Confusion matrix (%s): ![confusion](confusion_%s.png) (counts in confusion_%s.json)"
+                      % (s, s, s)]
+            break
+    if results.get("training"):
+        tr = results["training"]
+        lines += ["", "Training: %s epochs, best epoch %s (val loss %.4g), %.0f s, %.0f images/s"
+                  % (tr.get("epochs"), tr.get("best_epoch"), tr.get("best_val_loss") or float("nan"),
+                     tr.get("seconds", 0), tr.get("images_per_s", 0))]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")

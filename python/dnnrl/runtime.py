@@ -1,0 +1,131 @@
+"""Device, backend, precision and data placement helpers shared by train / eval / embed."""
+import contextlib
+import logging
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import dnnrl_ext
+
+from .data import Dataset, load_dataset
+from .synthetic import make_synthetic
+from .transforms import AugmentConfig, evaluate_transform
+
+log = logging.getLogger("dnnrl")
+_warned_backend = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The dnnrl_ext backend to use: the compiled kernels when they load (and have
+    CUDA kernels for a CUDA device), else "reference" with one logged warning."""
+    global _warned_backend
+    if requested == "reference":
+        return "reference"
+    ok = dnnrl_ext.extension_available() and (device.type != "cuda" or dnnrl_ext.has_cuda_kernels())
+    if ok:
+        return "auto"
+    if requested == "compiled":
+        raise dnnrl_ext.ExtensionNotAvailable("backend='compiled' requested but the kernels cannot "
+                                              "run on %s" % device)
+    if not _warned_backend:
+        from dnnrl_ext import _extension
+        log.warning("dnnrl_ext compiled kernels unavailable on %s (%s); using the pure-PyTorch "
+                    "reference backend (slower)", device, _extension._LOAD_ERROR or "no CUDA kernels")
+        _warned_backend = True
+    return "reference"
+
+
+def amp_context(mode: str, device: torch.device):
+    """bf16 autocast on CUDA ("auto"), or as requested; a null context otherwise."""
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def use_channels_last(mode, device: torch.device) -> bool:
+    if isinstance(mode, bool):
+        return mode
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def load_data(cfg) -> Dataset:
+    """The configured data set (synthetic without ``cfg.data``), subsets applied."""
+    if cfg.data:
+        ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad, cache_dir=cfg.cache_dir)
+    else:
+        ds = make_synthetic(cfg.synthetic_train_per_class, cfg.synthetic_val_per_class,
+                            cfg.synthetic_test_per_class, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    for split, n in (("train", cfg.train_subset), ("val", cfg.val_subset)):
+        if n and split in ds.splits and n < len(ds.splits[split][1]):
+            x, y = ds.splits[split]
+            idx = np.sort(_stratified(y, n, rng))
+            ds.splits[split] = (x[idx], y[idx])
+    return ds
+
+
+def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n indices keeping the class proportions of y (at least one per class)."""
+    out = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        take = max(1, int(round(n * members.size / y.size)))
+        out.append(rng.permutation(members)[:take])
+    return np.concatenate(out)
+
+
+def place_data(ds: Dataset, device: torch.device) -> Tuple[Dict[str, Tuple[Tensor, Tensor]], torch.device]:
+    """uint8 images and labels as tensors on the training device when they fit (always
+    on CPU); returns ({split: (x (N, S, S) uint8, y (N,) int64)}, where the images are)."""
+    total = sum(x.nbytes for x, _ in ds.splits.values())
+    where = device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if total > 0.3 * free:
+            log.warning("data (%.1f GB) does not fit comfortably on %s; keeping it in pinned host memory",
+                        total / 1e9, device)
+            where = torch.device("cpu")
+    out = {}
+    for s, (x, y) in ds.splits.items():
+        xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+        if where.type == "cpu" and device.type == "cuda":
+            xt = xt.pin_memory()
+        out[s] = (xt.to(where), yt.to(device))
+    return out, where
+
+
+@torch.no_grad()
+def embed(model, images: Tensor, aug: AugmentConfig, device: torch.device, amp: str = "auto",
+          channels_last: bool = False, batch_size: int = 512, head: bool = False) -> Tensor:
+    """Embeddings (N, D) float32 (or head logits (N, C) with ``head``) of uint8 images
+    (N, S, S) under the deterministic evaluation transform, on ``device``."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for s in range(0, images.shape[0], batch_size):
+        xb = images[s:s + batch_size].to(device, non_blocking=True)
+        x = evaluate_transform(xb, aug)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_context(amp, device):
+            out = model.logits(x) if head else model(x)
+        outs.append(out.float())
+    model.train(was_training)
+    if not outs:
+        return torch.zeros(0, model.num_classes if head else model.embed_dim, device=device)
+    return torch.cat(outs)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)

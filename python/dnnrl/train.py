@@ -1,0 +1,402 @@
+"""The training driver: one loop for DNNRL (exp triplet + k-NN), T-DNN (hinge triplet
++ k-NN) and DNN (softmax), with the paper's protocol (SPEC section 6).
+
+Per epoch: floor(N / B) batches of on-device augmentation + SGD; then the validation
+loss. A new lowest validation loss is the new best (weights kept); a loss more than
+``rise_threshold`` (10 %) above the best divides the lr by 10 (floor ``lr_min``) and
+reloads the best weights (with fresh momentum); ``patience`` epochs without a new
+best stop the run. Every epoch is checkpointed (model, optimizer, lr, epoch, RNG
+states, best) so ``resume=True`` continues exactly where the run stopped, and logged
+as one JSON line in log.jsonl. Finally the best weights are evaluated (k-NN gallery =
+training set, k chosen on validation) into results.json.
+
+GPU path: uint8 data, sampling and augmentation all on the device; bf16 autocast and
+channels_last; the loss is accumulated on the device and read back only every
+``log_every`` steps, so the loop does not wait on the host.
+"""
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dnnrl_ext import ExpTripletLoss, TripletLoss
+
+from .config import Config
+from .evaluate import evaluate_model
+from .model import DNNRLNet
+from .runtime import (amp_context, embed, load_data, pick_device, place_data, resolve_backend,
+                      seed_everything, use_channels_last)
+from .samplers import make_sampler
+from .transforms import AugmentConfig, augment, evaluate_transform
+from dnnrl_ext.knn import accuracy_per_k
+from dnnrl_ext import knn
+
+log = logging.getLogger("dnnrl")
+
+
+def setup_logging(run_dir: Optional[str] = None, level=logging.INFO) -> None:
+    root = logging.getLogger("dnnrl")
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if getattr(h, "_dnnrl", False):
+            root.removeHandler(h)
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if run_dir:
+        os.makedirs(run_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "run.log")))
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        h._dnnrl = True
+        root.addHandler(h)
+    root.propagate = False
+
+
+def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None):
+    """The training loss module (``reduction`` overrides cfg.reduction, e.g. "mean" for
+    the validation loss, which is reported per anchor)."""
+    red = reduction or cfg.reduction
+    if cfg.method == "dnnrl":
+        return ExpTripletLoss(alpha=cfg.alpha, gamma=cfg.gamma, mining=cfg.mining, reduction=red,
+                              backend=backend)
+    if cfg.method == "tdnn":
+        return TripletLoss(margin=cfg.margin, mining=cfg.mining, reduction=red, backend=backend)
+    return torch.nn.CrossEntropyLoss()
+
+
+def augment_config(cfg: Config) -> AugmentConfig:
+    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip)
+
+
+def build(cfg: Config, num_classes: int, device: torch.device) -> DNNRLNet:
+    model = DNNRLNet(num_classes=num_classes, width=cfg.width, embed_dim=cfg.embed_dim,
+                     dropout=cfg.dropout).to(device)
+    if use_channels_last(cfg.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def save_model(path: str, model, cfg: Config, class_names, extra: Optional[dict] = None) -> None:
+    state = {"config": cfg.to_dict(), "class_names": list(class_names),
+             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    state.update(extra or {})
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Holds the run's state; ``fit()`` runs the protocol, ``evaluate()`` the final test."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = cfg.out
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
+        self.device = pick_device(cfg.device)
+        self.backend = resolve_backend(cfg.backend, self.device)
+        seed_everything(cfg.seed)
+        t0 = time.time()
+        ds = load_data(cfg)
+        self.class_names = ds.class_names
+        self.data_summary = ds.summary()
+        if ds.skipped:
+            log.warning("skipped %d bad data items (--skip-bad); first: %s", len(ds.skipped), ds.skipped[0])
+        if "train" not in ds.splits:
+            raise ValueError("the data has no training split")
+        self.data, self.data_device = place_data(ds, self.device)
+        log.info("data %s: %s in %.1f s on %s", self.data_summary["source"], self.data_summary["sizes"],
+                 time.time() - t0, self.data_device)
+        self.aug = augment_config(cfg)
+        self.channels_last = use_channels_last(cfg.channels_last, self.device)
+        self.model = build(cfg, len(self.class_names), self.device)
+        self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
+        self.criterion = make_criterion(cfg, self.backend)
+        self.val_criterion = make_criterion(cfg, self.backend, reduction="mean")
+        self.optimizer = self._optimizer(cfg.lr)
+        ytr = self.data["train"][1]
+        self.sampler = make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed)             # batches (CPU)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)  # augmentation
+        self.epoch, self.lr = 0, cfg.lr
+        self.best_val, self.best_epoch, self.since_best = math.inf, 0, 0
+        self.best_state = None
+        self.history = []
+        self._val_batches = self._fixed_val_batches()
+        self._monitor_idx = self._monitor_subset()
+        if resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _optimizer(self, lr: float):
+        return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    def _fixed_val_batches(self):
+        if "val" not in self.data:
+            return []
+        n = self.data["val"][1].shape[0]
+        g = torch.Generator().manual_seed(self.cfg.seed + 3)
+        perm = torch.randperm(n, generator=g)
+        B = self.cfg.batch_size
+        return [perm[i:i + B].to(self.device) for i in range(0, n, B) if n - i >= 2]
+
+    def _monitor_subset(self):
+        n = self.data["train"][1].shape[0]
+        m = min(self.cfg.monitor_gallery, n)
+        if m <= 0 or self.cfg.method == "dnn" or "val" not in self.data:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed + 5)
+        return torch.randperm(n, generator=g)[:m]
+
+    def _amp(self):
+        return amp_context(self.cfg.amp, self.device)
+
+    def _prep(self, xb):
+        if self.channels_last:
+            return xb.contiguous(memory_format=torch.channels_last)
+        return xb
+
+    # ------------------------------------------------------------------ one epoch
+    def _loss(self, x, y, criterion=None):
+        """Loss of one batch of images x (B, 1, S, S) and labels y; (loss, active fraction or None)."""
+        with self._amp():
+            if self.cfg.method == "dnn":
+                logits = self.fwd_model.logits(x) if not self.cfg.compile else self.model.logits(x)
+                return F.cross_entropy(logits.float(), y), None
+            emb = self.fwd_model(x)
+        out = (criterion or self.criterion)(emb.float(), y, return_details=True)
+        gamma = self.cfg.gamma
+        # "active": triplets with a non-zero gradient (exp: r > gamma; hinge: r < margin)
+        if self.cfg.method == "dnnrl":
+            act = ((out.r > gamma) & out.valid).float().sum() / out.valid.float().sum().clamp(min=1)
+        else:
+            act = ((out.r < self.cfg.margin) & out.valid).float().sum() / out.valid.float().sum().clamp(min=1)
+        return out.loss, act
+
+    def train_epoch(self) -> Dict[str, float]:
+        from tqdm.auto import tqdm
+        cfg, model = self.cfg, self.model
+        model.train()
+        x_all, y_all = self.data["train"]
+        n_batches = len(self.sampler)
+        if cfg.epoch_batches:
+            n_batches = min(n_batches, cfg.epoch_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        act_sum = torch.zeros((), device=self.device)
+        t0 = time.time()
+        bar = tqdm(total=n_batches, desc="epoch %d" % (self.epoch + 1), leave=False, mininterval=1.0,
+                   disable=not cfg.progress, dynamic_ncols=True)
+        seen = 0
+        for step, idx in enumerate(self.sampler.epoch(self.sample_gen)):
+            if step >= n_batches:
+                break
+            xb = x_all[idx.to(x_all.device)].to(self.device, non_blocking=True)
+            yb = y_all[idx]
+            x = self._prep(augment(xb, self.aug, self.aug_gen))
+            loss, act = self._loss(x, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach()
+            if act is not None:
+                act_sum += act.detach()
+            seen += idx.numel()
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0:  # the only host sync inside the epoch
+                bar.set_postfix(loss="%.4f" % (loss_sum.item() / (step + 1)))
+        bar.close()
+        steps = max(1, min(n_batches, step + 1 if n_batches else 0))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.time() - t0
+        out = {"train_loss": loss_sum.item() / steps, "train_seconds": dt,
+               "images_per_s": seen / dt if dt > 0 else 0.0, "steps": steps}
+        if self.cfg.method != "dnn":
+            out["train_active_fraction"] = act_sum.item() / steps
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Validation loss (fixed batches, evaluation transform) and a quick accuracy."""
+        self.model.eval()
+        if not self._val_batches:
+            return {"val_loss": float("nan")}
+        x_all, y_all = self.data["val"]
+        total, count, correct, act_sum = 0.0, 0, 0, 0.0
+        losses = []
+        for idx in self._val_batches:
+            xb = x_all[idx.to(x_all.device)].to(self.device, non_blocking=True)
+            yb = y_all[idx]
+            x = self._prep(evaluate_transform(xb, self.aug))
+            if self.cfg.method == "dnn":
+                with self._amp():
+                    logits = self.model.logits(x).float()
+                losses.append(F.cross_entropy(logits, yb, reduction="sum"))
+                correct += (logits.argmax(1) == yb).sum()
+            else:
+                loss, act = self._loss(x, yb, self.val_criterion)
+                losses.append(loss * idx.numel())
+                act_sum += act * idx.numel()
+            count += idx.numel()
+        out = {"val_loss": float(torch.stack(losses).sum()) / count}
+        if self.cfg.method == "dnn":
+            out["val_accuracy"] = float(correct) / count
+        else:
+            out["val_active_fraction"] = float(act_sum) / count
+            if self._monitor_idx is not None:
+                out["val_knn_accuracy"] = self._monitor_knn()
+        self.model.train()
+        return out
+
+    def _monitor_knn(self) -> float:
+        """Val accuracy of k-NN (best k <= 20) with a fixed subset of training images as the
+        gallery: a cheap per-epoch signal of what the embedding has learned."""
+        kw = dict(aug=self.aug, device=self.device, amp=self.cfg.amp, channels_last=self.channels_last,
+                  batch_size=self.cfg.eval_batch_size)
+        xg = self.data["train"][0][self._monitor_idx.to(self.data["train"][0].device)]
+        yg = self.data["train"][1][self._monitor_idx.to(self.device)]
+        g = embed(self.model, xg, **kw)
+        q = embed(self.model, self.data["val"][0], **kw)
+        k = min(20, g.shape[0])
+        _, nn_idx = knn(q, g, k, backend=self.backend)
+        acc = accuracy_per_k(yg[nn_idx], self.data["val"][1], len(self.class_names))
+        return float(acc.max())
+
+    # ------------------------------------------------------------------ protocol
+    def _state(self) -> dict:
+        return {
+            "epoch": self.epoch, "lr": self.lr, "best_val": self.best_val, "best_epoch": self.best_epoch,
+            "since_best": self.since_best, "history": self.history,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "best_state": self.best_state,
+            "rng": {"torch": torch.get_rng_state(), "sample": self.sample_gen.get_state(),
+                    "aug": self.aug_gen.get_state(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": self.cfg.to_dict(), "class_names": self.class_names,
+        }
+
+    def save_checkpoint(self) -> None:
+        tmp = self.ckpt_path + ".tmp"
+        torch.save(self._state(), tmp)
+        os.replace(tmp, self.ckpt_path)  # never leave a half-written checkpoint
+
+    def _load_checkpoint(self) -> None:
+        if not os.path.exists(self.ckpt_path):
+            raise FileNotFoundError("--resume: no checkpoint at %s" % self.ckpt_path)
+        st = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        self.epoch, self.lr = st["epoch"], st["lr"]
+        self.optimizer = self._optimizer(self.lr)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.best_val, self.best_epoch, self.since_best = st["best_val"], st["best_epoch"], st["since_best"]
+        self.best_state, self.history = st["best_state"], st["history"]
+        rng = st["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.sample_gen.set_state(rng["sample"].cpu())
+        self.aug_gen.set_state(rng["aug"].cpu() if self.device.type == "cpu" else rng["aug"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        # the log is rewritten from the checkpoint's history: no duplicated or lost epochs
+        with open(os.path.join(self.run_dir, "log.jsonl"), "w") as fh:
+            for rec in self.history:
+                fh.write(json.dumps(rec) + "\n")
+        log.info("resumed %s at epoch %d (lr %g, best val loss %.4g at epoch %d)",
+                 self.ckpt_path, self.epoch, self.lr, self.best_val, self.best_epoch)
+
+    def _set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.max_epochs or (self.epoch > 0 and self.since_best >= self.cfg.patience)
+
+    def fit(self, stop_after: Optional[int] = None) -> None:
+        """Run epochs until the protocol stops (or ``stop_after`` more epochs: a simulated
+        interruption for tests)."""
+        done = 0
+        while not self.finished():
+            if stop_after is not None and done >= stop_after:
+                return
+            rec = {"epoch": self.epoch + 1, "lr": self.lr}
+            rec.update(self.train_epoch())
+            rec.update(self.validate())
+            self.epoch += 1
+            v = rec["val_loss"]
+            event = None
+            if v < self.best_val:
+                self.best_val, self.best_epoch, self.since_best = v, self.epoch, 0
+                self.best_state = copy.deepcopy({k: t.detach() for k, t in self.model.state_dict().items()})
+                save_model(os.path.join(self.run_dir, "best.pt"), self.model, self.cfg, self.class_names,
+                           {"epoch": self.epoch, "val_loss": v})
+                event = "best"
+            else:
+                self.since_best += 1
+                if not (v <= self.best_val * (1 + self.cfg.rise_threshold)) and self.best_state is not None:
+                    # the paper: lr / 10 and back to the best weights (momentum reset with them)
+                    self.model.load_state_dict(self.best_state)
+                    self.optimizer = self._optimizer(max(self.lr / 10.0, self.cfg.lr_min))
+                    self._set_lr(max(self.lr / 10.0, self.cfg.lr_min))
+                    event = "lr_drop_reload_best"
+            rec.update({"event": event, "best_val_loss": self.best_val, "best_epoch": self.best_epoch,
+                        "time": time.time()})
+            self.history.append(rec)
+            self.save_checkpoint()
+            with open(os.path.join(self.run_dir, "log.jsonl"), "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            log.info("epoch %d: train loss %.4f, val loss %.4f%s, %.0f img/s, lr %g%s", rec["epoch"],
+                     rec["train_loss"], v,
+                     (", val k-NN acc %.3f" % rec["val_knn_accuracy"]) if "val_knn_accuracy" in rec else
+                     (", val acc %.3f" % rec["val_accuracy"]) if "val_accuracy" in rec else "",
+                     rec["images_per_s"], rec["lr"], (" [%s]" % event) if event else "")
+            done += 1
+
+    def evaluate(self) -> dict:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        epochs = self.history
+        secs = sum(r["train_seconds"] for r in epochs)
+        imgs = sum(r["images_per_s"] * r["train_seconds"] for r in epochs)
+        extra = {"training": {"epochs": self.epoch, "best_epoch": self.best_epoch,
+                              "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                              "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
+                              "device": str(self.device), "backend": self.backend},
+                 "data": self.data_summary}
+        return evaluate_model(self.model, self.data, self.class_names, self.aug, self.device,
+                              self.cfg.method, self.backend, self.run_dir, k_max=self.cfg.k_max,
+                              amp=self.cfg.amp, channels_last=self.channels_last,
+                              batch_size=self.cfg.eval_batch_size, extra=extra)
+
+
+def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -> Optional[dict]:
+    """Train (or resume) and evaluate; returns the results dict (None when stopped early
+    by ``stop_after``). Writes config.json, log.jsonl, checkpoint.pt, best.pt,
+    results.json, report.md and confusion matrices into ``cfg.out``."""
+    if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
+        saved = Config.load(os.path.join(cfg.out, "config.json"))
+        saved.max_epochs = cfg.max_epochs if cfg.max_epochs != saved.max_epochs else saved.max_epochs
+        saved.progress = cfg.progress
+        cfg = saved
+    setup_logging(cfg.out)
+    t0 = time.time()
+    trainer = Trainer(cfg, resume=resume)
+    cfg.save(os.path.join(cfg.out, "config.json"))
+    log.info("method %s, device %s, backend %s, preset %s, image %d, width %g, sampler %s, mining %s, "
+             "gamma %g", cfg.method, trainer.device, trainer.backend, cfg.preset, cfg.image_size, cfg.width,
+             cfg.sampler, cfg.mining, cfg.gamma)
+    trainer.fit(stop_after=stop_after)
+    if not trainer.finished():
+        return None
+    results = trainer.evaluate()
+    log.info("run finished in %.1f s; results in %s", time.time() - t0,
+             os.path.join(cfg.out, "results.json"))
+    return results

@@ -1,0 +1,109 @@
+"""Batched on-device preprocessing (SPEC section 5): one affine per image, one
+``affine_grid`` + ``grid_sample`` per batch.
+
+Training (paper 3.1): resize the face to 96x96, jitter that size by [-10, 10] px,
+zero-pad to 120x120, rotate by [-15, 15] degrees about the centre, take a random
+108x108 crop. The five steps compose into one output->input affine map per image,
+so a batch costs a single bilinear resample straight from the stored 48x48 uint8
+pixels. Evaluation: resize to 96x96, centred in 108x108 (zeros around it).
+
+All sizes are given at the paper's 108-px scale and scaled by ``out_size / 108`` for
+the reduced CPU preset, so the geometry stays the same at any output size.
+
+Derivation (pixel units of the 120x120 canvas, centre c = 60; the face of size S
+sits centred on the canvas): an output pixel u of the crop with offset o is canvas
+point u + o; relative to the centre that is u + o - c; undoing the rotation R gives
+R^-1 (u + o - c); dividing by S/2 gives grid_sample's normalised input coordinate.
+In affine_grid's normalised output coordinates (align_corners=False) u = h (x + 1)
+with h = crop/2, so  theta = (2/S) R^-1 [h I | h + o - c].
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# the normalisation of the uint8 pixels (roughly zero mean, unit spread on faces)
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+@dataclass
+class AugmentConfig:
+    """Geometry at the paper's scale (108-px crops); ``out_size`` rescales all of it."""
+    out_size: int = 108
+    resize: float = 96.0
+    scale_jitter: float = 10.0   # +- pixels on the resized face size
+    pad_to: float = 120.0
+    rotation: float = 15.0       # +- degrees
+    crop: float = 108.0
+    flip: bool = False           # horizontal flip (not in the paper; off by default)
+
+    def scaled(self):
+        f = self.out_size / self.crop
+        return (self.resize * f, self.scale_jitter * f, self.pad_to * f, self.crop * f)
+
+
+def _to_input(images: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, H, W) or (B, 1, H, W) uint8 -> (B, 1, H, W) float in [0, 1]."""
+    if images.dim() == 3:
+        images = images[:, None]
+    return images.to(dtype).div_(255.0)
+
+
+def _sample(images: Tensor, theta: Tensor, out_size: int, dtype: torch.dtype) -> Tensor:
+    x = _to_input(images, dtype)
+    grid = F.affine_grid(theta.to(dtype), [x.shape[0], 1, out_size, out_size], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+
+
+def eval_theta(batch: int, cfg: AugmentConfig, device=None) -> Tensor:
+    """(batch, 2, 3) affine of the deterministic evaluation transform."""
+    resize, _, _, crop = cfg.scaled()
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0] = theta[:, 1, 1] = crop / resize  # (2/S) * h with h = crop/2
+    return theta
+
+
+def train_theta(batch: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
+                device=None) -> Tensor:
+    """(batch, 2, 3) random training affines (see the module docstring).
+
+    Random numbers are drawn on ``generator``'s device (CPU generators are fine for
+    CUDA batches: only 5 numbers per image cross over) so runs are reproducible.
+    """
+    resize, jitter, pad, crop = cfg.scaled()
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(batch, 5, generator=generator, device=gdev).to(device)
+    size = resize + (2 * u[:, 0] - 1) * jitter                      # S
+    angle = (2 * u[:, 1] - 1) * math.radians(cfg.rotation)
+    span = pad - crop                                               # crop offsets in [0, span]
+    ox, oy = u[:, 2] * span, u[:, 3] * span
+    h, c = crop / 2.0, pad / 2.0
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    k = 2.0 / size
+    # R^-1 = [[cos, sin], [-sin, cos]] (rotate the sampling grid back by +angle)
+    tx, ty = h + ox - c, h + oy - c
+    theta = torch.empty(batch, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 1] = k * cos * h, k * sin * h
+    theta[:, 1, 0], theta[:, 1, 1] = -k * sin * h, k * cos * h
+    theta[:, 0, 2] = k * (cos * tx + sin * ty)
+    theta[:, 1, 2] = k * (-sin * tx + cos * ty)
+    if cfg.flip:
+        sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+        theta[:, :, 0] = theta[:, :, 0] * sign[:, None]  # mirror the output x axis
+    return theta
+
+
+def augment(images: Tensor, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
+            dtype: torch.dtype = torch.float32) -> Tensor:
+    """Training transform: (B, H, W) uint8 on the training device -> (B, 1, out, out) float."""
+    theta = train_theta(images.shape[0], cfg, generator, images.device)
+    return _sample(images, theta, cfg.out_size, dtype)
+
+
+def evaluate_transform(images: Tensor, cfg: AugmentConfig, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Evaluation transform (deterministic): (B, H, W) uint8 -> (B, 1, out, out) float."""
+    return _sample(images, eval_theta(images.shape[0], cfg, images.device), cfg.out_size, dtype)

@@ -1,0 +1,161 @@
+"""dnnrl.data: CSV, Kaggle folder layout, archives, class folders, errors, cache."""
+import io
+import os
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dnnrl.data import CLASS_NAMES, DataError, load_dataset
+
+
+def _png(value: int, size: int = 48) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# (relative path, class) of a tiny Kaggle-layout tree; the pixel value encodes the class
+KAGGLE = [("train/%s/Training_%d.png" % (c, i), c) for c in ("happy", "angry", "surprise") for i in range(3)] + [
+    ("test/happy/PublicTest_1.png", "happy"), ("test/angry/PublicTest_2.png", "angry"),
+    ("test/happy/PrivateTest_3.png", "happy"), ("test/surprise/PrivateTest_4.png", "surprise"),
+    ("test/surprise/PrivateTest_5.png", "surprise")]
+
+
+def _value(c):
+    return 10 * CLASS_NAMES.index(c) + 5
+
+
+def _write_tree(root, entries, top=""):
+    for rel, c in entries:
+        path = os.path.join(root, top, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(_png(_value(c)))
+
+
+def _check_kaggle(ds):
+    assert ds.class_names == list(CLASS_NAMES)
+    assert {s: len(v[1]) for s, v in ds.splits.items()} == {"train": 9, "val": 2, "test": 3}
+    for s, (x, y) in ds.splits.items():
+        # labels in CSV order (happy = 3, angry = 0, surprise = 5), not alphabetical
+        np.testing.assert_array_equal(x[:, 0, 0], 10 * y + 5)
+    assert sorted(set(ds.splits["test"][1].tolist())) == [3, 5]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return str(tmp_path / "cache")
+
+
+def test_kaggle_folder_and_prefix_split(tmp_path, cache):
+    _write_tree(str(tmp_path / "d"), KAGGLE, "fer2013")
+    ds = load_dataset(str(tmp_path / "d"), cache_dir=cache)
+    _check_kaggle(ds)
+    assert not ds.from_cache
+    again = load_dataset(str(tmp_path / "d"), cache_dir=cache)
+    assert again.from_cache
+    _check_kaggle(again)
+
+
+def test_zip_archive_in_place(tmp_path, cache):
+    path = str(tmp_path / "fer.zip")
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, c in KAGGLE:
+            zf.writestr("fer2013/" + rel, _png(_value(c)))
+    _check_kaggle(load_dataset(path, cache_dir=cache))
+
+
+@pytest.mark.parametrize("mode,ext", [("w:gz", ".tar.gz"), ("w:xz", ".tar.xz"), ("w", ".tar")])
+def test_tar_archive_in_place(tmp_path, cache, mode, ext):
+    path = str(tmp_path / ("fer" + ext))
+    with tarfile.open(path, mode) as tf:
+        for rel, c in KAGGLE:
+            data = _png(_value(c))
+            info = tarfile.TarInfo(rel)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    _check_kaggle(load_dataset(path, cache_dir=cache))
+
+
+def _csv(path, header, rows):
+    with open(path, "w") as fh:
+        fh.write(header + "\n")
+        for r in rows:
+            fh.write(r + "\n")
+
+
+def _row(label, value, usage, n=48 * 48):
+    return '%d,"%s",%s' % (label, " ".join([str(value)] * n), usage)
+
+
+@pytest.mark.parametrize("header", ["emotion,pixels,Usage", "emotion, pixels, Usage"])
+def test_csv_both_header_spellings(tmp_path, cache, header):
+    path = str(tmp_path / "fer.csv")
+    rows = [_row(3, 35, "Training"), _row(0, 5, "Training"), _row(6, 65, "PublicTest"), _row(2, 25, "PrivateTest")]
+    _csv(path, header, rows)
+    ds = load_dataset(path, cache_dir=cache)
+    assert ds.class_names == list(CLASS_NAMES)
+    assert ds.splits["train"][1].tolist() == [3, 0] and ds.splits["val"][1].tolist() == [6]
+    assert ds.splits["test"][1].tolist() == [2]
+    assert ds.splits["train"][0].shape == (2, 48, 48) and ds.splits["train"][0][0, 0, 0] == 35
+
+
+def test_csv_malformed_row_names_the_row_or_is_skipped(tmp_path, cache):
+    path = str(tmp_path / "bad.csv")
+    _csv(path, "emotion,pixels,Usage", [_row(3, 35, "Training"), _row(1, 5, "Training", n=99),
+                                        _row(0, 5, "Training")])
+    with pytest.raises(DataError, match=r"row 3"):
+        load_dataset(path, cache_dir=cache)
+    ds = load_dataset(path, cache_dir=cache, skip_bad=True)
+    assert ds.splits["train"][1].tolist() == [3, 0]
+    assert len(ds.skipped) == 1 and "row 3" in ds.skipped[0]
+
+
+def test_corrupt_image_names_the_file_or_is_skipped(tmp_path, cache):
+    root = tmp_path / "d"
+    _write_tree(str(root), KAGGLE)
+    bad = root / "train" / "happy" / "Training_broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="Training_broken.jpg"):
+        load_dataset(str(root), cache_dir=cache)
+    ds = load_dataset(str(root), cache_dir=cache, skip_bad=True)
+    assert len(ds.skipped) == 1 and "Training_broken.jpg" in ds.skipped[0]
+    assert len(ds.splits["train"][1]) == 9
+
+
+def test_generic_class_folders_split_and_order(tmp_path, cache):
+    root = tmp_path / "other"
+    entries = [("%s/img%02d.png" % (c, i), c) for c in ("surprise", "neutral", "happy") for i in range(20)]
+    _write_tree(str(root), entries)
+    ds = load_dataset(str(root), cache_dir=cache)
+    assert ds.class_names == list(CLASS_NAMES)
+    sizes = {s: len(v[1]) for s, v in ds.splits.items()}
+    assert sizes == {"train": 48, "val": 6, "test": 6}
+    # a different data set's own classes: alphabetical after none of the FER names
+    root2 = tmp_path / "animals"
+    _write_tree(str(root2), [("zebra/a%d.png" % i, "happy") for i in range(5)]
+                + [("cat/b%d.png" % i, "angry") for i in range(5)])
+    assert load_dataset(str(root2), cache_dir=cache).class_names == ["cat", "zebra"]
+
+
+def test_images_resized_to_48(tmp_path, cache):
+    root = tmp_path / "big"
+    os.makedirs(root / "happy")
+    Image.fromarray(np.full((96, 80), 200, np.uint8)).convert("RGB").save(root / "happy" / "x.jpg")
+    Image.fromarray(np.full((30, 30), 200, np.uint8)).save(root / "happy" / "y.png")
+    ds = load_dataset(str(root), cache_dir=cache, val_fraction=0, test_fraction=0)
+    assert ds.splits["train"][0].shape == (2, 48, 48)
+
+
+def test_cache_invalidated_when_source_changes(tmp_path, cache):
+    path = str(tmp_path / "fer.csv")
+    _csv(path, "emotion,pixels,Usage", [_row(3, 35, "Training")])
+    assert not load_dataset(path, cache_dir=cache).from_cache
+    assert load_dataset(path, cache_dir=cache).from_cache
+    _csv(path, "emotion,pixels,Usage", [_row(3, 35, "Training"), _row(4, 45, "Training")])
+    os.utime(path, ns=(1, 10 ** 18))
+    ds = load_dataset(path, cache_dir=cache)
+    assert not ds.from_cache and ds.splits["train"][1].tolist() == [3, 4]
