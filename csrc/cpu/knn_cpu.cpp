@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_utils.h"
@@ -60,21 +61,70 @@ inline void insert_sorted(acc_t* kd, int64_t* ki, int64_t& cnt, int64_t k, acc_t
   if (cnt < k) ++cnt;
 }
 
-// Offers the distances row[0..nj) of gallery rows g0.. (ascending) to one list.
+// Distance of query i to gallery row j from s = q_i . g_j, exactly as the reference
+// computes it: (||q||^2 - 2 s) + ||g||^2, clamped at 0 (NaN stays NaN).
 template <typename acc_t>
-inline void scan_row(const acc_t* row, int64_t nj, int64_t g0, acc_t* kd, int64_t* ki, int64_t& cnt,
-                     int64_t k) {
+inline acc_t knn_dist(acc_t qi, acc_t s, acc_t gj) {
+  const acc_t d = (qi - acc_t(2) * s) + gj;
+  return d < acc_t(0) ? acc_t(0) : d;
+}
+
+#if DNNRL_X86_SIMD
+// AVX2 scan of columns [c, nj) once the list is full with a non-NaN worst entry:
+// eight distances at a time, and only lanes below the current worst are inserted.
+// Returns the first column left for the portable loop.
+__attribute__((target("avx2"))) int64_t scan_row_avx2(const float* srow, const float* gn, int64_t c, int64_t nj,
+                                                       float qi, int64_t g0, float* kd, int64_t* ki,
+                                                       int64_t& cnt, int64_t k) {
+  const __m256 two = _mm256_set1_ps(2.f), vqi = _mm256_set1_ps(qi), zero = _mm256_setzero_ps();
+  float worst = kd[k - 1];
+  __m256 vw = _mm256_set1_ps(worst);
+  alignas(32) float t[8];
+  for (; c + 8 <= nj; c += 8) {
+    __m256 d = _mm256_add_ps(_mm256_sub_ps(vqi, _mm256_mul_ps(two, _mm256_loadu_ps(srow + c))),
+                             _mm256_loadu_ps(gn + c));
+    d = _mm256_max_ps(zero, d);  // max(0, NaN) returns its second operand: NaN stays NaN
+    int m = _mm256_movemask_ps(_mm256_cmp_ps(d, vw, _CMP_LT_OQ));
+    if (m == 0) continue;
+    _mm256_store_ps(t, d);
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      if (t[b] < worst) {
+        insert_sorted(kd, ki, cnt, k, t[b], g0 + c + b);
+        worst = kd[k - 1];
+      }
+    }
+    vw = _mm256_set1_ps(worst);
+  }
+  return c;
+}
+#endif
+
+// Offers gallery rows g0 .. g0+nj-1 (ascending; s = their dot products with the
+// query) to the query's sorted list.
+template <typename acc_t>
+inline void scan_row(const acc_t* srow, const acc_t* gn, int64_t nj, acc_t qi, int64_t g0, acc_t* kd,
+                     int64_t* ki, int64_t& cnt, int64_t k) {
   int64_t c = 0;
   // Until the list is full of non-NaN values every candidate needs the full key.
   for (; c < nj && (cnt < k || kd[k - 1] != kd[k - 1]); ++c) {
-    if (cnt < k || key_less(row[c], g0 + c, kd[k - 1], ki[k - 1])) insert_sorted(kd, ki, cnt, k, row[c], g0 + c);
+    const acc_t d = knn_dist(qi, srow[c], gn[c]);
+    if (cnt < k || key_less(d, g0 + c, kd[k - 1], ki[k - 1])) insert_sorted(kd, ki, cnt, k, d, g0 + c);
   }
-  // Then only a strictly smaller distance can enter (equal ones have a larger index;
+  if (c == nj) return;
+#if DNNRL_X86_SIMD
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu::cpu_has_avx2()) c = scan_row_avx2(srow, gn, c, nj, qi, g0, kd, ki, cnt, k);
+  }
+#endif
+  // Then only a strictly smaller distance can enter (an equal one has a larger index;
   // NaN compares false).
   acc_t worst = kd[k - 1];
   for (; c < nj; ++c) {
-    if (row[c] < worst) {
-      insert_sorted(kd, ki, cnt, k, row[c], g0 + c);
+    const acc_t d = knn_dist(qi, srow[c], gn[c]);
+    if (d < worst) {
+      insert_sorted(kd, ki, cnt, k, d, g0 + c);
       worst = kd[k - 1];
     }
   }
@@ -125,16 +175,10 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
           const int64_t j0 = gb * kGalleryBlock, nj = std::min(kGalleryBlock, N - j0);
           Tensor out = at::from_blob(tile.data(), {ni, nj}, q.options());
           at::mm_out(out, qblk, g.narrow(0, j0, nj).t());
-          const acc_t* gnj = gn.data() + j0;
           for (int64_t r = 0; r < ni; ++r) {
-            acc_t* row = tile.data() + r * nj;
-            const acc_t qi = qn[i0 + r];
-            for (int64_t c = 0; c < nj; ++c) {
-              const acc_t d = (qi - acc_t(2) * row[c]) + gnj[c];
-              row[c] = d < acc_t(0) ? acc_t(0) : d;  // NaN stays NaN
-            }
             const int64_t li = s * Q + i0 + r;
-            scan_row(row, nj, j0, list_d + li * k, list_i + li * k, seg_cnt[li], k);
+            scan_row(tile.data() + r * nj, gn.data() + j0, nj, qn[i0 + r], j0, list_d + li * k,
+                     list_i + li * k, seg_cnt[li], k);
           }
         }
       }
