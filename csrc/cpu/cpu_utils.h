@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -33,6 +34,17 @@ inline bool cpu_has_avx2() {
 #else
   return false;
 #endif
+}
+
+// Work (in multiply-adds) below which a loop stays on the calling thread. Forking an
+// OpenMP region costs microseconds on an idle machine but a whole scheduler slice
+// (milliseconds) when another process holds the second core, so small problems
+// (e.g. a 128-row batch) must not pay for it.
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+// Grain (items per chunk) for at::parallel_for over items of `cost` multiply-adds.
+inline int64_t grain_for(int64_t cost) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, cost));
 }
 
 // A (rows, dim) floating CPU tensor.

@@ -34,7 +34,7 @@ namespace {
 using at::Tensor;
 
 // Query rows and gallery rows per tile, and gallery rows per segment (work item).
-constexpr int64_t kQueryBlock = 256;
+constexpr int64_t kQueryBlock = 512;
 constexpr int64_t kGalleryBlock = 1024;
 
 // Ranking key: non-NaN before NaN, then smaller distance, then smaller index.
@@ -138,10 +138,10 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
   const acc_t* qp = q.data_ptr<acc_t>();
   const acc_t* gp = g.data_ptr<acc_t>();
   std::vector<acc_t> qn(Q), gn(N);
-  at::parallel_for(0, Q, 256, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, Q, cpu::grain_for(D), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) qn[i] = cpu::sq_norm(qp + i * D, D);
   });
-  at::parallel_for(0, N, 256, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, N, cpu::grain_for(D), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) gn[i] = cpu::sq_norm(gp + i * D, D);
   });
 
@@ -161,7 +161,8 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
   acc_t* list_d = nseg > 1 ? seg_d.data() : out_d;
   int64_t* list_i = nseg > 1 ? seg_i.data() : out_i;
 
-  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems));
+  const bool small = Q * N * D < 64 * cpu::kParallelWork;  // stay on this thread
+  const int64_t nworkers = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<acc_t> tile(kQueryBlock * kGalleryBlock);
@@ -187,7 +188,7 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
 
   if (nseg == 1) return;
   // Merge the segments of every query (segment order = gallery order).
-  at::parallel_for(0, Q, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, Q, cpu::grain_for(k * nseg * k), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       acc_t* kd = out_d + i * k;
       int64_t* ki = out_i + i * k;
@@ -286,7 +287,7 @@ std::tuple<Tensor, Tensor> knn_vote_forward_kernel(const Tensor& query, const Te
   const int64_t* ip = idx.data_ptr<int64_t>();
   int64_t* pp = pred.data_ptr<int64_t>();
   int64_t* vp = votes.data_ptr<int64_t>();
-  at::parallel_for(0, Q, 256, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, Q, cpu::grain_for(k + num_classes), [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> first(num_classes);
     for (int64_t i = b0; i < b1; ++i) vote_row(ip + i * k, lp, k, num_classes, vp + i * num_classes, pp + i, first);
   });

@@ -95,8 +95,7 @@ constexpr int kLanes = 16;
 // Rows per distance tile: large enough for an efficient sgemm, small enough that the
 // tile stays in L2 and that there are several tile pairs to share between threads.
 int64_t tile_rows(int64_t B) {
-  if (B >= 1024) return 256;
-  if (B >= 256) return 128;
+  if (B >= 256) return 128;  // measured: 128 ~ 192 < 256 < 512 rows (D = 512, one thread)
   return std::max<int64_t>(16, ((B + 1) / 2 + 7) / 8 * 8);
 }
 
@@ -306,7 +305,10 @@ std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, con
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t bi = 0; bi < nb; ++bi)
     for (int64_t bj = bi; bj < nb; ++bj) pairs.emplace_back(bi, bj);
-  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs.size()));
+  // One worker for small batches (a 128-row batch is ~0.1 ms of BLAS).
+  const bool small = B * B * xf.size(1) / 2 < 64 * cpu::kParallelWork;
+  const int64_t nworkers =
+      small ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs.size()));
   std::vector<AnchorBest<acc_t>> best;
   best.reserve(nworkers);
   for (int64_t w = 0; w < nworkers; ++w) best.emplace_back(B);
@@ -380,7 +382,7 @@ void mine_tiled(const Tensor& xf, const acc_t* sq, const int32_t* lab, int64_t m
 template <typename acc_t>
 void mine_exact(const acc_t* x, int64_t B, int64_t D, const int32_t* lab, int64_t mining,
                 acc_t gamma, int64_t* pos, int64_t* neg) {
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, cpu::grain_for(B * D), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> d(B);
     for (int64_t i = b0; i < b1; ++i) {
       const acc_t* xi = x + i * D;
@@ -459,7 +461,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_loss_forward_kernel_i
 
   const std::vector<int32_t> lab = dense_label_ids(lab64.data_ptr<int64_t>(), B);
   std::vector<acc_t> sq(B);
-  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, cpu::grain_for(2 * D), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) sq[i] = cpu::sq_norm(xp + i * D, D);
   });
   // The expansion ||a||^2 + ||b||^2 - 2 a.b is finite and meaningful only for finite
@@ -477,7 +479,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_loss_forward_kernel_i
   std::vector<acc_t> per(B);
   acc_t* rp = r.data_ptr<acc_t>();
   bool* vp = valid.data_ptr<bool>();
-  at::parallel_for(0, B, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, cpu::grain_for(2 * D), [&](int64_t b0, int64_t b1) {
     for (int64_t i = b0; i < b1; ++i) {
       const bool ok = pp[i] >= 0 && np[i] >= 0;
       vp[i] = ok;
@@ -531,7 +533,7 @@ std::tuple<Tensor, Tensor> triplet_loss_indexed_forward_kernel_impl(
   Tensor r = at::empty({T}, at::TensorOptions().dtype(acc));
   acc_t* rp = r.data_ptr<acc_t>();
   std::vector<acc_t> per(T);
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, T, cpu::grain_for(2 * D), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const acc_t* xa = xp + a[t] * D;
       rp[t] = exact_sq_dist(xa, xp + n[t] * D, D) - exact_sq_dist(xa, xp + p[t] * D, D);
@@ -618,7 +620,7 @@ Tensor triplet_loss_backward_kernel_impl(const Tensor& grad_loss, const Tensor& 
 
   Tensor grad = at::empty({B, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   scalar_t* out = grad.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, cpu::grain_for(3 * D), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> accum(D);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(accum.begin(), accum.end(), acc_t(0));
