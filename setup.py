@@ -62,10 +62,20 @@ def _want_cuda():
 
 
 def _nvidia_wheel_includes():
-    """torch's CUDA headers include cuSPARSE/cuBLAS headers that ship in the nvidia wheels."""
-    purelib = sysconfig.get_paths()["purelib"]
-    return sorted(glob.glob(os.path.join(purelib, "nvidia", "*", "include"))) + sorted(
-        glob.glob(os.path.join(purelib, "nvidia", "*", "*", "include")))
+    """torch's CUDA headers include cuSPARSE/cuBLAS headers that ship in the nvidia wheels
+    (wherever they are installed: this environment, or a base one a venv sees)."""
+    roots = set()
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels that come with torch
+        roots.update(nvidia.__path__)
+    except ImportError:
+        pass
+    roots.add(os.path.join(sysconfig.get_paths()["purelib"], "nvidia"))
+    found = []
+    for root in sorted(roots):
+        found += sorted(glob.glob(os.path.join(root, "*", "include")))
+        found += sorted(glob.glob(os.path.join(root, "*", "*", "include")))
+    return found
 
 
 def make_extension():
