@@ -26,7 +26,7 @@ class Config:
     sampler: str = "pk"               # "random" (the paper) or "pk" (class-balanced P x K)
     mining: str = "semi_hard"         # "batch_hard" or "semi_hard"
     alpha: float = 0.2
-    gamma: float = -0.5               # exp loss margin; the paper's 0 learns nothing with mining
+    gamma: float = 0.0                # exp loss margin (the paper's 0; with semi_hard mining it learns)
     margin: float = 0.2               # hinge margin (tdnn)
     reduction: str = "sum"            # triplet loss over the batch: "sum" (the paper's Eq. 1) or "mean"
     # optimisation and protocol (SPEC section 6)
@@ -46,7 +46,7 @@ class Config:
     # data options
     skip_bad: bool = False
     cache_dir: Optional[str] = None
-    synthetic_train_per_class: int = 600
+    synthetic_train_per_class: int = 1000
     synthetic_val_per_class: int = 100
     synthetic_test_per_class: int = 200
     # machinery
@@ -83,7 +83,7 @@ PRESETS = {
     # the paper's network and protocol
     "paper": {},
     # reduced scale for a CPU: the synthetic demo finishes in a few minutes on 2 cores
-    "cpu": {"image_size": 48, "width": 0.25, "max_epochs": 12, "patience": 4,
+    "cpu": {"image_size": 48, "width": 0.25, "lr": 0.001, "max_epochs": 15, "patience": 5,
             "monitor_gallery": 1000},
 }
 

@@ -1,0 +1,115 @@
+"""dnnrl.train / cli: end-to-end tiny runs, resume equivalence, CLI help."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dnnrl.cli import main as cli_main
+from dnnrl.config import resolve
+from dnnrl.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(image_size=32, width=0.125, batch_size=28, max_epochs=2, patience=5,
+            synthetic_train_per_class=12, synthetic_val_per_class=4, synthetic_test_per_class=4,
+            monitor_gallery=40, k_max=5, progress=False, eval_batch_size=64)
+
+
+def _cfg(out, **kw):
+    return resolve(dict(TINY, out=str(out), **kw))
+
+
+@pytest.mark.parametrize("method", ["dnnrl", "tdnn", "dnn"])
+def test_tiny_run_writes_results(tmp_path, method):
+    res = train(_cfg(tmp_path / method, method=method))
+    run = tmp_path / method
+    for f in ("results.json", "config.json", "log.jsonl", "checkpoint.pt", "best.pt", "report.md",
+              "confusion_test.png", "confusion_test.json", "confusion_val.json"):
+        assert (run / f).exists(), f
+    saved = json.load(open(run / "results.json"))
+    assert set(("val_accuracy", "test_accuracy", "k")) <= set(saved)
+    assert 0 <= saved["val_accuracy"] <= 1 and 0 <= saved["test_accuracy"] <= 1
+    assert (saved["k"] is None) == (method == "dnn")
+    assert json.load(open(run / "config.json"))["method"] == method
+    lines = [json.loads(x) for x in open(run / "log.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert res["val_accuracy"] == saved["val_accuracy"]
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    full = train(_cfg(tmp_path / "full", max_epochs=3, method="dnnrl"))
+    cfg = _cfg(tmp_path / "cut", max_epochs=3, method="dnnrl")
+    assert train(cfg, stop_after=1) is None            # "interrupted" after epoch 1
+    assert not (tmp_path / "cut" / "results.json").exists()
+    resumed = train(_cfg(tmp_path / "cut", max_epochs=3, method="dnnrl"), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
+    assert full["val_accuracy"] == resumed["val_accuracy"] and full["k"] == resumed["k"]
+    assert len(open(tmp_path / "cut" / "log.jsonl").readlines()) == 3
+
+
+def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
+    """A validation loss > 10 % above the best divides the lr by 10 and reloads the best."""
+    from dnnrl import train as train_mod
+    losses = iter([1.0, 1.2, 0.9, 0.95, 2.0, 2.0, 2.0])
+    orig = train_mod.Trainer.validate
+
+    def fake_validate(self):
+        out = orig(self)
+        out["val_loss"] = next(losses)
+        return out
+    monkeypatch.setattr(train_mod.Trainer, "validate", fake_validate)
+    train(_cfg(tmp_path / "p", max_epochs=7, patience=3, lr=0.01, lr_min=0.0005))
+    hist = [json.loads(x) for x in open(tmp_path / "p" / "log.jsonl")]
+    assert [r["lr"] for r in hist] == [0.01, 0.01, 0.001, 0.001, 0.001, 0.0005]
+    assert [r["event"] for r in hist] == ["best", "lr_drop_reload_best", "best", None,
+                                          "lr_drop_reload_best", "lr_drop_reload_best"]
+    assert len(hist) == 6  # 3 epochs without a new best after epoch 3 -> stop
+
+
+def test_cli_help_each_command():
+    for cmd in (["--help"], ["train", "--help"], ["eval", "--help"], ["embed", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "dnnrl"] + cmd, capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                 [os.path.join(ROOT, "python"), ROOT, os.environ.get("PYTHONPATH", "")])))
+        assert out.returncode == 0, out.stderr
+        assert "usage: dnnrl" in out.stdout
+    assert "--data" in out.stdout
+
+
+def test_cli_train_eval_embed_on_csv(tmp_path, capsys):
+    # a small CSV in the challenge format, drawn from the synthetic generator
+    from dnnrl.synthetic import make_synthetic
+    ds = make_synthetic(10, 4, 4, seed=3)
+    path = tmp_path / "fer.csv"
+    usage = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+    with open(path, "w") as fh:
+        fh.write("emotion, pixels, Usage\n")
+        for s, (x, y) in ds.splits.items():
+            for img, lab in zip(x, y):
+                fh.write('%d,"%s",%s\n' % (lab, " ".join(map(str, img.ravel())), usage[s]))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(path), "--out", str(run), "--preset", "cpu", "--image-size", "32",
+            "--width", "0.125", "--batch-size", "28", "--max-epochs", "1", "--no-progress",
+            "--cache-dir", str(tmp_path / "cache"), "--monitor-gallery", "20", "--k-max", "5"]
+    assert cli_main(args) == 0
+    res = json.load(open(run / "results.json"))
+    assert res["test_accuracy"] is not None and res["k"] >= 1
+    assert cli_main(["eval", str(run), "--data", str(path), "--out", str(tmp_path / "ev"),
+                     "--cache-dir", str(tmp_path / "cache"), "--k-max", "5"]) == 0
+    ev = json.load(open(tmp_path / "ev" / "results.json"))
+    assert ev["val_accuracy"] == res["val_accuracy"] and ev["k"] == res["k"]
+    assert (tmp_path / "ev" / "confusion_test.png").exists()
+    out = tmp_path / "emb.npz"
+    assert cli_main(["embed", str(run / "best.pt"), "--data", str(path), "--out", str(out),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    z = np.load(out)
+    assert z["train_embeddings"].shape == (70, 512) and z["test_labels"].shape == (28,)
+    np.testing.assert_allclose(np.linalg.norm(z["val_embeddings"], axis=1), 1, rtol=1e-4)
