@@ -40,7 +40,37 @@ inline bool cpu_has_avx2() {
 // OpenMP region costs microseconds on an idle machine but a whole scheduler slice
 // (milliseconds) when another process holds the second core, so small problems
 // (e.g. a 128-row batch) must not pay for it.
-constexpr int64_t kParallelWork = int64_t(1) << 18;
+constexpr int64_t kParallelWork = int64_t(1) << 20;
+// Work below which the BLAS tile loops run on one worker (a 128 x 512 batch).
+constexpr int64_t kParallelTileWork = int64_t(1) << 24;
+
+// MKL's per-thread thread count (the C entry point; the lower-case symbol is the
+// Fortran one, taking a pointer), when the BLAS behind torch is MKL (declared weak:
+// absent with OpenBLAS and friends, then the guard below does nothing).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// Keeps BLAS calls on the calling thread while alive. Used where the kernel runs a
+// small problem on one thread: otherwise MKL would fork its own OpenMP team for each
+// tiny product, with the same scheduler-slice cost as above. (Inside at::parallel_for
+// MKL already runs single-threaded.)
+class SingleThreadBlas {
+ public:
+  explicit SingleThreadBlas(bool enable) {
+    if (enable && MKL_Set_Num_Threads_Local != nullptr) {
+      previous_ = MKL_Set_Num_Threads_Local(1);
+      active_ = true;
+    }
+  }
+  ~SingleThreadBlas() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadBlas(const SingleThreadBlas&) = delete;
+  SingleThreadBlas& operator=(const SingleThreadBlas&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool active_ = false;
+};
 
 // Grain (items per chunk) for at::parallel_for over items of `cost` multiply-adds.
 inline int64_t grain_for(int64_t cost) {

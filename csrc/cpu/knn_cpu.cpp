@@ -161,9 +161,10 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
   acc_t* list_d = nseg > 1 ? seg_d.data() : out_d;
   int64_t* list_i = nseg > 1 ? seg_i.data() : out_i;
 
-  const bool small = Q * N * D < 64 * cpu::kParallelWork;  // stay on this thread
+  const bool small = Q * N * D < cpu::kParallelTileWork;  // stay on this thread
   const int64_t nworkers = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems));
   std::atomic<int64_t> next{0};
+  cpu::SingleThreadBlas single_thread_blas(nworkers == 1);
   at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<acc_t> tile(kQueryBlock * kGalleryBlock);
     for (int64_t w = w0; w < w1; ++w) {

@@ -306,13 +306,14 @@ std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, con
   for (int64_t bi = 0; bi < nb; ++bi)
     for (int64_t bj = bi; bj < nb; ++bj) pairs.emplace_back(bi, bj);
   // One worker for small batches (a 128-row batch is ~0.1 ms of BLAS).
-  const bool small = B * B * xf.size(1) / 2 < 64 * cpu::kParallelWork;
+  const bool small = B * B * xf.size(1) / 2 < cpu::kParallelTileWork;
   const int64_t nworkers =
       small ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pairs.size()));
   std::vector<AnchorBest<acc_t>> best;
   best.reserve(nworkers);
   for (int64_t w = 0; w < nworkers; ++w) best.emplace_back(B);
   std::atomic<size_t> next{0};
+  cpu::SingleThreadBlas single_thread_blas(nworkers == 1);
   at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<acc_t> buf(T * T);
     ColumnBest<acc_t> col(T);
