@@ -109,19 +109,27 @@ def _device_name(device: torch.device) -> str:
 
 
 def fit_pca(x: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
-    """PCA of (N, D) rows: (mean (D,), components (D, dim)) float32, by an exact SVD of the
-    centred data (D <= 512, so this is cheap); components ordered by variance, signs
-    fixed so each column's largest entry is positive (deterministic)."""
+    """PCA of (N, D) rows: (mean (D,), components (D, dim)) float32, ordered by variance,
+    signs fixed so each column's largest entry is positive (deterministic).
+
+    N > D: eigenvectors of the D x D covariance (one pass over the data); N <= D: an SVD
+    of the centred rows (LAPACK's eigh is slow on a rank-deficient covariance).
+    """
     x = x.float()
     mean = x.mean(0)
     xc = x - mean
-    # eigen-decomposition of the D x D covariance: one pass, exact, small
-    cov = (xc.T @ xc).double() / max(1, x.shape[0] - 1)
-    evals, evecs = torch.linalg.eigh(cov)
-    comps = evecs[:, torch.argsort(evals, descending=True)[:dim]]
+    dim = min(int(dim), x.shape[1])
+    if x.shape[0] > x.shape[1]:
+        evals, evecs = torch.linalg.eigh((xc.T @ xc).double())
+        comps = evecs[:, torch.argsort(evals, descending=True)[:dim]].float()
+    else:
+        _, _, vh = torch.linalg.svd(xc.double(), full_matrices=False)
+        comps = vh.T[:, :dim].float()
+        if comps.shape[1] < dim:  # fewer rows than dims: pad with zero directions
+            comps = torch.cat([comps, comps.new_zeros(x.shape[1], dim - comps.shape[1])], 1)
     sign = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
     comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return mean.cpu(), comps.float().cpu()
+    return mean.cpu(), comps.cpu()
 
 
 def _subsample(labels: np.ndarray, per_class: Optional[int], seed: int) -> np.ndarray:
@@ -201,7 +209,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
                  gallery_per_class: Optional[int] = None, half: bool = True,
                  device: Union[str, torch.device] = "auto", batch_size: int = 512, seed: int = 0,
                  sweep_dims: Sequence[int] = (), meta: Optional[dict] = None,
-                 cache_dir: Optional[str] = None) -> Tuple[dict, dict]:
+                 cache_dir: Optional[str] = None, backend: str = "auto") -> Tuple[dict, dict]:
     """Make a bundle in memory from a trained checkpoint and its data.
 
     Args:
@@ -213,10 +221,12 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
         half: store weights and gallery in float16 (the shipped format).
         sweep_dims: also measure val accuracy of these PCA dims (facts["pca_sweep"]).
         meta: extra facts stored in bundle["meta"] (e.g. the training command).
+        backend: dnnrl_ext backend ("auto": the compiled kernels, else the reference
+            with a warning; "reference").
     Returns:
         (bundle dict, facts dict of measured numbers).
     """
-    from .runtime import embed, pick_device
+    from .runtime import embed, pick_device, resolve_backend
     from .train import augment_config
     t0 = time.time()
     ck_path, cfg, class_names, state = load_checkpoint(checkpoint)
@@ -227,6 +237,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
         raise BundleError("the data's classes %s differ from the model's %s" % (data_names, class_names))
     C = len(class_names)
     dev = pick_device(str(device))
+    backend = resolve_backend(backend, dev)
     model = model_from_state(cfg, C, state, dev)
     aug = augment_config(cfg)
     amp = cfg.amp if dev.type == "cuda" else "off"
@@ -249,7 +260,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
         xv, yv = splits["val"]
         val = emb(np.asarray(xv))
         yval = torch.as_tensor(np.asarray(yv)).long()
-        clf = KNNClassifier(num_classes=C).fit(gal32, ygal)
+        clf = KNNClassifier(num_classes=C, backend=backend).fit(gal32, ygal)
         facts["k_float32"], facts["val_accuracy_float32"] = _val_accuracy(clf, val, yval, k_max)
         facts["val_size"] = int(yval.shape[0])
     mean = comps = None
@@ -259,7 +270,8 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
         stored = (gal32 - mean) @ comps
     dtype = torch.float16 if half else torch.float32
     stored = stored.to(dtype)
-    final = ProjectedKNNClassifier(num_classes=C, mean=mean, components=comps).fit(stored.float(), ygal)
+    final = ProjectedKNNClassifier(num_classes=C, backend=backend, mean=mean, components=comps)
+    final.fit(stored.float(), ygal)
     if has_val:
         facts["k"], facts["val_accuracy"] = _val_accuracy(final, val, yval, k_max)
         facts["val_accuracy_per_k"] = final.val_accuracy_per_k
@@ -268,7 +280,8 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
             big_mean, big = fit_pca(gal32, min(max(sweep_dims), gal32.shape[1]))
             for d in sorted(set(int(d) for d in sweep_dims if d <= gal32.shape[1])):
                 g = ((gal32 - big_mean) @ big[:, :d]).to(dtype).float()
-                c = ProjectedKNNClassifier(num_classes=C, mean=big_mean, components=big[:, :d]).fit(g, ygal)
+                c = ProjectedKNNClassifier(num_classes=C, backend=backend, mean=big_mean,
+                                           components=big[:, :d]).fit(g, ygal)
                 k_d, acc_d = _val_accuracy(c, val, yval, k_max)
                 sweep[d] = {"k": k_d, "val_accuracy": acc_d,
                             "gallery_mb": g.shape[0] * d * (2 if half else 4) / 2 ** 20}
@@ -339,7 +352,7 @@ def save_bundle(bundle: dict, path: str) -> int:
 def export_bundle(checkpoint: str, data, out_path: str, k_max: int = 50, gallery_dim: Optional[int] = None,
                   gallery_per_class: Optional[int] = None, device: Union[str, torch.device] = "auto",
                   batch_size: int = 512, seed: int = 0, sweep_dims: Sequence[int] = (),
-                  meta: Optional[dict] = None, cache_dir: Optional[str] = None) -> dict:
+                  meta: Optional[dict] = None, cache_dir: Optional[str] = None, backend: str = "auto") -> dict:
     """Build a float16 bundle (see the module docstring) and write it to ``out_path``.
 
     Returns the measured facts: k, val_accuracy (stored gallery), val_accuracy_float32 /
@@ -349,7 +362,7 @@ def export_bundle(checkpoint: str, data, out_path: str, k_max: int = 50, gallery
     bundle, facts = build_bundle(checkpoint, data, k_max=k_max, gallery_dim=gallery_dim,
                                  gallery_per_class=gallery_per_class, half=True, device=device,
                                  batch_size=batch_size, seed=seed, sweep_dims=sweep_dims, meta=meta,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, backend=backend)
     size = save_bundle(bundle, out_path)
     facts.update({"out": out_path, "file_bytes": size, "file_mb": size / 2 ** 20,
                   "under_ship_limit": size / 2 ** 20 < SHIP_LIMIT_MB})
@@ -361,13 +374,17 @@ def export_bundle(checkpoint: str, data, out_path: str, k_max: int = 50, gallery
 
 # --------------------------------------------------------------------------- load
 def bundle_from_dict(bundle: dict, device: Union[str, torch.device] = "cpu", backend: str = "auto"):
-    """(model, ProjectedKNNClassifier, class_names, Config, meta) of an in-memory bundle."""
+    """(model, ProjectedKNNClassifier, class_names, Config, meta) of an in-memory bundle;
+    ``backend`` "auto" falls back to the reference ops (with a warning) where the
+    compiled kernels are unavailable."""
+    from .runtime import resolve_backend
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         got = bundle.get("format") if isinstance(bundle, dict) else type(bundle).__name__
         raise BundleError("not a dnnrl bundle (format %r, expected %r)" % (got, FORMAT))
     cfg = Config.from_dict(bundle["config"])
     names = list(bundle["class_names"])
     device = torch.device(device)
+    backend = resolve_backend(backend, device)
     model = model_from_state(cfg, len(names), bundle["model"], device)
     proj = bundle.get("projection")
     clf = ProjectedKNNClassifier(k=int(bundle["k"]), num_classes=len(names), backend=backend,

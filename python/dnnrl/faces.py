@@ -208,6 +208,7 @@ class DetectorConfig:
     min_rel_size: float = 0.0          # also >= this fraction of the image's shorter side
     equalize: bool = True              # histogram-equalise the detection image
     cascade: Optional[str] = None      # another cascade XML (default: frontal face)
+    nested_overlap: float = 0.5        # drop a box this much inside a larger one (1.0: keep all)
 
 
 def detect_faces(gray: np.ndarray, cfg: Optional[DetectorConfig] = None) -> np.ndarray:
@@ -235,7 +236,25 @@ def detect_faces(gray: np.ndarray, cfg: Optional[DetectorConfig] = None) -> np.n
     boxes = np.round(boxes).astype(np.int64)
     boxes[:, 2:] = np.maximum(boxes[:, 2:], 1)
     order = np.argsort(-(boxes[:, 2] * boxes[:, 3]), kind="stable")
-    return boxes[order]
+    return _drop_nested(boxes[order], cfg.nested_overlap)
+
+
+def _drop_nested(boxes: np.ndarray, overlap: float) -> np.ndarray:
+    """Drop every box (sorted largest first) with more than ``overlap`` of its area inside
+    a kept larger box: the cascade sometimes fires on part of a face (an eye, the mouth)
+    as well as on the whole, and faces in photos do not nest."""
+    keep = []
+    for b in boxes:
+        area = float(b[2] * b[3])
+        if all(_inter(b, k) <= overlap * area for k in keep):
+            keep.append(b)
+    return np.array(keep, dtype=np.int64).reshape(-1, 4)
+
+
+def _inter(a, b) -> float:
+    iw = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return float(iw * ih)
 
 
 # --------------------------------------------------------------------------- cropping

@@ -99,7 +99,7 @@ class Predictor:
         del st
         log.info("building the k-NN gallery from %s (embedding the training split; once per run)", data)
         bundle, facts = build_bundle(model, data, k_max=k_max, half=False, device=self.device,
-                                     cache_dir=cache_dir)
+                                     cache_dir=cache_dir, backend=self.backend)
         log.info("gallery: %d rows, k = %s (val accuracy %s)", facts["gallery_rows"], facts["k"],
                  facts.get("val_accuracy"))
         return bundle, model
@@ -112,7 +112,10 @@ class Predictor:
         C = len(self.class_names)
         if len(crops) == 0:
             return np.zeros(0, np.int64), np.zeros((0, C), np.float32)
-        emb = embed(self.model, torch.from_numpy(np.ascontiguousarray(crops)), self.aug, self.device,
+        crops = np.ascontiguousarray(crops)
+        if not crops.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            crops = crops.copy()
+        emb = embed(self.model, torch.from_numpy(crops), self.aug, self.device,
                     amp=self.amp, batch_size=self.batch_size)
         pred, shares = self.classifier.vote(emb)
         return pred.cpu().numpy(), shares.cpu().numpy()
@@ -437,6 +440,8 @@ def add_predict_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--annotate", default=None, metavar="DIR",
                    help="write copies with boxes and labels drawn into DIR (videos as MJPG .avi)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
+                   help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
     p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
     p.add_argument("--margin", type=float, default=F.DEFAULT_MARGIN, help="box growth per side before cropping")
     p.add_argument("--max-side", type=int, default=F.DEFAULT_MAX_SIDE,
@@ -459,9 +464,9 @@ def run_predict(args) -> int:
         return 2
     try:
         pred = Predictor(model, data=args.data, device=args.device, detect=args.detect,
-                         batch_size=args.batch_size, margin=args.margin, k=args.k,
+                         batch_size=args.batch_size, margin=args.margin, k=args.k, backend=args.backend,
                          detector=F.DetectorConfig(max_side=args.max_side, min_neighbors=args.min_neighbors))
-    except (BundleError, F.DetectorUnavailable, FileNotFoundError) as exc:
+    except (BundleError, F.DetectorUnavailable, FileNotFoundError, RuntimeError) as exc:
         print("dnnrl predict: %s" % exc, file=sys.stderr)
         return 2
     ann = _Annotator(args.annotate) if args.annotate else None
@@ -526,6 +531,8 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--sweep-dims", default="", help="also report val accuracy for these PCA dims, e.g. 32,64,128")
     p.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
+                   help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of --gallery-per-class")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $DNNRL_CACHE or ~/.cache/dnnrl)")
@@ -544,7 +551,8 @@ def run_export(args) -> int:
         facts = export_bundle(args.checkpoint, args.data, args.out, k_max=args.k_max,
                               gallery_dim=args.gallery_dim, gallery_per_class=args.gallery_per_class,
                               device=args.device, batch_size=args.batch_size, seed=args.seed, sweep_dims=dims,
-                              meta={"note": args.note} if args.note else None, cache_dir=args.cache_dir)
+                              meta={"note": args.note} if args.note else None, cache_dir=args.cache_dir,
+                              backend=args.backend)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print("dnnrl export: %s" % exc, file=sys.stderr)
         return 2
