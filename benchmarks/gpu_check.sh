@@ -2,6 +2,8 @@
 # One call on a fresh GPU machine: build in place, GPU tests, compute-sanitizer
 # (memcheck + racecheck) over the ops, GPU benchmarks. Logs and JSON go to OUTDIR.
 #   usage: bash benchmarks/gpu_check.sh OUTDIR [--quick]
+# Optional: FER_ARCHIVE=path/to/fer2013.tar.xz [FER_EPOCHS=2 FER_METHOD=dnnrl FER_ARGS=...]
+# adds a short FER-2013 training run (throughput, first epochs) at the end.
 # Each step has its own time limit so that the whole stays within ~8 minutes.
 set -uo pipefail
 OUTDIR=${1:?usage: gpu_check.sh OUTDIR [--quick]}
@@ -10,7 +12,7 @@ mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.."
 exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 t0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 
@@ -49,4 +51,13 @@ echo "racecheck exit $?"; tail -n 8 "$OUTDIR/sanitizer.log"
 step "benchmarks"
 timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_gpu.py $QUICK --out "$OUTDIR/bench_gpu.json"
 echo "bench exit $?"
+if [ -n "${FER_ARCHIVE:-}" ] && [ -f "$FER_ARCHIVE" ]; then
+  step "FER-2013 training check (${FER_EPOCHS:-2} epochs, ${FER_METHOD:-dnnrl})"
+  export DNNRL_CACHE=/tmp/dnnrl-cache
+  timeout ${TRAIN_TIMEOUT:-240} python3 -m dnnrl train --data "$FER_ARCHIVE" --out /tmp/fer-run \
+    --method ${FER_METHOD:-dnnrl} --max-epochs ${FER_EPOCHS:-2} --no-progress ${FER_ARGS:-} > "$OUTDIR/train.log" 2>&1
+  echo "train exit $?"; tail -n 15 "$OUTDIR/train.log"
+  [ -f /tmp/fer-run/results.json ] && cp /tmp/fer-run/results.json "$OUTDIR/fer_results.json"
+  for f in /tmp/fer-run/*.jsonl; do [ -f "$f" ] && cp "$f" "$OUTDIR/fer_log.jsonl"; done
+fi
 step "done"
