@@ -20,5 +20,7 @@ def test_fer2013_subset_learns(tmp_path):
     res = train(cfg)
     saved = json.load(open(tmp_path / "run" / "results.json"))
     assert saved["test_accuracy"] is None  # this copy has no PrivateTest split
-    # chance is 1/7 (14 %); the majority class (happy) is 25 % of the validation set
-    assert res["val_accuracy"] > 0.30, res["val_accuracy"]
+    # chance is 1/7 (14 %); always answering the majority class (happy) scores ~25 %
+    cm = json.load(open(tmp_path / "run" / "confusion_val.json"))["matrix"]
+    majority = max(sum(row) for row in cm) / sum(sum(row) for row in cm)
+    assert res["val_accuracy"] > max(1 / 7 + 0.10, majority + 0.02), (res["val_accuracy"], majority)

@@ -14,7 +14,7 @@ from dnnrl.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(image_size=32, width=0.125, batch_size=28, max_epochs=2, patience=5,
+TINY = dict(preset="cpu", image_size=32, width=0.125, batch_size=28, max_epochs=2, patience=5,
             synthetic_train_per_class=12, synthetic_val_per_class=4, synthetic_test_per_class=4,
             monitor_gallery=40, k_max=5, progress=False, eval_batch_size=64)
 
@@ -66,7 +66,7 @@ def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
         out["val_loss"] = next(losses)
         return out
     monkeypatch.setattr(train_mod.Trainer, "validate", fake_validate)
-    train(_cfg(tmp_path / "p", max_epochs=7, patience=3, lr=0.01, lr_min=0.0005))
+    train(_cfg(tmp_path / "p", max_epochs=7, patience=3, lr=0.01, lr_min=0.0005, select_by="val_loss"))
     hist = [json.loads(x) for x in open(tmp_path / "p" / "log.jsonl")]
     assert [r["lr"] for r in hist] == [0.01, 0.01, 0.001, 0.001, 0.001, 0.0005]
     assert [r["event"] for r in hist] == ["best", "lr_drop_reload_best", "best", None,
@@ -113,3 +113,10 @@ def test_cli_train_eval_embed_on_csv(tmp_path, capsys):
     z = np.load(out)
     assert z["train_embeddings"].shape == (70, 512) and z["test_labels"].shape == (28,)
     np.testing.assert_allclose(np.linalg.norm(z["val_embeddings"], axis=1), 1, rtol=1e-4)
+
+
+def test_select_by_val_knn_uses_the_monitor(tmp_path):
+    train(_cfg(tmp_path / "k", select_by="val_knn", max_epochs=2))
+    hist = [json.loads(x) for x in open(tmp_path / "k" / "log.jsonl")]
+    for r in hist:
+        assert r["protocol_metric"] == pytest.approx(1 - r["val_knn_accuracy"])

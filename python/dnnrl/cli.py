@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mining", default=None, choices=["batch_hard", "semi_hard"], help="(%s)" % d.mining)
     g.add_argument("--alpha", type=float, default=None, help="exp loss slope (%g)" % d.alpha)
     g.add_argument("--gamma", type=float, default=None,
-                   help="exp loss margin (%g; the paper's 0 learns nothing with in-batch mining)" % d.gamma)
+                   help="exp loss margin (%g, the paper's; with batch_hard mining 0 learns nothing)" % d.gamma)
     g.add_argument("--margin", type=float, default=None, help="hinge margin for tdnn (%g)" % d.margin)
     g.add_argument("--reduction", default=None, choices=["sum", "mean"],
                    help="triplet loss over a batch (%s: the paper's Eq. 1)" % d.reduction)
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-min", type=float, default=None, help="lr floor (%g)" % d.lr_min)
     g.add_argument("--momentum", type=float, default=None, help="(%g)" % d.momentum)
     g.add_argument("--weight-decay", type=float, default=None, help="(%g)" % d.weight_decay)
+    g.add_argument("--select-by", default=None, choices=["val_loss", "val_knn"],
+                   help="metric of the protocol (best weights, lr drops, stopping): the validation loss "
+                        "(the paper) or the val k-NN error of the monitor (preset: cpu uses val_knn)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop after this many epochs without a new best val loss (preset; paper 20)")
     g.add_argument("--max-epochs", type=int, default=None, help="epoch cap (preset; paper %d)" % d.max_epochs)
@@ -136,7 +139,7 @@ def _train(args) -> int:
     from .train import train
     keys = ["method", "data", "preset", "image_size", "width", "embed_dim", "dropout", "flip", "batch_size",
             "sampler", "mining", "alpha", "gamma", "margin", "reduction", "lr", "lr_min", "momentum",
-            "weight_decay", "patience", "max_epochs", "epoch_batches", "train_subset", "val_subset", "k_max",
+            "weight_decay", "select_by", "patience", "max_epochs", "epoch_batches", "train_subset", "val_subset", "k_max",
             "monitor_gallery", "skip_bad", "cache_dir", "seed", "device", "backend", "amp", "channels_last",
             "compile", "log_every", "progress", "eval_batch_size"]
     over = {k: getattr(args, k) for k in keys}

@@ -34,6 +34,7 @@ class Config:
     lr_min: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    select_by: str = "val_loss"       # protocol metric: "val_loss" (the paper) or "val_knn" (k-NN error)
     rise_threshold: float = 0.10      # val loss > (1 + this) * best -> lr / 10, reload best
     patience: int = 20                # stop after this many epochs without a new best
     max_epochs: int = 200
@@ -84,6 +85,7 @@ PRESETS = {
     "paper": {},
     # reduced scale for a CPU: the synthetic demo finishes in a few minutes on 2 cores
     "cpu": {"image_size": 48, "width": 0.25, "lr": 0.001, "max_epochs": 15, "patience": 5,
+            "select_by": "val_knn",
             "monitor_gallery": 1000},
 }
 

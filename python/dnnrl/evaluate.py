@@ -144,8 +144,10 @@ def write_report(results: Dict[str, object], path: str) -> None:
             break
     if results.get("training"):
         tr = results["training"]
-        lines += ["", "Training: %s epochs, best epoch %s (val loss %.4g), %.0f s, %.0f images/s"
-                  % (tr.get("epochs"), tr.get("best_epoch"), tr.get("best_val_loss") or float("nan"),
+        lines += ["", "Training: %s epochs, best epoch %s (%s %.4g), %.0f s, %.0f images/s"
+                  % (tr.get("epochs"), tr.get("best_epoch"),
+                     "val k-NN error" if tr.get("select_by") == "val_knn" else "val loss",
+                     tr.get("best_metric") if tr.get("best_metric") is not None else float("nan"),
                      tr.get("seconds", 0), tr.get("images_per_s", 0))]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -317,6 +317,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _metric(self, rec: dict) -> float:
+        """The number the protocol minimises: the validation loss (the paper), or with
+        select_by="val_knn" the k-NN validation error of the monitor."""
+        if self.cfg.select_by == "val_knn" and "val_knn_accuracy" in rec:
+            return 1.0 - rec["val_knn_accuracy"]
+        if self.cfg.select_by not in ("val_loss", "val_knn"):
+            raise ValueError("select_by must be 'val_loss' or 'val_knn', got %r" % self.cfg.select_by)
+        return rec["val_loss"]
+
     def finished(self) -> bool:
         return self.epoch >= self.cfg.max_epochs or (self.epoch > 0 and self.since_best >= self.cfg.patience)
 
@@ -331,13 +340,14 @@ class Trainer:
             rec.update(self.train_epoch())
             rec.update(self.validate())
             self.epoch += 1
-            v = rec["val_loss"]
+            v = self._metric(rec)
+            rec["protocol_metric"] = v
             event = None
             if v < self.best_val:
                 self.best_val, self.best_epoch, self.since_best = v, self.epoch, 0
                 self.best_state = copy.deepcopy({k: t.detach() for k, t in self.model.state_dict().items()})
                 save_model(os.path.join(self.run_dir, "best.pt"), self.model, self.cfg, self.class_names,
-                           {"epoch": self.epoch, "val_loss": v})
+                           {"epoch": self.epoch, "protocol_metric": v})
                 event = "best"
             else:
                 self.since_best += 1
@@ -347,14 +357,14 @@ class Trainer:
                     self.optimizer = self._optimizer(max(self.lr / 10.0, self.cfg.lr_min))
                     self._set_lr(max(self.lr / 10.0, self.cfg.lr_min))
                     event = "lr_drop_reload_best"
-            rec.update({"event": event, "best_val_loss": self.best_val, "best_epoch": self.best_epoch,
+            rec.update({"event": event, "best_metric": self.best_val, "best_epoch": self.best_epoch,
                         "time": time.time()})
             self.history.append(rec)
             self.save_checkpoint()
             with open(os.path.join(self.run_dir, "log.jsonl"), "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             log.info("epoch %d: train loss %.4f, val loss %.4f%s, %.0f img/s, lr %g%s", rec["epoch"],
-                     rec["train_loss"], v,
+                     rec["train_loss"], rec["val_loss"],
                      (", val k-NN acc %.3f" % rec["val_knn_accuracy"]) if "val_knn_accuracy" in rec else
                      (", val acc %.3f" % rec["val_accuracy"]) if "val_accuracy" in rec else "",
                      rec["images_per_s"], rec["lr"], (" [%s]" % event) if event else "")
@@ -367,7 +377,8 @@ class Trainer:
         secs = sum(r["train_seconds"] for r in epochs)
         imgs = sum(r["images_per_s"] * r["train_seconds"] for r in epochs)
         extra = {"training": {"epochs": self.epoch, "best_epoch": self.best_epoch,
-                              "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+                              "select_by": self.cfg.select_by,
+                              "best_metric": None if math.isinf(self.best_val) else self.best_val,
                               "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
                               "device": str(self.device), "backend": self.backend},
                  "data": self.data_summary}
