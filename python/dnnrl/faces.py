@@ -28,7 +28,7 @@ works, since loading and cropping need only pillow.
 import io
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -269,7 +269,6 @@ def crop_face(gray: np.ndarray, box: Sequence[int], margin: float = DEFAULT_MARG
               size: int = FACE_SIZE) -> np.ndarray:
     """(H, W) uint8 + [x, y, w, h] -> (size, size) uint8 crop, the box grown by ``margin``
     per side; parts outside the image are zero (like the training transform's padding)."""
-    from PIL import Image
     x, y, w, h = expand_box(box, margin)
     H, W = gray.shape
     canvas = np.zeros((max(h, 1), max(w, 1)), dtype=np.uint8)

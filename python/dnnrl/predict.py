@@ -188,7 +188,8 @@ class Predictor:
             at += n
             yield rec
 
-    def _frames(self, paths: Sequence[str], every: int, keep_image: bool) -> Iterator[Tuple[dict, Optional[np.ndarray]]]:
+    def _frames(self, paths: Sequence[str], every: int,
+                keep_image: bool) -> Iterator[Tuple[dict, Optional[np.ndarray]]]:
         """(record skeleton, gray image or None on error) for every image / sampled frame."""
         for src in expand_inputs(paths):
             if isinstance(src, dict):  # an error from the expansion (missing path, empty folder)
@@ -416,12 +417,24 @@ class _Annotator:
 
 
 # --------------------------------------------------------------------------- CLI
+def _help_formatter():
+    import argparse
+
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        """Show a default only where it says something (not None / False / "")."""
+
+        def _get_help_string(self, action):
+            if action.nargs == 0 or action.default in (None, False, "") or "default" in (action.help or ""):
+                return action.help
+            return super()._get_help_string(action)
+    return Help
+
+
 def add_predict_parser(subparsers) -> "argparse.ArgumentParser":
     """Add ``predict`` to an argparse subparsers object; returns the sub-parser."""
-    import argparse
     p = subparsers.add_parser(
         "predict", help="expressions of the faces in photos, folders or videos",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_help_formatter(),
         description="Find faces (OpenCV Haar cascade), crop them like the training data and classify each "
                     "by a k-NN vote on the model's gallery. Prints a table; --output writes .json/.csv. "
                     "Exit code 1 when any input could not be read.")
@@ -446,10 +459,23 @@ def add_predict_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--margin", type=float, default=F.DEFAULT_MARGIN, help="box growth per side before cropping")
     p.add_argument("--max-side", type=int, default=F.DEFAULT_MAX_SIDE,
                    help="longer side of the image face detection runs on (larger images are downscaled)")
-    p.add_argument("--min-neighbors", type=int, default=5, help="Haar cascade minNeighbors (higher: fewer, surer faces)")
+    p.add_argument("--min-neighbors", type=int, default=5,
+                   help="Haar cascade minNeighbors (higher: fewer, surer faces)")
     p.add_argument("--k", type=int, default=None, help="override the bundle's k")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and OpenCV (default: torch's; 1 is often faster on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no table on the terminal")
     return p
+
+
+def _set_threads(n: Optional[int]) -> None:
+    if n:
+        torch.set_num_threads(max(1, int(n)))
+        try:
+            import cv2
+            cv2.setNumThreads(max(1, int(n)))
+        except ImportError:
+            pass
 
 
 def run_predict(args) -> int:
@@ -457,6 +483,7 @@ def run_predict(args) -> int:
     if getattr(args, "every", 1) < 1:
         print("dnnrl predict: --every must be >= 1", file=sys.stderr)
         return 2
+    _set_threads(getattr(args, "threads", None))
     model = args.bundle or args.checkpoint
     if args.checkpoint and not args.data:
         print("dnnrl predict: --checkpoint needs --data (the training data becomes the k-NN gallery); "
@@ -515,10 +542,9 @@ def _jsonable(x):
 
 def add_export_parser(subparsers) -> "argparse.ArgumentParser":
     """Add ``export`` to an argparse subparsers object; returns the sub-parser."""
-    import argparse
     p = subparsers.add_parser(
         "export", help="write a model bundle (weights + k-NN gallery) for `dnnrl predict`",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_help_formatter(),
         description="Embed the training split of --data as the k-NN gallery, choose k on its validation split "
                     "and save weights + gallery in float16 as one file. Prints the measured facts as JSON.")
     p.add_argument("--checkpoint", required=True, help="a `dnnrl train` run directory or best.pt / checkpoint.pt")
@@ -537,11 +563,13 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--seed", type=int, default=0, help="seed of --gallery-per-class")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $DNNRL_CACHE or ~/.cache/dnnrl)")
     p.add_argument("--note", default=None, help="free text stored in the bundle's meta (e.g. the training command)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     return p
 
 
 def run_export(args) -> int:
     """``dnnrl export``; prints the facts as JSON; returns the exit code."""
+    _set_threads(getattr(args, "threads", None))
     try:
         dims = [int(d) for d in args.sweep_dims.split(",") if d.strip()] if args.sweep_dims else []
     except ValueError:
