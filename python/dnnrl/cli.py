@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dnnrl", description="DNNRL facial expression recognition: train, evaluate, embed.",
         formatter_class=_Formatter)
-    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed}")
+    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed,predict,export}")
     sub.required = True
     fmt = _Formatter
 
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(m)
     m.add_argument("--out", default="embeddings.npz", help="output file: .npz (numpy) or .pt (torch)")
     _add_runtime_args(m)
+    from .predict import add_export_parser, add_predict_parser
+    add_predict_parser(sub)
+    add_export_parser(sub)
     return ap
 
 
@@ -231,6 +234,9 @@ def _embed(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("predict", "export"):
+        from .predict import run_export, run_predict
+        return run_predict(args) if args.command == "predict" else run_export(args)
     return {"train": _train, "eval": _eval, "embed": _embed}[args.command](args)
 
 
