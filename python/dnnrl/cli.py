@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dnnrl", description="DNNRL facial expression recognition: train, evaluate, embed.",
         formatter_class=_Formatter)
-    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed,predict,export}")
+    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed,predict,export,reproduce}")
     sub.required = True
     fmt = _Formatter
 
@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="batch size (%d)" % d.batch_size)
     g.add_argument("--sampler", default=None, choices=["random", "pk"],
                    help="random batches (the paper) or class-balanced P x K (%s)" % d.sampler)
-    g.add_argument("--mining", default=None, choices=["batch_hard", "semi_hard"], help="(%s)" % d.mining)
+    g.add_argument("--mining", default=None, choices=["batch_hard", "semi_hard", "random_triplets"],
+                   help="triplets per batch: batch_hard / semi_hard in-batch mining, or random_triplets "
+                        "(one random positive and negative per anchor: the paper's literal sampling) "
+                        "(%s)" % d.mining)
     g.add_argument("--alpha", type=float, default=None, help="exp loss slope (%g)" % d.alpha)
     g.add_argument("--gamma", type=float, default=None,
                    help="exp loss margin (%g, the paper's; with batch_hard mining 0 learns nothing)" % d.gamma)
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .predict import add_export_parser, add_predict_parser
     add_predict_parser(sub)
     add_export_parser(sub)
+    from .reproduce import add_reproduce_parser
+    add_reproduce_parser(sub)
     return ap
 
 
@@ -234,6 +239,9 @@ def _embed(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "reproduce":
+        from .reproduce import run_reproduce
+        return run_reproduce(args)
     if args.command in ("predict", "export"):
         from .predict import run_export, run_predict
         return run_predict(args) if args.command == "predict" else run_export(args)

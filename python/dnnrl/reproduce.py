@@ -1,0 +1,115 @@
+"""`dnnrl reproduce`: the paper's Table 2 from one command.
+
+Trains DNN (softmax), T-DNN (hinge triplet + k-NN) and DNNRL (exponential triplet +
+k-NN) one after another with the same data and protocol, each into its own run
+directory under --out, then writes a Table 2-style comparison (table.md, table.json)
+beside the paper's figures. A method whose results.json already exists is not
+retrained, and an interrupted method resumes from its checkpoint, so rerunning the
+same command after an interruption loses nothing.
+"""
+import argparse
+import json
+import os
+import time
+from typing import Dict, List, Optional
+
+METHOD_ORDER = ("dnn", "tdnn", "dnnrl")
+# Table 2 of the paper: FER-2013 test accuracy (trained on the FER-2013 training set).
+PAPER_TEST_ACCURACY = {"dnnrl": 0.7060, "tdnn": 0.7013, "dnn": 0.6922}
+NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl": "DNNRL (exp triplet + k-NN)"}
+
+# Training options passed through to `dnnrl train` (None = the preset's value).
+_PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
+                "batch_size", "seed", "device", "backend", "amp", "compile", "skip_bad", "cache_dir")
+
+
+def add_reproduce_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "reproduce", help="train DNN, T-DNN and DNNRL and write a Table 2-style table",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--data", default=None,
+                   help="FER-2013 (CSV, Kaggle folders or an archive of them); default: the synthetic set")
+    p.add_argument("--out", default="runs/table2", help="directory of the three runs and the table")
+    p.add_argument("--method", action="append", choices=METHOD_ORDER, default=None,
+                   help="train only this method (repeatable); default: all three")
+    p.add_argument("--force", action="store_true", help="retrain methods that already have results.json")
+    p.add_argument("--preset", default=None, choices=("cpu", "paper"),
+                   help="training preset (default: paper with --data, cpu without)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epoch cap per method (preset)")
+    p.add_argument("--patience", type=int, default=None, help="epochs without a new best before stopping (preset)")
+    p.add_argument("--epoch-batches", type=int, default=None, help="cap batches per epoch (reduced runs)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on a stratified subset")
+    p.add_argument("--val-subset", type=int, default=None, help="validate on a stratified subset")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (128)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default=None, choices=("auto", "compiled", "reference"), help="dnnrl_ext backend")
+    p.add_argument("--amp", default=None, choices=("auto", "bf16", "off"), help="autocast on CUDA")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="skip corrupt images / CSV rows")
+    p.add_argument("--cache-dir", default=None, help="decoded-data cache")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars")
+    return p
+
+
+def _row(method: str, res: dict, wall: Optional[float]) -> Dict[str, object]:
+    training = res.get("training") or {}
+    return {"method": method, "name": NAMES[method], "val_accuracy": res.get("val_accuracy"),
+            "test_accuracy": res.get("test_accuracy"), "k": res.get("k"),
+            "paper_test_accuracy": PAPER_TEST_ACCURACY[method], "epochs": training.get("epochs"),
+            "train_seconds": training.get("seconds"), "images_per_s": training.get("images_per_s"),
+            "wall_seconds": wall, "device": training.get("device")}
+
+
+def _pct(v) -> str:
+    return "-" if v is None else "%.2f %%" % (100 * v)
+
+
+def format_table(rows: List[dict]) -> str:
+    """Markdown table: ours (validation, test) beside the paper's test accuracy."""
+    lines = ["| method | val accuracy (ours) | test accuracy (ours) | test accuracy (paper) | k | epochs "
+             "| train s | images/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["name"], _pct(r["val_accuracy"]), _pct(r["test_accuracy"]), _pct(r["paper_test_accuracy"]),
+            r["k"] if r["k"] is not None else "-", r["epochs"] if r["epochs"] is not None else "-",
+            "%.0f" % r["train_seconds"] if r["train_seconds"] else "-",
+            "%.0f" % r["images_per_s"] if r["images_per_s"] else "-"))
+    return "\n".join(lines)
+
+
+def run_reproduce(args) -> int:
+    from .config import resolve
+    from .train import train
+    methods = [m for m in METHOD_ORDER if m in (args.method or METHOD_ORDER)]
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for method in methods:
+        run_dir = os.path.join(args.out, method)
+        results_path = os.path.join(run_dir, "results.json")
+        wall = None
+        if os.path.exists(results_path) and not args.force:
+            print("%s: results.json exists, not retrained (--force to retrain)" % method, flush=True)
+        else:
+            overrides = {k: getattr(args, k, None) for k in _PASSTHROUGH}
+            overrides.update(method=method, out=run_dir)
+            if getattr(args, "progress", None) is not None:
+                overrides["progress"] = args.progress
+            cfg = resolve(overrides)
+            resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.force
+            t0 = time.time()
+            train(cfg, resume=resume)
+            wall = time.time() - t0
+        with open(results_path) as f:
+            rows.append(_row(method, json.load(f), wall))
+    table = format_table(rows)
+    with open(os.path.join(args.out, "table.json"), "w") as f:
+        json.dump({"rows": rows, "paper": PAPER_TEST_ACCURACY}, f, indent=2)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write("# Table 2, reproduced\n\nFER-2013 test accuracy of the paper (Guo et al., 2016, Table 2) "
+                "beside ours. Validation = PublicTest; test = PrivateTest where the data has it.\n\n"
+                + table + "\n")
+    print(table, flush=True)
+    return 0

@@ -1,0 +1,33 @@
+"""`dnnrl reproduce`: three methods, one table; a rerun does not retrain."""
+import json
+import os
+
+import pytest
+
+from dnnrl.cli import main
+
+TINY = ["--max-epochs", "1", "--epoch-batches", "2", "--train-subset", "280", "--val-subset", "70",
+        "--no-progress", "--device", "cpu"]
+
+
+def test_reproduce_writes_table_and_skips_finished_methods(tmp_path, capsys):
+    out = str(tmp_path / "t2")
+    assert main(["reproduce", "--out", out, "--method", "dnn", "--method", "dnnrl"] + TINY) == 0
+    table = json.load(open(os.path.join(out, "table.json")))
+    assert [r["method"] for r in table["rows"]] == ["dnn", "dnnrl"]  # paper order, not argument order
+    for r in table["rows"]:
+        assert 0.0 <= r["val_accuracy"] <= 1.0
+        assert r["paper_test_accuracy"] == {"dnn": 0.6922, "dnnrl": 0.7060}[r["method"]]
+    md = open(os.path.join(out, "table.md")).read()
+    assert "DNNRL" in md and "70.60 %" in md
+    stamp = os.path.getmtime(os.path.join(out, "dnn", "results.json"))
+    capsys.readouterr()
+    assert main(["reproduce", "--out", out, "--method", "dnn"] + TINY) == 0
+    assert "not retrained" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "dnn", "results.json")) == stamp
+
+
+def test_reproduce_help_lists_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    assert "--method" in capsys.readouterr().out
