@@ -1,0 +1,413 @@
+"""Multi-process training and evaluation on torch.distributed (DDP; NCCL on GPUs, gloo
+on CPUs), launched by ``torchrun`` (``torchrun --nproc_per_node N -m dnnrl train ...``).
+
+Pieces, each a no-op in a single process (``DistContext.enabled`` false):
+
+* :func:`setup` / :func:`cleanup` — join / leave the process group that torchrun's
+  environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) describes; one GPU per
+  local rank.
+* :func:`wrap_model` — the model under DistributedDataParallel (gradients averaged over
+  ranks), callable for embeddings and ``.logits`` for the softmax head.
+* :class:`ShardedBatchSampler` — every rank draws the same *global* batch from the same
+  generator and keeps its contiguous slice: no duplicates across ranks, the same global
+  batches for a seed whatever the world size, no per-rank sampler state.
+* :class:`DistributedLoss` — mining over the global batch ("global": embeddings and
+  labels all-gathered, the local tensor re-inserted so autograd reaches this rank's
+  shard) or per rank ("local"), with the gradient scaled so that DDP's averaging gives
+  the gradient of the global loss.
+* :func:`embed_sharded`, :func:`sharded_knn`, :class:`ShardedKNNClassifier` — the
+  evaluation gallery embedded in shards; each rank's top-k merged into the global
+  top-k (ties -> smaller gallery index), then the usual vote.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+log = logging.getLogger("dnnrl")
+_OWN_GROUP = False  # True when setup() created the process group (cleanup() destroys it)
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: rank among world_size processes, its device."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: Optional[torch.device] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only writer of logs, checkpoints and results."""
+        return self.rank == 0
+
+    def shard_range(self, n: int) -> Tuple[int, int]:
+        return shard_range(n, self.rank, self.world_size)
+
+
+def shard_range(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, stop) of rank's contiguous shard of n rows: the first n % world_size ranks
+    get one row more (the split of ``torch.tensor_split``)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def setup(device: str = "auto") -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1) or return the
+    existing one; a single-process context otherwise.
+
+    Args:
+        device: the configured device ("auto", "cpu", "cuda", ...). CUDA ranks use
+            cuda:LOCAL_RANK and NCCL; CPU ranks gloo.
+    """
+    global _OWN_GROUP
+    from .runtime import pick_device
+    dev = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not dist.is_initialized():
+        if world <= 1:
+            return DistContext(device=dev)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+        _OWN_GROUP = True
+    local = int(os.environ.get("LOCAL_RANK", str(dist.get_rank())))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), local, dev)
+    if ctx.enabled and dev.type == "cpu":
+        # torchrun sets OMP_NUM_THREADS=1; respect a user's choice, else share the cores
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.world_size)))
+    return ctx
+
+
+def cleanup() -> None:
+    """Leave the process group if :func:`setup` created it."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP = False
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """A per-(epoch, rank) seed: augmentation and dropout streams differ across ranks and
+    follow from the checkpointed epoch alone (no per-rank RNG state to save)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2 ** 63)
+
+
+def broadcast_object(obj, ctx: DistContext):
+    """Rank 0's value of a picklable object on every rank (protocol decisions must agree)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- model
+class _Forward(nn.Module):
+    """What DDP wraps: forward(x) = model(x) (embeddings) or model.logits(x)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, head: bool = False) -> Tensor:
+        return self.model.logits(x) if head else self.model(x)
+
+
+class DDPModel:
+    """A model under DDP: ``m(x)`` embeddings, ``m.logits(x)`` head scores; both go
+    through DDP's forward, so the backward all-reduces (averages) the gradients."""
+
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel):
+        self.ddp = ddp
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.ddp(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.ddp(x, head=True)
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: bool = False):
+    """DDP around ``model`` (parameters broadcast from rank 0 here); the model itself
+    stays the object that is saved, validated and evaluated.
+
+    Args:
+        uses_head: the training loss reads ``model.logits`` (method "dnn"). When it does
+            not, the head is frozen (requires_grad False): it gets no gradient anyway,
+            and DDP would otherwise wait for it.
+        compile: torch.compile the wrapped forward.
+    """
+    if not ctx.enabled:
+        return torch.compile(model) if compile else model
+    if not uses_head and hasattr(model, "head"):
+        model.head.requires_grad_(False)
+    fwd = _Forward(model)
+    ids = [ctx.device.index] if ctx.device is not None and ctx.device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
+    if compile:
+        ddp = torch.compile(ddp)
+    return DDPModel(ddp)
+
+
+# --------------------------------------------------------------------------- sampler
+class ShardedBatchSampler:
+    """Each rank's share of a batch sampler's global batches.
+
+    All ranks hold the same generator state, so they draw the same global batch; rank r
+    keeps rows ``shard_range(B, r, W)`` of it. Shards are disjoint and cover the batch
+    (a P x K batch is laid out class by class, so with P divisible by W every rank gets
+    whole classes: local mining still has positives).
+
+    Args:
+        sampler: a :class:`RandomBatchSampler` or :class:`PKSampler` (global batch size).
+    """
+
+    def __init__(self, sampler, ctx: DistContext):
+        self.sampler, self.ctx = sampler, ctx
+        self.batch_size = sampler.batch_size  # the global batch size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Tensor]:
+        for idx in self.sampler.epoch(generator):
+            s, e = self.ctx.shard_range(idx.numel())
+            yield idx[s:e]
+
+
+def shard_sampler(sampler, ctx: DistContext):
+    return ShardedBatchSampler(sampler, ctx) if ctx.enabled else sampler
+
+
+# --------------------------------------------------------------------------- gathers
+def _gather_padded(x: Tensor, ctx: DistContext) -> List[Tensor]:
+    """Every rank's x (n_r, ...) (n_r may differ), as a list in rank order; no grad."""
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    m = max(sizes)
+    buf = x.detach()
+    if buf.shape[0] < m:
+        buf = torch.cat([buf, buf.new_zeros((m - buf.shape[0],) + tuple(buf.shape[1:]))])
+    out = [torch.empty_like(buf) for _ in range(ctx.world_size)]
+    dist.all_gather(out, buf.contiguous())
+    return [t[:s] for t, s in zip(out, sizes)]
+
+
+def all_gather_rows(x: Tensor, ctx: DistContext) -> Tensor:
+    """(sum n_r, ...) concatenation of every rank's x in rank order; no gradient."""
+    if not ctx.enabled:
+        return x
+    return torch.cat(_gather_padded(x, ctx))
+
+
+def gather_with_grad(x: Tensor, ctx: DistContext) -> Tensor:
+    """Like :func:`all_gather_rows`, but this rank's rows are ``x`` itself, so a loss of
+    the gathered tensor back-propagates into x (the other ranks' rows are constants
+    here; each rank back-propagates into its own shard)."""
+    if not ctx.enabled:
+        return x
+    parts = _gather_padded(x, ctx)
+    parts[ctx.rank] = x
+    return torch.cat(parts)
+
+
+def all_reduce(t: Tensor, ctx: DistContext, op=dist.ReduceOp.SUM) -> Tensor:
+    if ctx.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=op)
+    return t
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+# --------------------------------------------------------------------------- loss
+class DistributedLoss(nn.Module):
+    """A triplet criterion (``criterion(emb, labels, return_details)``) over the ranks.
+
+    scope "global": embeddings and labels are gathered from all ranks (this rank's own
+    rows stay in the graph) and every rank computes the same loss L of the global
+    batch, so batch-hard / semi-hard mining sees the whole batch. Rank r's backward
+    yields dL/dx_r only; DDP averages the parameter gradients over W ranks, so the
+    gradient is scaled by W: the averaged gradient is dL/dtheta, equal (up to rounding)
+    to one process on the concatenated batch.
+
+    scope "local": each rank mines in its own shard; the run's loss is the sum
+    ("sum" reduction) or the mean ("mean") of the per-rank losses, with the gradient
+    scaled so that DDP's average is its gradient. The returned loss value is the
+    all-reduced one (the same on every rank).
+
+    The returned details (pos, neg, r, valid) are per global row for "global", per local
+    row for "local".
+    """
+
+    def __init__(self, criterion: nn.Module, ctx: DistContext, scope: str = "global",
+                 reduction: str = "sum"):
+        super().__init__()
+        if scope not in ("global", "local"):
+            raise ValueError("mining_scope must be 'global' or 'local', got %r" % (scope,))
+        if reduction not in ("sum", "mean"):
+            raise ValueError("distributed training needs reduction 'sum' or 'mean', got %r" % (reduction,))
+        self.criterion, self.ctx, self.scope, self.reduction = criterion, ctx, scope, reduction
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
+        W = self.ctx.world_size
+        if not self.ctx.enabled:
+            return self.criterion(embeddings, labels, return_details=return_details)
+        if self.scope == "global":
+            emb = gather_with_grad(embeddings, self.ctx)
+            lab = all_gather_rows(labels, self.ctx)
+            out = self.criterion(emb, lab, return_details=True)
+            loss = _ScaleGrad.apply(out.loss, float(W))
+        else:
+            out = self.criterion(embeddings, labels, return_details=True)
+            total = all_reduce(out.loss.detach(), self.ctx)
+            if self.reduction == "mean":
+                total = total / W
+            scale = float(W) if self.reduction == "sum" else 1.0
+            # value: the run's loss; gradient: scale * d(local loss)
+            loss = _ScaleGrad.apply(out.loss, scale) + (total - out.loss.detach())
+        return out._replace(loss=loss) if return_details else loss
+
+
+# --------------------------------------------------------------------------- evaluation
+def embed_sharded(model, images: Tensor, ctx: DistContext, gather: bool = True, **kw) -> Tensor:
+    """Embeddings of ``images`` (N, S, S) computed in shards: this rank embeds rows
+    ``ctx.shard_range(N)``; ``gather`` returns all N rows (rank order = row order),
+    else only this rank's shard. ``kw`` as :func:`dnnrl.runtime.embed`."""
+    from .runtime import embed
+    s, e = ctx.shard_range(images.shape[0])
+    local = embed(model, images[s:e], **kw)
+    return all_gather_rows(local, ctx) if gather else local
+
+
+def merge_topk(dist_parts: List[Tensor], idx_parts: List[Tensor], k: int) -> Tuple[Tensor, Tensor]:
+    """Merge per-shard top-k lists into the global top-k.
+
+    Args:
+        dist_parts, idx_parts: per shard (Q, k_r) distances (ascending) and global
+            gallery indices; a padded slot has distance NaN and index int64 max.
+    Returns:
+        dist (Q, k), idx (Q, k): ascending distance, ties (NaN included) to the smaller
+        gallery index, NaN last -- the order of :func:`dnnrl_ext.knn`.
+    """
+    d = torch.cat(dist_parts, 1)
+    i = torch.cat(idx_parts, 1)
+    # lexicographic (distance, index): stable sort by index, then stably by distance
+    o = torch.sort(i, dim=1, stable=True).indices
+    d, i = d.gather(1, o), i.gather(1, o)
+    o = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return d.gather(1, o), i.gather(1, o)
+
+
+def sharded_knn(query: Tensor, gallery_shard: Tensor, offset: int, k: int, ctx: DistContext,
+                backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Global k-NN over a gallery split across ranks.
+
+    Args:
+        query: (Q, D), the same on every rank.
+        gallery_shard: (n_r, D) this rank's rows, global indices offset..offset+n_r-1.
+        k: 1 <= k <= the total gallery size.
+    Returns:
+        dist (Q, k), idx (Q, k) int64 global gallery indices, on every rank; equal to
+        ``dnnrl_ext.knn`` on the whole gallery (ties -> smaller index).
+    """
+    from dnnrl_ext import knn
+    Q = query.shape[0]
+    kl = min(k, gallery_shard.shape[0])
+    if kl > 0:
+        d, i = knn(query, gallery_shard, kl, backend=backend)
+        i = i + offset
+    else:
+        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        d = torch.empty((Q, 0), dtype=acc, device=query.device)
+        i = torch.empty((Q, 0), dtype=torch.long, device=query.device)
+    if not ctx.enabled:
+        return d[:, :k], i[:, :k]
+    pad = k - kl  # fixed width k per rank for all_gather
+    if pad:
+        d = torch.cat([d, d.new_full((Q, pad), float("nan"))], 1)
+        i = torch.cat([i, i.new_full((Q, pad), torch.iinfo(torch.long).max)], 1)
+    ds = [torch.empty_like(d) for _ in range(ctx.world_size)]
+    is_ = [torch.empty_like(i) for _ in range(ctx.world_size)]
+    dist.all_gather(ds, d.contiguous())
+    dist.all_gather(is_, i.contiguous())
+    return merge_topk(ds, is_, k)
+
+
+class ShardedKNNClassifier:
+    """:class:`dnnrl_ext.KNNClassifier`'s interface (fit with k chosen on validation,
+    predict, score) over a gallery whose rows are split across ranks.
+
+    ``fit`` takes this rank's gallery shard (rows ``ctx.shard_range(N)``) and the labels
+    of the whole gallery (N,); queries are full (the same on every rank).
+    """
+
+    def __init__(self, ctx: DistContext, num_classes: int, backend: str = "auto"):
+        self.ctx, self.num_classes, self.backend = ctx, num_classes, backend
+        self.k = 1
+        self.val_accuracy_per_k = None
+
+    def fit(self, gallery_shard: Tensor, labels: Tensor, val=None, k_max: int = 50):
+        self.gallery = gallery_shard.float() if not gallery_shard.is_floating_point() else gallery_shard
+        self.labels = labels.long()
+        self.n = int(labels.shape[0])
+        if self.n == 0:
+            raise ValueError("the k-NN gallery needs at least one row")
+        self.offset = self.ctx.shard_range(self.n)[0]
+        if val is not None:
+            self.select_k(val[0], val[1], k_max)
+        return self
+
+    def kneighbors(self, query: Tensor, k: Optional[int] = None):
+        q = query.to(self.gallery.device, self.gallery.dtype)
+        return sharded_knn(q, self.gallery, self.offset, k or self.k, self.ctx, self.backend)
+
+    def select_k(self, query: Tensor, labels: Tensor, k_max: int = 50) -> int:
+        from dnnrl_ext.knn import accuracy_per_k
+        k_max = max(1, min(int(k_max), self.n))
+        _, idx = self.kneighbors(query, k_max)
+        acc = accuracy_per_k(self.labels[idx], labels.to(idx.device).long(), self.num_classes)
+        self.val_accuracy_per_k = {k + 1: float(a) for k, a in enumerate(acc.tolist())}
+        self.k = int(torch.nonzero(acc == acc.max())[0, 0].item()) + 1  # ties to the smaller k
+        return self.k
+
+    def predict(self, query: Tensor) -> Tensor:
+        """(Q,) int64: the vote of dnnrl_ext.knn_vote (ties -> the class ranked first)."""
+        from dnnrl_ext.reference import vote
+        _, idx = self.kneighbors(query)
+        return vote(self.labels[idx], self.num_classes)[0]
+
+    def score(self, query: Tensor, labels: Tensor) -> float:
+        pred = self.predict(query)
+        y = labels.to(pred.device).long()
+        return float((pred == y).double().mean()) if y.numel() else 0.0
