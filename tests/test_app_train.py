@@ -120,3 +120,22 @@ def test_select_by_val_knn_uses_the_monitor(tmp_path):
     hist = [json.loads(x) for x in open(tmp_path / "k" / "log.jsonl")]
     for r in hist:
         assert r["protocol_metric"] == pytest.approx(1 - r["val_knn_accuracy"])
+
+
+def test_random_triplets_are_valid_and_resume_exactly(tmp_path):
+    from dnnrl.train import random_triplets
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 3])  # classes 2 and 3 have no positive
+    g = torch.Generator().manual_seed(0)
+    a, p, n = random_triplets(y, g)
+    assert a.tolist() == [0, 1, 2, 3, 4]
+    assert bool((y[a] == y[p]).all()) and bool((a != p).all()) and bool((y[a] != y[n]).all())
+    # the paper's literal sampling through the CLI option, interrupted and resumed
+    kw = dict(max_epochs=2, method="dnnrl", mining="random_triplets", sampler="random")
+    train(_cfg(tmp_path / "full", **kw))
+    assert train(_cfg(tmp_path / "cut", **kw), stop_after=1) is None
+    train(_cfg(tmp_path / "cut", **kw), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert 0.3 < a["history"][0]["train_active_fraction"] < 1.0  # random triplets: ~half satisfied

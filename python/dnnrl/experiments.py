@@ -13,6 +13,7 @@ import time
 
 from .config import resolve
 
+# the synthetic-set comparison (docs/app.md, first table)
 VARIANTS = {
     "paper: random, batch_hard, gamma 0": dict(sampler="random", mining="batch_hard", gamma=0.0),
     "random, semi_hard, gamma 0": dict(sampler="random", mining="semi_hard", gamma=0.0),
@@ -25,13 +26,38 @@ VARIANTS = {
 }
 
 
+# FER-2013 at reduced scale (docs/app.md, "Defaults chosen by measurement"): the
+# triplet-forming choices that could make the exp loss learn on real data, plus the
+# softmax (dnn) and hinge (tdnn) baselines at the same scale.
+FER_VARIANTS = {
+    "dnn softmax": dict(method="dnn"),
+    "tdnn hinge, pk, semi_hard, m 0.2": dict(method="tdnn", sampler="pk", mining="semi_hard"),
+    "tdnn hinge, pk, batch_hard, m 0.2": dict(method="tdnn", sampler="pk", mining="batch_hard"),
+    "old default: pk, semi_hard, g 0, a 0.2, sum": dict(sampler="pk", mining="semi_hard", gamma=0.0,
+                                                        alpha=0.2, reduction="sum"),
+    "paper literal: random, random_triplets, g 0, a 0.2, sum": dict(
+        sampler="random", mining="random_triplets", gamma=0.0, alpha=0.2, reduction="sum"),
+}
+
+
+def parse_variant(text: str):
+    """"name=JSON" -> (name, dict): an ad-hoc variant from the command line."""
+    name, js = text.split("=", 1)
+    return name.strip(), json.loads(js)
+
+
 def main(argv=None):
     from .train import train
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="runs/experiments")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--grid", default="synthetic", choices=["synthetic", "fer", "none"],
+                    help="the variant set: VARIANTS (synthetic), FER_VARIANTS, or only --variant")
     ap.add_argument("--variants", default=None, help="|-separated substrings of variant names")
+    ap.add_argument("--variant", action="append", default=[],
+                    help='ad-hoc variant NAME={"key": value, ...} (repeatable)')
+    ap.add_argument("--summary", default="summary.json", help="summary file name inside --out")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value (JSON value)")
     args = ap.parse_args(argv)
     base = {}
@@ -41,24 +67,28 @@ def main(argv=None):
             base[k] = json.loads(v)
         except ValueError:
             base[k] = v
+    variants = dict({"synthetic": VARIANTS, "fer": FER_VARIANTS, "none": {}}[args.grid])
+    variants.update(parse_variant(t) for t in args.variant)
     results = {}
-    for name, v in VARIANTS.items():
+    for name, v in variants.items():
         if args.variants and not any(s.strip() in name for s in args.variants.split("|")):
             continue
         over = dict(base, data=args.data, max_epochs=args.epochs, patience=args.epochs + 1,
                     progress=False, out=os.path.join(args.out, name.replace(", ", "_").replace(" ", "")
-                                                     .replace(":", "")), **v)
+                                                     .replace(":", "")))
+        over.update(v)
         cfg = resolve(over)
         t0 = time.time()
         res = train(cfg)
         hist = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
         results[name] = {"config": v, "seconds": time.time() - t0,
                          "epochs": [{k: r.get(k) for k in ("epoch", "train_loss", "val_loss",
-                                                           "train_active_fraction", "val_knn_accuracy",
+                                                           "train_active_fraction", "val_knn_accuracy", "val_accuracy",
                                                            "images_per_s")} for r in hist],
-                         "val_accuracy": res["val_accuracy"], "k": res["k"]}
+                         "val_accuracy": res["val_accuracy"], "k": res["k"],
+                         "knn_val_accuracy": res.get("knn_val_accuracy")}
         print(json.dumps({name: results[name]}), flush=True)
-        with open(os.path.join(args.out, "summary.json"), "w") as fh:
+        with open(os.path.join(args.out, args.summary), "w") as fh:
             json.dump(results, fh, indent=1)
     return results
 

@@ -26,8 +26,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from dnnrl_ext import ExpTripletLoss, TripletLoss
+from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_loss_from_triplets
 
 from .config import Config
 from .evaluate import evaluate_model
@@ -59,10 +60,65 @@ def setup_logging(run_dir: Optional[str] = None, level=logging.INFO) -> None:
     root.propagate = False
 
 
-def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None):
+def random_triplets(y: Tensor, generator: Optional[torch.Generator] = None):
+    """One random triplet per anchor of a batch (the paper's randomly sampled triplets).
+
+    Args:
+        y: (B,) int64 labels.
+    Returns:
+        anchor, positive, negative: (T,) int64 indices into the batch, T <= B (anchors
+        without a positive or a negative in the batch are dropped); the positive is a
+        uniformly random other member of the anchor's class, the negative a uniformly
+        random member of another class.
+    """
+    B = y.shape[0]
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(B, dtype=torch.bool, device=y.device)
+    pos_mask, neg_mask = same & ~eye, ~same
+    u = torch.rand((2, B, B), generator=generator, device=y.device)
+    # uniform choice = argmax of uniform scores over the allowed entries
+    pos = torch.where(pos_mask, u[0], -1.0).argmax(1)
+    neg = torch.where(neg_mask, u[1], -1.0).argmax(1)
+    keep = pos_mask.any(1) & neg_mask.any(1)
+    anchor = torch.arange(B, device=y.device)
+    return anchor[keep], pos[keep], neg[keep]
+
+
+class RandomTripletLoss(torch.nn.Module):
+    """Exp (or hinge) triplet loss on one random triplet per anchor of the batch,
+    through ``dnnrl_ext.triplet_loss_from_triplets``; returns the same
+    :class:`TripletLossOutput` as the mined losses (r and valid per anchor)."""
+
+    def __init__(self, loss: str, alpha: float, gamma: float, margin: float, reduction: str,
+                 backend: str, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.kw = dict(loss=loss, alpha=alpha, gamma=gamma, margin=margin, reduction=reduction,
+                       backend=backend)
+        self.generator = generator
+
+    def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
+        a, p, n = random_triplets(labels, self.generator)
+        loss, r = triplet_loss_from_triplets(embeddings, a, p, n, return_r=True, **self.kw)
+        if not return_details:
+            return loss
+        B = labels.shape[0]
+        full = lambda fill, dt: torch.full((B,), fill, dtype=dt, device=labels.device)
+        r_all = full(0.0, r.dtype).index_put((a,), r)
+        valid = full(False, torch.bool).index_put((a,), torch.ones_like(a, dtype=torch.bool))
+        pos = full(-1, torch.long).index_put((a,), p)
+        neg = full(-1, torch.long).index_put((a,), n)
+        return TripletLossOutput(loss, pos, neg, r_all, valid)
+
+
+def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
+                   generator: Optional[torch.Generator] = None):
     """The training loss module (``reduction`` overrides cfg.reduction, e.g. "mean" for
-    the validation loss, which is reported per anchor)."""
+    the validation loss, which is reported per anchor). ``generator`` draws the
+    triplets of ``mining="random_triplets"``."""
     red = reduction or cfg.reduction
+    if cfg.method in ("dnnrl", "tdnn") and cfg.mining == "random_triplets":
+        return RandomTripletLoss("exp" if cfg.method == "dnnrl" else "hinge", cfg.alpha, cfg.gamma,
+                                 cfg.margin, red, backend, generator)
     if cfg.method == "dnnrl":
         return ExpTripletLoss(alpha=cfg.alpha, gamma=cfg.gamma, mining=cfg.mining, reduction=red,
                               backend=backend)
@@ -118,8 +174,13 @@ class Trainer:
         self.channels_last = use_channels_last(cfg.channels_last, self.device)
         self.model = build(cfg, len(self.class_names), self.device)
         self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
-        self.criterion = make_criterion(cfg, self.backend)
-        self.val_criterion = make_criterion(cfg, self.backend, reduction="mean")
+        # random_triplets draws its triplets from these (the validation one is re-seeded
+        # every validation so the val loss compares the same triplets epoch to epoch)
+        self.triplet_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 11)
+        self.val_triplet_gen = torch.Generator(device=self.device)
+        self.criterion = make_criterion(cfg, self.backend, generator=self.triplet_gen)
+        self.val_criterion = make_criterion(cfg, self.backend, reduction="mean",
+                                            generator=self.val_triplet_gen)
         self.optimizer = self._optimizer(cfg.lr)
         ytr = self.data["train"][1]
         self.sampler = make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device)
@@ -133,6 +194,8 @@ class Trainer:
         self._monitor_idx = self._monitor_subset()
         if resume:
             self._load_checkpoint()
+        else:  # a fresh run in an old run directory must not append to the old log
+            open(os.path.join(self.run_dir, "log.jsonl"), "w").close()
 
     # ------------------------------------------------------------------ setup helpers
     def _optimizer(self, lr: float):
@@ -230,6 +293,7 @@ class Trainer:
         if not self._val_batches:
             return {"val_loss": float("nan")}
         x_all, y_all = self.data["val"]
+        self.val_triplet_gen.manual_seed(self.cfg.seed + 13)
         total, count, correct, act_sum = 0.0, 0, 0, 0.0
         losses = []
         for idx in self._val_batches:
@@ -278,7 +342,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "best_state": self.best_state,
             "rng": {"torch": torch.get_rng_state(), "sample": self.sample_gen.get_state(),
-                    "aug": self.aug_gen.get_state(), "numpy": np.random.get_state(),
+                    "aug": self.aug_gen.get_state(), "triplet": self.triplet_gen.get_state(),
+                    "numpy": np.random.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": self.cfg.to_dict(), "class_names": self.class_names,
         }
@@ -302,6 +367,8 @@ class Trainer:
         torch.set_rng_state(rng["torch"].cpu())
         self.sample_gen.set_state(rng["sample"].cpu())
         self.aug_gen.set_state(rng["aug"].cpu() if self.device.type == "cpu" else rng["aug"])
+        if rng.get("triplet") is not None:
+            self.triplet_gen.set_state(rng["triplet"].cpu() if self.device.type == "cpu" else rng["triplet"])
         np.random.set_state(rng["numpy"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
