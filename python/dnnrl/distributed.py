@@ -118,6 +118,22 @@ def broadcast_object(obj, ctx: DistContext):
     return box[0]
 
 
+def reseed_epoch(aug_gen: torch.Generator, seed: int, epoch: int, ctx: DistContext) -> None:
+    """Per-rank augmentation and dropout streams for this epoch (distributed runs only)."""
+    if ctx.enabled:
+        aug_gen.manual_seed(rank_seed(seed + 7, epoch, ctx.rank))
+        torch.manual_seed(rank_seed(seed, epoch, ctx.rank))
+
+
+def sync_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts
+    them before each training forward, so after the last step they differ; validation,
+    checkpoints and sharded evaluation need one model."""
+    if ctx.enabled:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
 # --------------------------------------------------------------------------- model
 class _Forward(nn.Module):
     """What DDP wraps: forward(x) = model(x) (embeddings) or model.logits(x)."""
@@ -160,7 +176,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: boo
         model.head.requires_grad_(False)
     fwd = _Forward(model)
     ids = [ctx.device.index] if ctx.device is not None and ctx.device.type == "cuda" else None
-    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=ids)
+    # no buffer broadcast before every forward (one collective less per step): the BN
+    # statistics follow rank 0's shards either way, and sync_buffers() copies rank 0's
+    # at the end of every epoch
+    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=ids, broadcast_buffers=False)
     if compile:
         ddp = torch.compile(ddp)
     return DDPModel(ddp)
@@ -197,12 +216,19 @@ def shard_sampler(sampler, ctx: DistContext):
 
 
 # --------------------------------------------------------------------------- gathers
-def _gather_padded(x: Tensor, ctx: DistContext) -> List[Tensor]:
-    """Every rank's x (n_r, ...) (n_r may differ), as a list in rank order; no grad."""
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(ctx.world_size)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+def gather_sizes(n: int, ctx: DistContext, device=None) -> List[int]:
+    """Every rank's n, in rank order."""
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(t) for _ in range(ctx.world_size)]
+    dist.all_gather(out, t)
+    return [int(s) for s in out]
+
+
+def _gather_padded(x: Tensor, ctx: DistContext, sizes: Optional[List[int]] = None) -> List[Tensor]:
+    """Every rank's x (n_r, ...) (n_r may differ; ``sizes`` if known), as a list in rank
+    order; no grad."""
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], ctx, x.device)
     m = max(sizes)
     buf = x.detach()
     if buf.shape[0] < m:
@@ -212,20 +238,20 @@ def _gather_padded(x: Tensor, ctx: DistContext) -> List[Tensor]:
     return [t[:s] for t, s in zip(out, sizes)]
 
 
-def all_gather_rows(x: Tensor, ctx: DistContext) -> Tensor:
+def all_gather_rows(x: Tensor, ctx: DistContext, sizes: Optional[List[int]] = None) -> Tensor:
     """(sum n_r, ...) concatenation of every rank's x in rank order; no gradient."""
     if not ctx.enabled:
         return x
-    return torch.cat(_gather_padded(x, ctx))
+    return torch.cat(_gather_padded(x, ctx, sizes))
 
 
-def gather_with_grad(x: Tensor, ctx: DistContext) -> Tensor:
+def gather_with_grad(x: Tensor, ctx: DistContext, sizes: Optional[List[int]] = None) -> Tensor:
     """Like :func:`all_gather_rows`, but this rank's rows are ``x`` itself, so a loss of
     the gathered tensor back-propagates into x (the other ranks' rows are constants
     here; each rank back-propagates into its own shard)."""
     if not ctx.enabled:
         return x
-    parts = _gather_padded(x, ctx)
+    parts = _gather_padded(x, ctx, sizes)
     parts[ctx.rank] = x
     return torch.cat(parts)
 
@@ -284,8 +310,9 @@ class DistributedLoss(nn.Module):
         if not self.ctx.enabled:
             return self.criterion(embeddings, labels, return_details=return_details)
         if self.scope == "global":
-            emb = gather_with_grad(embeddings, self.ctx)
-            lab = all_gather_rows(labels, self.ctx)
+            sizes = gather_sizes(embeddings.shape[0], self.ctx, labels.device)
+            emb = gather_with_grad(embeddings, self.ctx, sizes)
+            lab = all_gather_rows(labels, self.ctx, sizes)
             out = self.criterion(emb, lab, return_details=True)
             loss = _ScaleGrad.apply(out.loss, float(W))
         else:
