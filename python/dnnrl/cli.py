@@ -80,14 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("loss / batches")
     g.add_argument("--batch-size", type=int, default=None, help="batch size (%d)" % d.batch_size)
     g.add_argument("--sampler", default=None, choices=["random", "pk"],
-                   help="random batches (the paper) or class-balanced P x K (%s)" % d.sampler)
+                   help="random batches (the paper's literal setting) or class-balanced P x K "
+                        "(default %s; chosen on the synthetic set, docs/app.md)" % d.sampler)
     g.add_argument("--mining", default=None, choices=["batch_hard", "semi_hard", "random_triplets"],
                    help="triplets per batch: batch_hard / semi_hard in-batch mining, or random_triplets "
                         "(one random positive and negative per anchor: the paper's literal sampling) "
-                        "(%s)" % d.mining)
-    g.add_argument("--alpha", type=float, default=None, help="exp loss slope (%g)" % d.alpha)
+                        "(default %s; chosen on the synthetic set, docs/app.md)" % d.mining)
+    g.add_argument("--alpha", type=float, default=None, help="exp loss slope (default %g = the paper's)" % d.alpha)
     g.add_argument("--gamma", type=float, default=None,
-                   help="exp loss margin (%g, the paper's; with batch_hard mining 0 learns nothing)" % d.gamma)
+                   help="exp loss margin (default %g = the paper's; with batch_hard mining 0 learns "
+                        "nothing; negative values learn from violating triplets)" % d.gamma)
     g.add_argument("--margin", type=float, default=None, help="hinge margin for tdnn (%g)" % d.margin)
     g.add_argument("--reduction", default=None, choices=["sum", "mean"],
                    help="triplet loss over a batch (%s: the paper's Eq. 1)" % d.reduction)

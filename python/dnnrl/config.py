@@ -24,9 +24,10 @@ class Config:
     # loss and batches
     batch_size: int = 128
     sampler: str = "pk"               # "random" (the paper) or "pk" (class-balanced P x K)
-    mining: str = "semi_hard"         # "batch_hard" or "semi_hard"
+    mining: str = "semi_hard"         # "batch_hard", "semi_hard" or "random_triplets" (the paper's literal)
     alpha: float = 0.2
-    gamma: float = 0.0                # exp loss margin (the paper's 0; with semi_hard mining it learns)
+    gamma: float = 0.0                # exp loss margin (the paper's 0; learns with semi_hard on the
+                                      # synthetic set; on FER-2013 nothing tried learns yet, docs/app.md)
     margin: float = 0.2               # hinge margin (tdnn)
     reduction: str = "sum"            # triplet loss over the batch: "sum" (the paper's Eq. 1) or "mean"
     # optimisation and protocol (SPEC section 6)
