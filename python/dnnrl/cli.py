@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=None, help="hinge margin for tdnn (%g)" % d.margin)
     g.add_argument("--reduction", default=None, choices=["sum", "mean"],
                    help="triplet loss over a batch (%s: the paper's Eq. 1)" % d.reduction)
+    g.add_argument("--mining-scope", default=None, choices=["global", "local"],
+                   help="under torchrun: mine triplets in the global batch gathered from all ranks, or "
+                        "in each rank's shard (%s)" % d.mining_scope)
     g = t.add_argument_group("optimisation / protocol")
     g.add_argument("--lr", type=float, default=None, help="initial SGD lr (%g)" % d.lr)
     g.add_argument("--lr-min", type=float, default=None, help="lr floor (%g)" % d.lr_min)
@@ -148,7 +151,7 @@ def _train(args) -> int:
     from .config import resolve
     from .train import train
     keys = ["method", "data", "preset", "image_size", "width", "embed_dim", "dropout", "flip", "batch_size",
-            "sampler", "mining", "alpha", "gamma", "margin", "reduction", "lr", "lr_min", "momentum",
+            "sampler", "mining", "mining_scope", "alpha", "gamma", "margin", "reduction", "lr", "lr_min", "momentum",
             "weight_decay", "select_by", "patience", "max_epochs", "epoch_batches", "train_subset", "val_subset", "k_max",
             "monitor_gallery", "skip_bad", "cache_dir", "seed", "device", "backend", "amp", "channels_last",
             "compile", "log_every", "progress", "eval_batch_size"]
@@ -156,7 +159,7 @@ def _train(args) -> int:
     over["out"] = args.out
     cfg = resolve(over)
     results = train(cfg, resume=args.resume)
-    if results is not None:
+    if results is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
         print(json.dumps({k: results.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
     return 0
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dnnrl_ext import KNNClassifier
 
-from .runtime import embed
+from .runtime import embed as _embed
 from .transforms import AugmentConfig
 
 log = logging.getLogger("dnnrl")
@@ -58,21 +58,33 @@ def plot_confusion(cm: np.ndarray, class_names: List[str], title: str, path: str
 def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: AugmentConfig,
                    device: torch.device, method: str, backend: str, out_dir: str,
                    k_max: int = 50, amp: str = "auto", channels_last: bool = False,
-                   batch_size: int = 512, extra: Optional[dict] = None) -> Dict[str, object]:
+                   batch_size: int = 512, extra: Optional[dict] = None, dist=None) -> Dict[str, object]:
     """Evaluate and write results.json, confusion_*.json/png and report.md into out_dir.
 
     Args:
         data: {split: (images uint8 (N, S, S), labels int64 (N,))}; needs "train".
         method: "dnnrl" / "tdnn" (k-NN on embeddings) or "dnn" (the softmax head;
             the k-NN accuracy of its features is reported alongside).
+        dist: a :class:`dnnrl.distributed.DistContext` of a torchrun run: every rank
+            embeds its shard, the gallery stays sharded (per-rank top-k merged), all
+            ranks return the results and rank 0 alone writes files.
     """
+    sharded = dist is not None and dist.enabled
+    write = not sharded or dist.is_main
     os.makedirs(out_dir, exist_ok=True)
     C = len(class_names)
     kw = dict(aug=aug, device=device, amp=amp, channels_last=channels_last, batch_size=batch_size)
+    if sharded:
+        from .distributed import ShardedKNNClassifier, embed_sharded
+
+        def embed(m, x, **a):  # the gallery (training split) stays in shards; queries are gathered
+            return embed_sharded(m, x, dist, gather=x is not data["train"][0], **a)
+        clf = ShardedKNNClassifier(dist, num_classes=C, backend=backend)
+    else:
+        embed, clf = _embed, KNNClassifier(num_classes=C, backend=backend)
     emb = {s: embed(model, x, **kw) for s, (x, _) in data.items()}
     labels = {s: y.to(device) for s, (_, y) in data.items()}
     has_val, has_test = "val" in data, "test" in data
-    clf = KNNClassifier(num_classes=C, backend=backend)
     clf.fit(emb["train"], labels["train"],
             val=(emb["val"], labels["val"]) if has_val else None, k_max=k_max)
     results: Dict[str, object] = {"method": method, "class_names": list(class_names),
@@ -100,6 +112,8 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
             m = split_metrics(preds[s], labels[s], class_names)
             results["%s_accuracy" % s] = m["accuracy"]
             results["%s_per_class_accuracy" % s] = m["per_class_accuracy"]
+            if not write:
+                continue
             with open(os.path.join(out_dir, "confusion_%s.json" % s), "w") as fh:
                 json.dump({"class_names": list(class_names), "rows": "true", "columns": "predicted",
                            "matrix": m["confusion_matrix"]}, fh, indent=1)
@@ -109,9 +123,10 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
                            os.path.join(out_dir, "confusion_%s.png" % s))
     if extra:
         results.update(extra)
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    write_report(results, os.path.join(out_dir, "report.md"))
+    if write:
+        with open(os.path.join(out_dir, "results.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+        write_report(results, os.path.join(out_dir, "report.md"))
     log.info("val accuracy %s, test accuracy %s, k %s", _pct(results["val_accuracy"]),
              _pct(results["test_accuracy"]), results["k"])
     return results

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_loss_from_triplets
 
+from . import distributed
 from .config import Config
 from .evaluate import evaluate_model
 from .model import DNNRLNet
@@ -156,7 +157,8 @@ class Trainer:
         self.run_dir = cfg.out
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
-        self.device = pick_device(cfg.device)
+        self.dist = distributed.setup(cfg.device)  # single process unless run by torchrun
+        self.device = self.dist.device
         self.backend = resolve_backend(cfg.backend, self.device)
         seed_everything(cfg.seed)
         t0 = time.time()
@@ -173,7 +175,8 @@ class Trainer:
         self.aug = augment_config(cfg)
         self.channels_last = use_channels_last(cfg.channels_last, self.device)
         self.model = build(cfg, len(self.class_names), self.device)
-        self.fwd_model = torch.compile(self.model) if cfg.compile else self.model
+        self.fwd_model = distributed.wrap_model(self.model, self.dist, uses_head=cfg.method == "dnn",
+                                                compile=cfg.compile)
         # random_triplets draws its triplets from these (the validation one is re-seeded
         # every validation so the val loss compares the same triplets epoch to epoch)
         self.triplet_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 11)
@@ -181,9 +184,13 @@ class Trainer:
         self.criterion = make_criterion(cfg, self.backend, generator=self.triplet_gen)
         self.val_criterion = make_criterion(cfg, self.backend, reduction="mean",
                                             generator=self.val_triplet_gen)
+        if self.dist.enabled and cfg.method != "dnn":  # mining over the global batch (or per rank)
+            self.criterion = distributed.DistributedLoss(self.criterion, self.dist, cfg.mining_scope,
+                                                         cfg.reduction)
         self.optimizer = self._optimizer(cfg.lr)
         ytr = self.data["train"][1]
-        self.sampler = make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device)
+        self.sampler = distributed.shard_sampler(
+            make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device), self.dist)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed)             # batches (CPU)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)  # augmentation
         self.epoch, self.lr = 0, cfg.lr
@@ -194,7 +201,7 @@ class Trainer:
         self._monitor_idx = self._monitor_subset()
         if resume:
             self._load_checkpoint()
-        else:  # a fresh run in an old run directory must not append to the old log
+        elif self.dist.is_main:  # a fresh run in an old run directory must not append to the old log
             open(os.path.join(self.run_dir, "log.jsonl"), "w").close()
 
     # ------------------------------------------------------------------ setup helpers
@@ -232,7 +239,8 @@ class Trainer:
         """Loss of one batch of images x (B, 1, S, S) and labels y; (loss, active fraction or None)."""
         with self._amp():
             if self.cfg.method == "dnn":
-                logits = self.fwd_model.logits(x) if not self.cfg.compile else self.model.logits(x)
+                logits = (self.fwd_model.logits(x) if not self.cfg.compile or self.dist.enabled
+                          else self.model.logits(x))
                 return F.cross_entropy(logits.float(), y), None
             emb = self.fwd_model(x)
         out = (criterion or self.criterion)(emb.float(), y, return_details=True)
@@ -248,6 +256,7 @@ class Trainer:
         from tqdm.auto import tqdm
         cfg, model = self.cfg, self.model
         model.train()
+        distributed.reseed_epoch(self.aug_gen, cfg.seed, self.epoch, self.dist)
         x_all, y_all = self.data["train"]
         n_batches = len(self.sampler)
         if cfg.epoch_batches:
@@ -256,7 +265,7 @@ class Trainer:
         act_sum = torch.zeros((), device=self.device)
         t0 = time.time()
         bar = tqdm(total=n_batches, desc="epoch %d" % (self.epoch + 1), leave=False, mininterval=1.0,
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not cfg.progress or not self.dist.is_main, dynamic_ncols=True)
         seen = 0
         for step, idx in enumerate(self.sampler.epoch(self.sample_gen)):
             if step >= n_batches:
@@ -279,7 +288,9 @@ class Trainer:
         steps = max(1, min(n_batches, step + 1 if n_batches else 0))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        distributed.sync_buffers(self.model, self.dist)
         dt = time.time() - t0
+        seen *= self.dist.world_size  # images/s of all ranks together
         out = {"train_loss": loss_sum.item() / steps, "train_seconds": dt,
                "images_per_s": seen / dt if dt > 0 else 0.0, "steps": steps}
         if self.cfg.method != "dnn":
@@ -370,12 +381,13 @@ class Trainer:
         if rng.get("triplet") is not None:
             self.triplet_gen.set_state(rng["triplet"].cpu() if self.device.type == "cpu" else rng["triplet"])
         np.random.set_state(rng["numpy"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
+        if rng.get("cuda") is not None and torch.cuda.is_available() and not self.dist.enabled:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         # the log is rewritten from the checkpoint's history: no duplicated or lost epochs
-        with open(os.path.join(self.run_dir, "log.jsonl"), "w") as fh:
-            for rec in self.history:
-                fh.write(json.dumps(rec) + "\n")
+        if self.dist.is_main:
+            with open(os.path.join(self.run_dir, "log.jsonl"), "w") as fh:
+                for rec in self.history:
+                    fh.write(json.dumps(rec) + "\n")
         log.info("resumed %s at epoch %d (lr %g, best val loss %.4g at epoch %d)",
                  self.ckpt_path, self.epoch, self.lr, self.best_val, self.best_epoch)
 
@@ -406,6 +418,7 @@ class Trainer:
             rec = {"epoch": self.epoch + 1, "lr": self.lr}
             rec.update(self.train_epoch())
             rec.update(self.validate())
+            rec = distributed.broadcast_object(rec, self.dist)  # every rank takes rank 0's decisions
             self.epoch += 1
             v = self._metric(rec)
             rec["protocol_metric"] = v
@@ -413,8 +426,9 @@ class Trainer:
             if v < self.best_val:
                 self.best_val, self.best_epoch, self.since_best = v, self.epoch, 0
                 self.best_state = copy.deepcopy({k: t.detach() for k, t in self.model.state_dict().items()})
-                save_model(os.path.join(self.run_dir, "best.pt"), self.model, self.cfg, self.class_names,
-                           {"epoch": self.epoch, "protocol_metric": v})
+                if self.dist.is_main:
+                    save_model(os.path.join(self.run_dir, "best.pt"), self.model, self.cfg, self.class_names,
+                               {"epoch": self.epoch, "protocol_metric": v})
                 event = "best"
             else:
                 self.since_best += 1
@@ -427,9 +441,10 @@ class Trainer:
             rec.update({"event": event, "best_metric": self.best_val, "best_epoch": self.best_epoch,
                         "time": time.time()})
             self.history.append(rec)
-            self.save_checkpoint()
-            with open(os.path.join(self.run_dir, "log.jsonl"), "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if self.dist.is_main:  # the only writer
+                self.save_checkpoint()
+                with open(os.path.join(self.run_dir, "log.jsonl"), "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
             log.info("epoch %d: train loss %.4f, val loss %.4f%s, %.0f img/s, lr %g%s", rec["epoch"],
                      rec["train_loss"], rec["val_loss"],
                      (", val k-NN acc %.3f" % rec["val_knn_accuracy"]) if "val_knn_accuracy" in rec else
@@ -447,12 +462,13 @@ class Trainer:
                               "select_by": self.cfg.select_by,
                               "best_metric": None if math.isinf(self.best_val) else self.best_val,
                               "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
-                              "device": str(self.device), "backend": self.backend},
+                              "device": str(self.device), "backend": self.backend,
+                              "world_size": self.dist.world_size},
                  "data": self.data_summary}
         return evaluate_model(self.model, self.data, self.class_names, self.aug, self.device,
                               self.cfg.method, self.backend, self.run_dir, k_max=self.cfg.k_max,
                               amp=self.cfg.amp, channels_last=self.channels_last,
-                              batch_size=self.cfg.eval_batch_size, extra=extra)
+                              batch_size=self.cfg.eval_batch_size, extra=extra, dist=self.dist)
 
 
 def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -> Optional[dict]:
@@ -464,13 +480,26 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -
         saved.max_epochs = cfg.max_epochs if cfg.max_epochs != saved.max_epochs else saved.max_epochs
         saved.progress = cfg.progress
         cfg = saved
-    setup_logging(cfg.out)
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, resume, stop_after)
+    finally:
+        distributed.cleanup()
+
+
+def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int]) -> Optional[dict]:
+    # only rank 0 writes the run directory (other ranks log warnings to stderr)
+    setup_logging(cfg.out if ctx.is_main else None, logging.INFO if ctx.is_main else logging.WARNING)
     t0 = time.time()
     trainer = Trainer(cfg, resume=resume)
-    cfg.save(os.path.join(cfg.out, "config.json"))
+    if ctx.is_main:
+        cfg.save(os.path.join(cfg.out, "config.json"))
     log.info("method %s, device %s, backend %s, preset %s, image %d, width %g, sampler %s, mining %s, "
              "gamma %g", cfg.method, trainer.device, trainer.backend, cfg.preset, cfg.image_size, cfg.width,
              cfg.sampler, cfg.mining, cfg.gamma)
+    if ctx.enabled:
+        log.info("distributed: %d processes (%s), mining scope %s, global batch %d",
+                 ctx.world_size, torch.distributed.get_backend(), cfg.mining_scope, cfg.batch_size)
     trainer.fit(stop_after=stop_after)
     if not trainer.finished():
         return None
