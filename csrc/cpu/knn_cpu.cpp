@@ -4,8 +4,9 @@
 //
 // The Q x N distance matrix is never built. Work items are (query block, gallery
 // segment) pairs taken dynamically by the workers; each walks its segment in gallery
-// blocks, computes a QB x NB tile q g^T with one single-threaded BLAS call (the tile
-// stays in L2), turns it into distances with the same expression as the reference,
+// blocks, computes a QB x NB tile q g^T with one single-threaded GEMM (oneDNN for
+// float32 where torch has it, see tile_product.h; the tile stays in L2), turns it
+// into distances with the same expression as the reference,
 // (||q||^2 - 2 q.g) + ||g||^2 clamped at 0, and updates a per-(query, segment) sorted
 // top-k list. Lists are merged per query at the end. Every list is scanned in
 // ascending gallery order and merged with the key (NaN last, distance, index), so the
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "cpu/cpu_utils.h"
+#include "cpu/tile_product.h"
 
 namespace dnnrl {
 namespace ops {
@@ -165,6 +167,7 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
   const int64_t nworkers = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(nthreads, nitems));
   std::atomic<int64_t> next{0};
   cpu::SingleThreadBlas single_thread_blas(nworkers == 1);
+  const bool onednn = cpu::use_onednn_tiles(q.scalar_type());
   at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<acc_t> tile(kQueryBlock * kGalleryBlock);
     for (int64_t w = w0; w < w1; ++w) {
@@ -175,11 +178,11 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
         const Tensor qblk = q.narrow(0, i0, ni);
         for (int64_t gb = s * seg_blocks; gb < gb_end; ++gb) {
           const int64_t j0 = gb * kGalleryBlock, nj = std::min(kGalleryBlock, N - j0);
-          Tensor out = at::from_blob(tile.data(), {ni, nj}, q.options());
-          at::mm_out(out, qblk, g.narrow(0, j0, nj).t());
+          const Tensor prod = cpu::tile_product(qblk, g.narrow(0, j0, nj), onednn, tile.data());
+          const acc_t* pp = prod.data_ptr<acc_t>();
           for (int64_t r = 0; r < ni; ++r) {
             const int64_t li = s * Q + i0 + r;
-            scan_row(tile.data() + r * nj, gn.data() + j0, nj, qn[i0 + r], j0, list_d + li * k,
+            scan_row(pp + r * nj, gn.data() + j0, nj, qn[i0 + r], j0, list_d + li * k,
                      list_i + li * k, seg_cnt[li], k);
           }
         }

@@ -33,6 +33,7 @@
 
 #include "common.h"
 #include "cpu/cpu_utils.h"
+#include "cpu/tile_product.h"
 
 namespace dnnrl {
 namespace ops {
@@ -294,7 +295,7 @@ void reduce_tile(const acc_t* tile, int64_t i0, int64_t ni, int64_t j0, int64_t 
 }
 
 // One pass over all tile pairs J >= I: workers take tiles dynamically, compute the
-// tile with one BLAS call and reduce it into their own AnchorBest. Returns the
+// tile with one GEMM call (tile_product.h) and reduce it into their own AnchorBest. Returns the
 // per-worker results (merged by the caller; the merge is order-independent).
 template <Pass kPass, typename acc_t>
 std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, const int32_t* lab,
@@ -314,6 +315,7 @@ std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, con
   for (int64_t w = 0; w < nworkers; ++w) best.emplace_back(B);
   std::atomic<size_t> next{0};
   cpu::SingleThreadBlas single_thread_blas(nworkers == 1);
+  const bool onednn = cpu::use_onednn_tiles(xf.scalar_type());
   at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<acc_t> buf(T * T);
     ColumnBest<acc_t> col(T);
@@ -321,9 +323,8 @@ std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, con
       for (size_t p = next.fetch_add(1); p < pairs.size(); p = next.fetch_add(1)) {
         const int64_t i0 = pairs[p].first * T, j0 = pairs[p].second * T;
         const int64_t ni = std::min(T, B - i0), nj = std::min(T, B - j0);
-        Tensor out = at::from_blob(buf.data(), {ni, nj}, xf.options());
-        at::mm_out(out, xf.narrow(0, i0, ni), xf.narrow(0, j0, nj).t());
-        reduce_tile<kPass>(buf.data(), i0, ni, j0, nj, sq, lab, thr, best[w], col);
+        const Tensor prod = cpu::tile_product(xf.narrow(0, i0, ni), xf.narrow(0, j0, nj), onednn, buf.data());
+        reduce_tile<kPass>(prod.data_ptr<acc_t>(), i0, ni, j0, nj, sq, lab, thr, best[w], col);
       }
     }
   });

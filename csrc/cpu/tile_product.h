@@ -1,0 +1,72 @@
+// The tile product a b^T of the CPU kernels, routed to the fastest exact float32 GEMM
+// torch carries.
+//
+// Why not at::mm alone: torch's float32 at::mm calls MKL, and MKL takes its AVX2 code
+// path on non-Intel CPUs even where AVX-512 is there. oneDNN, which torch also ships,
+// dispatches on the instruction set. On the 2-core AMD EPYC (AVX-512) dev machine a
+// single-threaded 512 x 1024 x 512 float32 tile ran at 238 GFLOP/s through oneDNN
+// against 108 GFLOP/s through MKL. oneDNN's dense linear is reached through the
+// dispatcher (mkldnn::_linear_pointwise, the op torch.compile's CPU backend emits), so
+// a torch built without it falls back to at::mm instead of failing to load.
+//
+// oneDNN follows torch.backends.mkldnn.matmul.fp32_precision like at::mm does: left
+// at its default the arithmetic is IEEE float32 (only the summation order differs
+// from MKL's); torch.backends.mkldnn.enabled = False sends every tile to at::mm.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace dnnrl {
+namespace cpu {
+
+// The oneDNN dense linear op, when this torch has it (looked up once).
+inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    if (!at::hasMKLDNN() || std::getenv("DNNRL_NO_ONEDNN") != nullptr) return std::nullopt;
+    return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  }();
+  return op;
+}
+
+// Whether float32 tiles go to oneDNN in this call (the user's mkldnn switch is read
+// every time; DNNRL_NO_ONEDNN=1 in the environment forces at::mm, for tests).
+inline bool use_onednn_tiles(at::ScalarType dtype) {
+  return dtype == at::kFloat && onednn_linear_op().has_value() && at::globalContext().userEnabledMkldnn();
+}
+
+// Multiply-adds below which a tile stays with at::mm: oneDNN compiles a kernel for
+// every new shape (0.6-1.3 ms measured), more than such a product costs, and random
+// shapes (tests, tail tiles) would each pay it. A 64 x 64 x 512 tile (the loss at
+// B = 128) is at the threshold and was faster through oneDNN once compiled.
+constexpr int64_t kOnednnMinWork = int64_t(1) << 21;
+
+// a (m, D), b (n, D), both contiguous rows of the same dtype: returns a b^T (m, n),
+// contiguous. `allow_onednn` comes from use_onednn_tiles(). `scratch` is an (at least
+// m * n)-element buffer the at::mm path writes into; the oneDNN path returns a fresh
+// tensor.
+inline at::Tensor tile_product(const at::Tensor& a, const at::Tensor& b, bool allow_onednn, void* scratch) {
+  if (allow_onednn && a.size(0) * b.size(0) * a.size(1) >= kOnednnMinWork) {
+    std::vector<c10::IValue> stack;
+    stack.reserve(6);
+    stack.emplace_back(a);
+    stack.emplace_back(b);
+    stack.emplace_back(c10::IValue());  // no bias
+    stack.emplace_back(std::string("none"));
+    stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+    stack.emplace_back(std::string(""));
+    onednn_linear_op()->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  at::Tensor out = at::from_blob(scratch, {a.size(0), b.size(0)}, a.options());
+  at::mm_out(out, a, b.t());
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace dnnrl

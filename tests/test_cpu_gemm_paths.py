@@ -1,0 +1,95 @@
+"""The CPU kernels' two tile GEMMs (csrc/cpu/tile_product.h): oneDNN for float32 tiles
+of at least 2^21 multiply-adds, at::mm otherwise or with torch.backends.mkldnn off.
+
+The property tests mostly draw shapes below that size, so these cases are large enough
+for the oneDNN path and run every op both ways against the reference. A last check
+shows that the two paths really differ (in the last bits of the distances), so the
+comparison cannot pass by running one path twice.
+"""
+import numpy as np
+import pytest
+import torch
+
+import dnnrl_ext
+from ops_testutil import (eps, r_atol, require_compiled, row_scale, run_triplet,
+                          tie_free_anchors)
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="this torch has no oneDNN: every tile goes to at::mm")
+
+PATHS = ["onednn", "at_mm"]
+
+
+def _paths(path):
+    return torch.backends.mkldnn.flags(enabled=(path == "onednn"))
+
+
+def _knn_data(seed=0, Q=400, N=1500, D=512, C=7):
+    # D = 512: at small D both libraries happen to sum in the same order
+    g = torch.Generator().manual_seed(seed)
+    # unit rows, like embeddings: the tie-free tolerance scales with the largest norm
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, D, generator=g), dim=1)  # noqa: E731
+    return unit(Q), unit(N), torch.randint(0, C, (N,), generator=g)
+
+
+def _tie_free_rows(q, g, k):
+    """Queries whose k+1 nearest are separated by more than the summation-order error."""
+    rel = eps(torch.float32) * (64 * q.shape[1] ** 0.5 + 64)
+    q64, g64 = q.double(), g.double()  # float64 GEMM: error far below the gap asked for
+    d = (q64 * q64).sum(1)[:, None] - 2 * q64 @ g64.T + (g64 * g64).sum(1)[None, :]
+    d = np.sort(d.numpy(), axis=1)[:, :k + 1]
+    return (np.diff(d, axis=1) > rel * row_scale(torch.cat([q, g]))).all(1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_knn_and_vote_match_reference_on_both_gemm_paths(path):
+    require_compiled("cpu")
+    q, g, labels = _knn_data()
+    k = 5
+    want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
+    want_p = dnnrl_ext.knn_vote(q, g, labels, k, 7, backend="reference")
+    with _paths(path):
+        d, i = dnnrl_ext.knn(q, g, k, backend="compiled")
+        p = dnnrl_ext.knn_vote(q, g, labels, k, 7, backend="compiled")
+    rows = _tie_free_rows(q, g, k)
+    assert rows.sum() >= len(rows) // 2  # the index comparison covers most queries
+    assert torch.equal(i[rows], want_i[rows])
+    atol = eps(torch.float32) * (4 * q.shape[1] ** 0.5 + 16) * row_scale(torch.cat([q, g]))
+    torch.testing.assert_close(d, want_d, atol=atol, rtol=0)
+    assert torch.equal(p[rows], want_p[rows])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+def test_loss_matches_reference_on_both_gemm_paths(path, mining):
+    require_compiled("cpu")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(300, 512, generator=gen), dim=1)
+    labels = torch.randint(0, 7, (300,), generator=gen)
+    kw = dict(mining=mining, loss="exp", alpha=0.5, gamma=0.0, margin=0.2, reduction="sum")
+    want, _ = run_triplet("reference", x, labels, **kw)
+    with _paths(path):
+        got, got_grad = run_triplet("compiled", x, labels, **kw)
+    ok = torch.as_tensor(tie_free_anchors(x, labels, mining, 0.0, "exp", 0.2))
+    assert ok.sum() >= len(ok) // 2
+    assert torch.equal(got.pos[ok], want.pos[ok]) and torch.equal(got.neg[ok], want.neg[ok])
+    torch.testing.assert_close(got.r, want.r, atol=r_atol(x), rtol=0)
+    torch.testing.assert_close(got.loss, want.loss, atol=300 * 0.5 * r_atol(x) + 1e-4, rtol=1e-5)
+    # Gradient: the reference on the triplets the kernel mined (ties cannot interfere).
+    a = got.valid.nonzero().flatten()
+    xr = x.clone().requires_grad_(True)
+    dnnrl_ext.triplet_loss_from_triplets(xr, a, got.pos[a], got.neg[a], loss="exp", alpha=0.5,
+                                         gamma=0.0, reduction="sum", backend="reference").backward()
+    torch.testing.assert_close(got_grad, xr.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_two_gemm_paths_are_both_taken():
+    """oneDNN and MKL sum in different orders: some distance differs in the last bits.
+    (Were one path silently used for both, the tests above would compare it twice.)"""
+    require_compiled("cpu")
+    q, g, _ = _knn_data(seed=2)
+    with _paths("onednn"):
+        d1, _ = dnnrl_ext.knn(q, g, 10, backend="compiled")
+    with _paths("at_mm"):
+        d2, _ = dnnrl_ext.knn(q, g, 10, backend="compiled")
+    assert not torch.equal(d1, d2)
