@@ -51,6 +51,9 @@ echo "racecheck exit $?"; tail -n 8 "$OUTDIR/sanitizer.log"
 step "benchmarks"
 timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_gpu.py $QUICK --out "$OUTDIR/bench_gpu.json"
 echo "bench exit $?"
+step "small-batch profile (B=128: where the host time goes)"
+timeout ${PROFILE_TIMEOUT:-60} python3 benchmarks/profile_small_batch.py --out "$OUTDIR" > "$OUTDIR/profile.log" 2>&1
+echo "profile exit $?"; grep -E '^\{' "$OUTDIR/profile.log"
 if [ -n "${FER_ARCHIVE:-}" ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013 training check (${FER_EPOCHS:-2} epochs, ${FER_METHOD:-dnnrl})"
   export DNNRL_CACHE=/tmp/dnnrl-cache

@@ -139,3 +139,29 @@ def test_random_triplets_are_valid_and_resume_exactly(tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     assert 0.3 < a["history"][0]["train_active_fraction"] < 1.0  # random triplets: ~half satisfied
+
+
+def test_init_from_starts_from_another_runs_best_weights(tmp_path):
+    """--init-from: a triplet run starts from a softmax run's best weights (fine-tuning)."""
+    from dnnrl.train import Trainer
+    train(_cfg(tmp_path / "dnn", method="dnn"))
+    best = torch.load(tmp_path / "dnn" / "best.pt", weights_only=False)
+    src = best.get("best_state") or best["model"]
+    for init in (tmp_path / "dnn", tmp_path / "dnn" / "best.pt"):  # a run dir or a file
+        t = Trainer(_cfg(tmp_path / "ft", method="dnnrl", init_from=str(init)))
+        for k, v in t.model.state_dict().items():
+            torch.testing.assert_close(v, src[k], rtol=0, atol=0, msg=k)
+    fresh = Trainer(_cfg(tmp_path / "fresh", method="dnnrl"))
+    assert any(not torch.equal(v, src[k]) for k, v in fresh.model.state_dict().items())
+    res = train(_cfg(tmp_path / "ft", method="dnnrl", init_from=str(tmp_path / "dnn")))
+    assert json.load(open(tmp_path / "ft" / "config.json"))["init_from"] == str(tmp_path / "dnn")
+    assert 0 <= res["val_accuracy"] <= 1
+
+
+def test_init_from_errors_name_the_option(tmp_path):
+    from dnnrl.train import Trainer
+    with pytest.raises(FileNotFoundError, match="--init-from"):
+        Trainer(_cfg(tmp_path / "a", init_from=str(tmp_path / "missing")))
+    train(_cfg(tmp_path / "dnn", method="dnn", max_epochs=1))
+    with pytest.raises(ValueError, match="--init-from.*another shape"):
+        Trainer(_cfg(tmp_path / "b", width=0.25, init_from=str(tmp_path / "dnn")))

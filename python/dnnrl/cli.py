@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=int, default=None, help="embedding size (%d)" % d.embed_dim)
     g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
     g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
+    g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from the weights of another run (its directory, best.pt or checkpoint.pt; "
+                        "same network size), e.g. a --method dnn run, to fine-tune it with a triplet loss")
     g = t.add_argument_group("loss / batches")
     g.add_argument("--batch-size", type=int, default=None, help="batch size (%d)" % d.batch_size)
     g.add_argument("--sampler", default=None, choices=["random", "pk"],

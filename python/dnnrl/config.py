@@ -20,6 +20,8 @@ class Config:
     width: float = 1.0                # channel multiplier (1.0 = Table 1)
     embed_dim: int = 512
     dropout: float = 0.2
+    init_from: Optional[str] = None   # start from these weights (a run dir / best.pt / checkpoint.pt),
+                                      # e.g. a dnn (softmax) run to fine-tune with a triplet loss
     flip: bool = False                # random horizontal flips (not in the paper)
     # loss and batches
     batch_size: int = 128

@@ -175,6 +175,8 @@ class Trainer:
         self.aug = augment_config(cfg)
         self.channels_last = use_channels_last(cfg.channels_last, self.device)
         self.model = build(cfg, len(self.class_names), self.device)
+        if cfg.init_from and not resume:  # (a resumed run restores its own weights)
+            self._init_weights(cfg.init_from)
         self.fwd_model = distributed.wrap_model(self.model, self.dist, uses_head=cfg.method == "dnn",
                                                 compile=cfg.compile)
         # random_triplets draws its triplets from these (the validation one is re-seeded
@@ -205,6 +207,24 @@ class Trainer:
             open(os.path.join(self.run_dir, "log.jsonl"), "w").close()
 
     # ------------------------------------------------------------------ setup helpers
+    def _init_weights(self, path: str) -> None:
+        """Load another run's (best) weights; the network must have the same shape."""
+        from .cli import _load_checkpoint
+        if not os.path.exists(path):
+            raise FileNotFoundError("--init-from: %s does not exist" % path)
+        src, src_cfg, src_classes, state = _load_checkpoint(path)
+        if list(src_classes) != list(self.class_names):
+            log.warning("--init-from: %s was trained on classes %s, this data has %s",
+                        src, list(src_classes), list(self.class_names))
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError("--init-from: %s holds a network of another shape (width %g, embed_dim %d, "
+                             "%d classes; this run: width %g, embed_dim %d, %d classes): %s"
+                             % (src, src_cfg.width, src_cfg.embed_dim, len(src_classes), self.cfg.width,
+                                self.cfg.embed_dim, len(self.class_names), str(exc).splitlines()[0])) from None
+        log.info("initialised from %s (a %s run)", src, src_cfg.method)
+
     def _optimizer(self, lr: float):
         return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.cfg.momentum,
                                weight_decay=self.cfg.weight_decay)
