@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 from dnnrl.cli import main as cli_main
@@ -165,3 +166,40 @@ def test_init_from_errors_name_the_option(tmp_path):
     train(_cfg(tmp_path / "dnn", method="dnn", max_epochs=1))
     with pytest.raises(ValueError, match="--init-from.*another shape"):
         Trainer(_cfg(tmp_path / "b", width=0.25, init_from=str(tmp_path / "dnn")))
+
+
+@given(B=st.integers(0, 40), C=st.integers(1, 5), D=st.integers(1, 6), seed=st.integers(0, 2 ** 31),
+       grid=st.booleans())
+def test_easy_positive_triplets_match_a_loop(B, C, D, seed, grid):
+    """Nearest positive / nearest negative per anchor (ties: smaller index), by brute force."""
+    from dnnrl.train import easy_positive_triplets
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g)
+    if grid:  # small integers: exact distances with many ties
+        x = torch.randint(-2, 3, (B, D), generator=g).float()
+    y = torch.randint(0, C, (B,), generator=g)
+    a, p, n = easy_positive_triplets(x, y)
+    want = []
+    d = ((x[:, None, :].double() - x[None, :, :].double()) ** 2).sum(-1)
+    for i in range(B):
+        pos = [j for j in range(B) if j != i and y[j] == y[i]]
+        neg = [j for j in range(B) if y[j] != y[i]]
+        if pos and neg:
+            want.append((i, min(pos, key=lambda j: (d[i, j], j)), min(neg, key=lambda j: (d[i, j], j))))
+    got = list(zip(a.tolist(), p.tolist(), n.tolist()))
+    if grid:
+        assert got == want
+    else:  # continuous: compare the chosen distances (float32 vs float64 near-ties)
+        assert [t[0] for t in got] == [t[0] for t in want]
+        for (i, pg, ng), (_, pw, nw) in zip(got, want):
+            assert abs(d[i, pg] - d[i, pw]) < 1e-4 and abs(d[i, ng] - d[i, nw]) < 1e-4
+
+
+def test_easy_positive_mining_trains(tmp_path):
+    res = train(_cfg(tmp_path / "ep", method="dnnrl", mining="easy_positive"))
+    hist = [json.loads(x) for x in open(tmp_path / "ep" / "log.jsonl")]
+    assert all(0 <= h["train_active_fraction"] <= 1 for h in hist)
+    assert 0 <= res["val_accuracy"] <= 1
+    from dnnrl.train import ExplicitTripletLoss
+    with pytest.raises(ValueError, match="mining"):
+        ExplicitTripletLoss("exp", 0.2, 0.0, 0.2, "sum", "reference", mining="hardest")

@@ -85,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default=None, choices=["random", "pk"],
                    help="random batches (the paper's literal setting) or class-balanced P x K "
                         "(default %s; chosen on the synthetic set, docs/app.md)" % d.sampler)
-    g.add_argument("--mining", default=None, choices=["batch_hard", "semi_hard", "random_triplets"],
-                   help="triplets per batch: batch_hard / semi_hard in-batch mining, or random_triplets "
-                        "(one random positive and negative per anchor: the paper's literal sampling) "
+    g.add_argument("--mining", default=None,
+                   choices=["batch_hard", "semi_hard", "random_triplets", "easy_positive"],
+                   help="triplets per batch: batch_hard / semi_hard in-batch mining (farthest positive), "
+                        "random_triplets (one random positive and negative per anchor: the paper's literal "
+                        "sampling) or easy_positive (nearest positive, nearest negative) "
                         "(default %s; chosen on the synthetic set, docs/app.md)" % d.mining)
     g.add_argument("--alpha", type=float, default=None, help="exp loss slope (default %g = the paper's)" % d.alpha)
     g.add_argument("--gamma", type=float, default=None,

@@ -26,7 +26,8 @@ class Config:
     # loss and batches
     batch_size: int = 128
     sampler: str = "pk"               # "random" (the paper) or "pk" (class-balanced P x K)
-    mining: str = "semi_hard"         # "batch_hard", "semi_hard" or "random_triplets" (the paper's literal)
+    mining: str = "semi_hard"         # "batch_hard", "semi_hard", "random_triplets" (the paper's literal)
+                                      # or "easy_positive" (nearest positive + nearest negative)
     alpha: float = 0.2
     gamma: float = 0.0                # exp loss margin (the paper's 0; learns with semi_hard on the
                                       # synthetic set; on FER-2013 nothing tried learns yet, docs/app.md)

@@ -73,6 +73,8 @@ def random_triplets(y: Tensor, generator: Optional[torch.Generator] = None):
         random member of another class.
     """
     B = y.shape[0]
+    if B == 0:
+        return (y.new_zeros(0, dtype=torch.long),) * 3
     same = y[:, None] == y[None, :]
     eye = torch.eye(B, dtype=torch.bool, device=y.device)
     pos_mask, neg_mask = same & ~eye, ~same
@@ -85,20 +87,62 @@ def random_triplets(y: Tensor, generator: Optional[torch.Generator] = None):
     return anchor[keep], pos[keep], neg[keep]
 
 
-class RandomTripletLoss(torch.nn.Module):
-    """Exp (or hinge) triplet loss on one random triplet per anchor of the batch,
-    through ``dnnrl_ext.triplet_loss_from_triplets``; returns the same
+def easy_positive_triplets(embeddings: Tensor, y: Tensor):
+    """Per anchor the *nearest* positive and the nearest negative of the batch
+    ("easy positive, hard negative", Xuan et al., WACV 2020).
+
+    Why: batch-hard and semi-hard both take the farthest positive. Where classes
+    overlap (FER-2013), that positive is an outlier far across the embedding, and the
+    loss then reshapes the far field while the anchor's neighbourhood, which the
+    k-NN vote reads, is left alone (docs/app.md). The nearest pair asks the anchor's
+    nearest same-class image to be nearer than its nearest other-class image.
+
+    Args:
+        embeddings: (B, D); y: (B,) int64 labels.
+    Returns:
+        anchor, positive, negative: (T,) int64, T <= B (anchors without a positive or a
+        negative are dropped); ties go to the smaller index.
+    """
+    B = y.shape[0]
+    if B == 0:
+        return (y.new_zeros(0, dtype=torch.long),) * 3
+    with torch.no_grad():
+        e = embeddings.detach().float()
+        sq = (e * e).sum(1)
+        d = (sq[:, None] - 2.0 * e @ e.T + sq[None, :]).clamp(min=0)  # (B, B): B is a batch
+        same = y[:, None] == y[None, :]
+        eye = torch.eye(B, dtype=torch.bool, device=y.device)
+        pos_mask, neg_mask = same & ~eye, ~same
+        inf = torch.tensor(float("inf"), device=d.device)
+        pos = torch.where(pos_mask, d, inf).argmin(1)
+        neg = torch.where(neg_mask, d, inf).argmin(1)
+        keep = pos_mask.any(1) & neg_mask.any(1)
+    anchor = torch.arange(B, device=y.device)
+    return anchor[keep], pos[keep], neg[keep]
+
+
+class ExplicitTripletLoss(torch.nn.Module):
+    """Exp (or hinge) triplet loss on one triplet per anchor formed in Python
+    (``mining="random_triplets"``: random positive and negative, the paper's literal
+    sampling; ``"easy_positive"``: nearest positive and nearest negative), through
+    ``dnnrl_ext.triplet_loss_from_triplets``; returns the same
     :class:`TripletLossOutput` as the mined losses (r and valid per anchor)."""
 
     def __init__(self, loss: str, alpha: float, gamma: float, margin: float, reduction: str,
-                 backend: str, generator: Optional[torch.Generator] = None):
+                 backend: str, generator: Optional[torch.Generator] = None, mining: str = "random_triplets"):
         super().__init__()
+        if mining not in ("random_triplets", "easy_positive"):
+            raise ValueError("mining must be 'random_triplets' or 'easy_positive', got %r" % (mining,))
         self.kw = dict(loss=loss, alpha=alpha, gamma=gamma, margin=margin, reduction=reduction,
                        backend=backend)
         self.generator = generator
+        self.mining = mining
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
-        a, p, n = random_triplets(labels, self.generator)
+        if self.mining == "random_triplets":
+            a, p, n = random_triplets(labels, self.generator)
+        else:
+            a, p, n = easy_positive_triplets(embeddings, labels)
         loss, r = triplet_loss_from_triplets(embeddings, a, p, n, return_r=True, **self.kw)
         if not return_details:
             return loss
@@ -111,15 +155,18 @@ class RandomTripletLoss(torch.nn.Module):
         return TripletLossOutput(loss, pos, neg, r_all, valid)
 
 
+EXPLICIT_MINING = ("random_triplets", "easy_positive")  # triplets formed in Python, not by the op
+
+
 def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
                    generator: Optional[torch.Generator] = None):
     """The training loss module (``reduction`` overrides cfg.reduction, e.g. "mean" for
     the validation loss, which is reported per anchor). ``generator`` draws the
     triplets of ``mining="random_triplets"``."""
     red = reduction or cfg.reduction
-    if cfg.method in ("dnnrl", "tdnn") and cfg.mining == "random_triplets":
-        return RandomTripletLoss("exp" if cfg.method == "dnnrl" else "hinge", cfg.alpha, cfg.gamma,
-                                 cfg.margin, red, backend, generator)
+    if cfg.method in ("dnnrl", "tdnn") and cfg.mining in EXPLICIT_MINING:
+        return ExplicitTripletLoss("exp" if cfg.method == "dnnrl" else "hinge", cfg.alpha, cfg.gamma,
+                                   cfg.margin, red, backend, generator, mining=cfg.mining)
     if cfg.method == "dnnrl":
         return ExpTripletLoss(alpha=cfg.alpha, gamma=cfg.gamma, mining=cfg.mining, reduction=red,
                               backend=backend)
