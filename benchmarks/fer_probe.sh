@@ -1,30 +1,53 @@
 #!/usr/bin/env bash
-# Short FER-2013 training probe on one GPU: several configurations trained at the
-# same time (the Table 1 network leaves the card mostly idle at batch 128), each for
-# a few epochs, to see which ones learn. Per-epoch logs and results go to OUTDIR.
+# FER-2013 training probe on one GPU: several configurations trained at the same time
+# (the Table 1 network leaves the card mostly idle at batch 128), each for a few
+# epochs, to see which ones learn. Per-epoch logs and results go to OUTDIR.
 #   usage: FER_ARCHIVE=.carry/fer2013.tar.xz bash benchmarks/fer_probe.sh OUTDIR
+# Options (environment): FER_EPOCHS (8), PROBE_TIMEOUT per run in s (450),
+# (four runs share the card: ~25 full-network epochs each in about 5 minutes on an H200 (estimate)),
+# PROBE_CONFIGS: "name=train flags;name=train flags;..." (default: the set below),
+# BUILD=1 builds the extension first (else the runs use the reference backend when
+# the compiled kernels are missing). A config whose flags contain @INIT@ gets
+# "--init-from <dir of the config named by PROBE_INIT>" and starts after the others.
 set -uo pipefail
 OUTDIR=${1:?usage: fer_probe.sh OUTDIR}
 mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" DNNRL_CACHE=/tmp/dnnrl-cache
 EPOCHS=${FER_EPOCHS:-8}
-LIMIT=${PROBE_TIMEOUT:-120}
+LIMIT=${PROBE_TIMEOUT:-450}
+if [ "${BUILD:-0}" = 1 ]; then
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    timeout 240 python3 setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1 || { tail -n 30 "$OUTDIR/build.log"; exit 1; }
+fi
 python3 -m dnnrl train --help > /dev/null || exit 1
 # Decode once into the cache so the runs do not race on it.
 timeout 60 python3 -c "import sys; from dnnrl.data import load_dataset; load_dataset(sys.argv[1])" "$FER_ARCHIVE"
-declare -A CONFIGS=(
-  [dnnrl_lr01]="--method dnnrl --lr 0.01"
-  [dnnrl_lr001]="--method dnnrl --lr 0.001"
-  [dnn_lr01]="--method dnn --lr 0.01"
-)
-for name in "${!CONFIGS[@]}"; do
-  timeout "$LIMIT" python3 -m dnnrl train --data "$FER_ARCHIVE" --out "/tmp/probe-$name" --backend reference \
-    --max-epochs "$EPOCHS" --no-progress ${CONFIGS[$name]} > "/tmp/probe-$name.log" 2>&1 &
+# Default set (docs/app.md, "FER-2013: what makes the triplet losses learn"): the softmax
+# baseline, the pure exp-triplet default, and the joint softmax + triplet runs.
+DEFAULT_CONFIGS="dnn=--method dnn --lr 0.01;\
+dnnrl_pure=--method dnnrl --lr 0.01;\
+dnnrl_joint=--method dnnrl --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.01;\
+tdnn_joint=--method tdnn --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.01"
+IFS=';' read -ra ITEMS <<< "${PROBE_CONFIGS:-$DEFAULT_CONFIGS}"
+run() {  # name flags
+  timeout "$LIMIT" python3 -m dnnrl train --data "$FER_ARCHIVE" --out "/tmp/probe-$1" \
+    --max-epochs "$EPOCHS" --no-progress $2 > "/tmp/probe-$1.log" 2>&1
+}
+names=(); later=()
+for item in "${ITEMS[@]}"; do
+  name=${item%%=*}; flags=${item#*=}; names+=("$name")
+  if [[ "$flags" == *@INIT@* ]]; then later+=("$item"); continue; fi
+  run "$name" "$flags" &
 done
 wait
-for name in "${!CONFIGS[@]}"; do
-  echo "== $name: ${CONFIGS[$name]}"; grep -E "epoch|accuracy" "/tmp/probe-$name.log" | tail -n 12
+for item in "${later[@]}"; do
+  name=${item%%=*}; flags=${item#*=}
+  run "$name" "${flags//@INIT@/--init-from /tmp/probe-${PROBE_INIT:-dnn}}" &
+done
+wait
+for name in "${names[@]}"; do
+  echo "== $name"; grep -E "epoch|accuracy" "/tmp/probe-$name.log" | tail -n 12
   cp "/tmp/probe-$name/log.jsonl" "$OUTDIR/$name.jsonl" 2>/dev/null
   cp "/tmp/probe-$name/results.json" "$OUTDIR/$name.results.json" 2>/dev/null
 done

@@ -31,3 +31,13 @@ def test_reproduce_help_lists_methods(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "--help"])
     assert "--method" in capsys.readouterr().out
+
+
+def test_reproduce_passes_the_triplet_options_through(tmp_path):
+    """--mining / --softmax-weight reach the triplet methods and show in the table."""
+    out = str(tmp_path / "joint")
+    assert main(["reproduce", "--out", out, "--method", "dnnrl", "--mining", "easy_positive",
+                 "--softmax-weight", "1", "--reduction", "mean", "--lr", "0.005"] + TINY) == 0
+    cfg = json.load(open(os.path.join(out, "dnnrl", "config.json")))
+    assert (cfg["mining"], cfg["softmax_weight"], cfg["reduction"], cfg["lr"]) == ("easy_positive", 1.0, "mean", 0.005)
+    assert "easy_positive mining, + 1 x softmax (joint)" in open(os.path.join(out, "table.md")).read()

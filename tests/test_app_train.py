@@ -203,3 +203,17 @@ def test_easy_positive_mining_trains(tmp_path):
     from dnnrl.train import ExplicitTripletLoss
     with pytest.raises(ValueError, match="mining"):
         ExplicitTripletLoss("exp", 0.2, 0.0, 0.2, "sum", "reference", mining="hardest")
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_softmax_weight_trains_the_head_only_when_asked(tmp_path, weight):
+    """--softmax-weight W: triplet loss + W x cross-entropy of the head (joint training);
+    with W = 0 the head gets no gradient (the paper's pure triplet loss)."""
+    from dnnrl.train import Trainer
+    cfg = _cfg(tmp_path / str(weight), method="dnnrl", softmax_weight=weight, max_epochs=1)
+    head0 = Trainer(cfg).model.head.weight.detach().clone()  # same seed: the run's initial head
+    train(cfg)
+    head1 = torch.load(tmp_path / str(weight) / "checkpoint.pt", weights_only=False)["model"]["head.weight"]
+    assert torch.equal(head0, head1) == (weight == 0.0)
+    with pytest.raises(ValueError, match="softmax_weight"):
+        Trainer(_cfg(tmp_path / "bad", method="dnnrl", softmax_weight=-1.0))

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=None, help="hinge margin for tdnn (%g)" % d.margin)
     g.add_argument("--reduction", default=None, choices=["sum", "mean"],
                    help="triplet loss over a batch (%s: the paper's Eq. 1)" % d.reduction)
+    g.add_argument("--softmax-weight", type=float, default=None,
+                   help="dnnrl / tdnn: add W x the softmax head's cross-entropy to the triplet loss "
+                        "(joint training; default %g = the paper's pure triplet loss)" % d.softmax_weight)
     g.add_argument("--mining-scope", default=None, choices=["global", "local"],
                    help="under torchrun: mine triplets in the global batch gathered from all ranks, or "
                         "in each rank's shard (%s)" % d.mining_scope)

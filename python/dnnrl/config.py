@@ -33,6 +33,8 @@ class Config:
                                       # synthetic set; on FER-2013 nothing tried learns yet, docs/app.md)
     margin: float = 0.2               # hinge margin (tdnn)
     reduction: str = "sum"            # triplet loss over the batch: "sum" (the paper's Eq. 1) or "mean"
+    softmax_weight: float = 0.0       # dnnrl / tdnn: add this x cross-entropy of the softmax head
+                                      # (joint training; 0 = the paper's pure triplet loss)
     mining_scope: str = "global"      # torchrun runs: mine in the global batch or in each rank's shard
     # optimisation and protocol (SPEC section 6)
     lr: float = 0.01

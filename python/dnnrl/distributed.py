@@ -142,7 +142,9 @@ class _Forward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, head: bool = False) -> Tensor:
+    def forward(self, x: Tensor, head: bool = False, both: bool = False):
+        if both:
+            return self.model.embed_and_logits(x)
         return self.model.logits(x) if head else self.model(x)
 
 
@@ -159,13 +161,17 @@ class DDPModel:
     def logits(self, x: Tensor) -> Tensor:
         return self.ddp(x, head=True)
 
+    def embed_and_logits(self, x: Tensor):
+        return self.ddp(x, both=True)
+
 
 def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: bool = False):
     """DDP around ``model`` (parameters broadcast from rank 0 here); the model itself
     stays the object that is saved, validated and evaluated.
 
     Args:
-        uses_head: the training loss reads ``model.logits`` (method "dnn"). When it does
+        uses_head: the training loss reads the head (method "dnn", or a triplet method
+            with ``softmax_weight`` > 0). When it does
             not, the head is frozen (requires_grad False): it gets no gradient anyway,
             and DDP would otherwise wait for it.
         compile: torch.compile the wrapped forward.

@@ -153,6 +153,12 @@ class DNNRLNet(nn.Module):
         """(B, 1, S, S) -> (B, embed_dim) L2-normalised embeddings (float32 for the loss)."""
         return F.normalize(self.features(x).float(), dim=1)
 
+    def embed_and_logits(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(B, 1, S, S) -> (embeddings (B, embed_dim) unit-norm float32, head scores
+        (B, num_classes)) from one forward pass (the joint softmax + triplet loss)."""
+        f = self.features(x)
+        return F.normalize(f.float(), dim=1), self.head(f)
+
     def logits(self, x: Tensor) -> Tensor:
         """(B, 1, S, S) -> (B, num_classes) softmax-head scores."""
         return self.head(self.features(x))

@@ -20,7 +20,8 @@ NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl"
 
 # Training options passed through to `dnnrl train` (None = the preset's value).
 _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
-                "batch_size", "seed", "device", "backend", "amp", "compile", "skip_bad", "cache_dir")
+                "batch_size", "seed", "device", "backend", "amp", "compile", "skip_bad", "cache_dir",
+                "lr", "mining", "gamma", "alpha", "reduction", "softmax_weight")
 
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
@@ -42,6 +43,17 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, default=None, help="train on a stratified subset")
     p.add_argument("--val-subset", type=int, default=None, help="validate on a stratified subset")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (128)")
+    p.add_argument("--lr", type=float, default=None, help="initial lr of every method (preset)")
+    p.add_argument("--mining", default=None,
+                   choices=("batch_hard", "semi_hard", "random_triplets", "easy_positive"),
+                   help="triplets of T-DNN and DNNRL (default: dnnrl train's)")
+    p.add_argument("--gamma", type=float, default=None, help="DNNRL's gamma (default: dnnrl train's)")
+    p.add_argument("--alpha", type=float, default=None, help="DNNRL's alpha (default: dnnrl train's)")
+    p.add_argument("--reduction", default=None, choices=("sum", "mean"),
+                   help="triplet loss reduction of T-DNN and DNNRL (default: dnnrl train's)")
+    p.add_argument("--softmax-weight", type=float, default=None,
+                   help="T-DNN and DNNRL: add W x softmax cross-entropy (joint training, docs/app.md); "
+                        "default 0 = the paper's pure triplet losses")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default=None, choices=("auto", "compiled", "reference"), help="dnnrl_ext backend")
@@ -54,9 +66,20 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _row(method: str, res: dict, wall: Optional[float]) -> Dict[str, object]:
+def _variant(method: str, cfg: dict) -> str:
+    """What a triplet run used, for the table: its mining and any softmax term."""
+    if method == "dnn" or not cfg:
+        return ""
+    text = "%s mining" % cfg.get("mining", "?")
+    if cfg.get("softmax_weight"):
+        text += ", + %g x softmax (joint)" % cfg["softmax_weight"]
+    return " [%s]" % text
+
+
+def _row(method: str, res: dict, wall: Optional[float], cfg: Optional[dict] = None) -> Dict[str, object]:
     training = res.get("training") or {}
-    return {"method": method, "name": NAMES[method], "val_accuracy": res.get("val_accuracy"),
+    return {"method": method, "name": NAMES[method] + _variant(method, cfg or {}),
+            "val_accuracy": res.get("val_accuracy"),
             "test_accuracy": res.get("test_accuracy"), "k": res.get("k"),
             "paper_test_accuracy": PAPER_TEST_ACCURACY[method], "epochs": training.get("epochs"),
             "train_seconds": training.get("seconds"), "images_per_s": training.get("images_per_s"),
@@ -102,8 +125,10 @@ def run_reproduce(args) -> int:
             t0 = time.time()
             train(cfg, resume=resume)
             wall = time.time() - t0
+        cfg_path = os.path.join(run_dir, "config.json")
+        run_cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
         with open(results_path) as f:
-            rows.append(_row(method, json.load(f), wall))
+            rows.append(_row(method, json.load(f), wall, run_cfg))
     table = format_table(rows)
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump({"rows": rows, "paper": PAPER_TEST_ACCURACY}, f, indent=2)

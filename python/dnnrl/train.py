@@ -222,9 +222,12 @@ class Trainer:
         self.aug = augment_config(cfg)
         self.channels_last = use_channels_last(cfg.channels_last, self.device)
         self.model = build(cfg, len(self.class_names), self.device)
+        if cfg.softmax_weight < 0 or cfg.softmax_weight != cfg.softmax_weight:
+            raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
+        self._joint = cfg.method != "dnn" and cfg.softmax_weight > 0  # triplet + softmax head
         if cfg.init_from and not resume:  # (a resumed run restores its own weights)
             self._init_weights(cfg.init_from)
-        self.fwd_model = distributed.wrap_model(self.model, self.dist, uses_head=cfg.method == "dnn",
+        self.fwd_model = distributed.wrap_model(self.model, self.dist, uses_head=cfg.method == "dnn" or self._joint,
                                                 compile=cfg.compile)
         # random_triplets draws its triplets from these (the validation one is re-seeded
         # every validation so the val loss compares the same triplets epoch to epoch)
@@ -309,7 +312,10 @@ class Trainer:
                 logits = (self.fwd_model.logits(x) if not self.cfg.compile or self.dist.enabled
                           else self.model.logits(x))
                 return F.cross_entropy(logits.float(), y), None
-            emb = self.fwd_model(x)
+            if self._joint:
+                emb, logits = self.fwd_model.embed_and_logits(x)
+            else:
+                emb = self.fwd_model(x)
         out = (criterion or self.criterion)(emb.float(), y, return_details=True)
         gamma = self.cfg.gamma
         # "active": triplets with a non-zero gradient (exp: r > gamma; hinge: r < margin)
@@ -317,6 +323,8 @@ class Trainer:
             act = ((out.r > gamma) & out.valid).float().sum() / out.valid.float().sum().clamp(min=1)
         else:
             act = ((out.r < self.cfg.margin) & out.valid).float().sum() / out.valid.float().sum().clamp(min=1)
+        if self._joint:
+            return out.loss + self.cfg.softmax_weight * F.cross_entropy(logits.float(), y), act
         return out.loss, act
 
     def train_epoch(self) -> Dict[str, float]:
