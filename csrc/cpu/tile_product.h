@@ -9,9 +9,10 @@
 // dispatcher (mkldnn::_linear_pointwise, the op torch.compile's CPU backend emits), so
 // a torch built without it falls back to at::mm instead of failing to load.
 //
-// oneDNN follows torch.backends.mkldnn.matmul.fp32_precision like at::mm does: left
-// at its default the arithmetic is IEEE float32 (only the summation order differs
-// from MKL's); torch.backends.mkldnn.enabled = False sends every tile to at::mm.
+// The arithmetic is IEEE float32; only the summation order differs from MKL's
+// (checked with torch 2.14: the op ignores torch.backends.mkldnn.matmul.fp32_precision
+// = "bf16"; should a later torch honour it, tiles would follow the user's setting as
+// at::mm does). torch.backends.mkldnn.enabled = False sends every tile to at::mm.
 #pragma once
 
 #include <ATen/ATen.h>
