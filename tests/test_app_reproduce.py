@@ -41,3 +41,16 @@ def test_reproduce_passes_the_triplet_options_through(tmp_path):
     cfg = json.load(open(os.path.join(out, "dnnrl", "config.json")))
     assert (cfg["mining"], cfg["softmax_weight"], cfg["reduction"], cfg["lr"]) == ("easy_positive", 1.0, "mean", 0.005)
     assert "easy_positive mining, + 1 x softmax (joint)" in open(os.path.join(out, "table.md")).read()
+
+
+def test_reproduce_trains_methods_in_parallel_processes(tmp_path, capsys):
+    out = str(tmp_path / "par")
+    assert main(["reproduce", "--out", out, "--method", "dnn", "--method", "tdnn", "--jobs", "2"] + TINY) == 0
+    assert "in 2 processes" in capsys.readouterr().out
+    table = json.load(open(os.path.join(out, "table.json")))
+    assert [r["method"] for r in table["rows"]] == ["dnn", "tdnn"]
+    for r in table["rows"]:
+        assert 0.0 <= r["val_accuracy"] <= 1.0 and r["wall_seconds"] > 0
+    capsys.readouterr()
+    assert main(["reproduce", "--out", out, "--jobs", "0"] + TINY) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err

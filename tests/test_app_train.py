@@ -217,3 +217,32 @@ def test_softmax_weight_trains_the_head_only_when_asked(tmp_path, weight):
     assert torch.equal(head0, head1) == (weight == 0.0)
     with pytest.raises(ValueError, match="softmax_weight"):
         Trainer(_cfg(tmp_path / "bad", method="dnnrl", softmax_weight=-1.0))
+
+
+def test_every_train_option_reaches_the_config(tmp_path):
+    """Each `dnnrl train` option whose name is a Config field lands in config.json
+    (the new options once did not: the CLI kept a hand-written list)."""
+    import dataclasses
+    from dnnrl.cli import build_parser
+    from dnnrl.config import Config
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train_parser._actions}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for name in ("init_from", "softmax_weight", "mining", "gamma", "width"):
+        assert name in dests & fields, name
+    run = tmp_path / "cli"
+    argv = ["train", "--out", str(run), "--image-size", "32", "--width", "0.125", "--batch-size", "28",
+            "--max-epochs", "1", "--monitor-gallery", "40", "--k-max", "5", "--no-progress",
+            "--train-subset", "140", "--val-subset", "56",
+            "--softmax-weight", "0.5", "--mining", "easy_positive", "--reduction", "mean"]
+    assert cli_main(argv) == 0
+    saved = json.load(open(run / "config.json"))
+    assert (saved["softmax_weight"], saved["mining"], saved["reduction"]) == (0.5, "easy_positive", "mean")
+
+
+def test_cli_reports_bad_option_values_in_one_line(tmp_path, capsys):
+    assert cli_main(["train", "--out", str(tmp_path / "x"), "--softmax-weight", "-1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "softmax_weight must be >= 0" in err and "Traceback" not in err
+    assert cli_main(["train", "--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nope")]) == 2
+    assert "--init-from" in capsys.readouterr().err

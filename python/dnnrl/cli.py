@@ -1,5 +1,6 @@
 """Command line: ``dnnrl train``, ``dnnrl eval``, ``dnnrl embed`` (also ``python -m dnnrl``)."""
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -158,12 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from .config import resolve
     from .train import train
-    keys = ["method", "data", "preset", "image_size", "width", "embed_dim", "dropout", "flip", "batch_size",
-            "sampler", "mining", "mining_scope", "alpha", "gamma", "margin", "reduction", "lr", "lr_min", "momentum",
-            "weight_decay", "select_by", "patience", "max_epochs", "epoch_batches", "train_subset", "val_subset", "k_max",
-            "monitor_gallery", "skip_bad", "cache_dir", "seed", "device", "backend", "amp", "channels_last",
-            "compile", "log_every", "progress", "eval_batch_size"]
-    over = {k: getattr(args, k) for k in keys}
+    # every Config field the parser has an option for (a hand-kept list once dropped new options)
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     over["out"] = args.out
     cfg = resolve(over)
     results = train(cfg, resume=args.resume)
@@ -252,6 +249,16 @@ def _embed(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad options or paths: one line, not a traceback
+        if os.environ.get("DNNRL_DEBUG"):
+            raise
+        print("dnnrl %s: error: %s (DNNRL_DEBUG=1 shows the traceback)" % (args.command, exc), file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "reproduce":
         from .reproduce import run_reproduce
         return run_reproduce(args)
