@@ -228,7 +228,7 @@ def test_every_train_option_reaches_the_config(tmp_path):
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in train_parser._actions}
     fields = {f.name for f in dataclasses.fields(Config)}
-    for name in ("init_from", "softmax_weight", "mining", "gamma", "width"):
+    for name in ("init_from", "softmax_weight", "mining", "gamma", "width", "tta"):
         assert name in dests & fields, name
     run = tmp_path / "cli"
     argv = ["train", "--out", str(run), "--image-size", "32", "--width", "0.125", "--batch-size", "28",
@@ -246,3 +246,26 @@ def test_cli_reports_bad_option_values_in_one_line(tmp_path, capsys):
     assert "softmax_weight must be >= 0" in err and "Traceback" not in err
     assert cli_main(["train", "--out", str(tmp_path / "y"), "--init-from", str(tmp_path / "nope")]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    import dataclasses
+    import torch.nn.functional as F
+    from dnnrl.model import DNNRLNet
+    from dnnrl.runtime import embed
+    from dnnrl.transforms import AugmentConfig
+    torch.manual_seed(0)
+    model = DNNRLNet(width=0.125)
+    imgs = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
+    plain = AugmentConfig(out_size=32)
+    tta = dataclasses.replace(plain, tta_flip=True)
+    cpu = torch.device("cpu")
+    want = F.normalize(embed(model, imgs, plain, cpu) + embed(model, imgs.flip(-1), plain, cpu), dim=1)
+    torch.testing.assert_close(embed(model, imgs, tta, cpu), want)
+    want_logits = (embed(model, imgs, plain, cpu, head=True) + embed(model, imgs.flip(-1), plain, cpu, head=True)) / 2
+    torch.testing.assert_close(embed(model, imgs, tta, cpu, head=True), want_logits)
+    sym = torch.cat([imgs[:, :, :24], imgs[:, :, :24].flip(-1)], -1)  # mirror-symmetric images
+    torch.testing.assert_close(embed(model, sym, tta, cpu), embed(model, sym, plain, cpu), atol=1e-5, rtol=0)
+    assert not torch.allclose(embed(model, imgs, tta, cpu), embed(model, imgs, plain, cpu))
+    with pytest.raises(ValueError, match="tta"):
+        _cfg("unused", tta="five-crop")

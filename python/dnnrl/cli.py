@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=int, default=None, help="embedding size (%d)" % d.embed_dim)
     g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
     g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
+    g.add_argument("--tta", default=None, choices=["none", "flip"],
+                   help="test-time averaging for validation / evaluation: none, or flip (each image "
+                        "and its mirror image; default none, as in the paper)")
     g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of another run (its directory, best.pt or checkpoint.pt; "
                         "same network size), e.g. a --method dnn run, to fine-tune it with a triplet loss")
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
     e.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
+    e.add_argument("--tta", default=None, choices=["none", "flip"],
+                   help="test-time averaging (default: the run's setting)")
     _add_runtime_args(e)
 
     m = sub.add_parser("embed", help="write embeddings of a data set to .npz or .pt",
@@ -188,7 +193,7 @@ def _restore(args):
     from .runtime import load_data, pick_device, place_data, resolve_backend
     from .train import augment_config, build, setup_logging
     path, cfg, class_names, state = _load_checkpoint(args.checkpoint)
-    for k in ("device", "backend", "amp", "eval_batch_size", "cache_dir"):
+    for k in ("device", "backend", "amp", "eval_batch_size", "cache_dir", "tta"):
         if getattr(args, k, None) is not None:
             setattr(cfg, k, getattr(args, k))
     cfg.skip_bad = bool(args.skip_bad)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 METHODS = ("dnnrl", "tdnn", "dnn")
+TTA_MODES = ("none", "flip")
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Config:
     init_from: Optional[str] = None   # start from these weights (a run dir / best.pt / checkpoint.pt),
                                       # e.g. a dnn (softmax) run to fine-tune with a triplet loss
     flip: bool = False                # random horizontal flips (not in the paper)
+    tta: str = "none"                 # test-time averaging: "none" or "flip" (image + its mirror image)
     # loss and batches
     batch_size: int = 128
     sampler: str = "pk"               # "random" (the paper) or "pk" (class-balanced P x K)
@@ -112,4 +114,6 @@ def resolve(overrides: Dict[str, Any]) -> Config:
     cfg = Config.from_dict(values)
     if cfg.method not in METHODS:
         raise ValueError("method must be one of %s, got %r" % (METHODS, cfg.method))
+    if cfg.tta not in TTA_MODES:
+        raise ValueError("tta must be one of %s, got %r" % (TTA_MODES, cfg.tta))
     return cfg

@@ -106,7 +106,9 @@ def place_data(ds: Dataset, device: torch.device) -> Tuple[Dict[str, Tuple[Tenso
 def embed(model, images: Tensor, aug: AugmentConfig, device: torch.device, amp: str = "auto",
           channels_last: bool = False, batch_size: int = 512, head: bool = False) -> Tensor:
     """Embeddings (N, D) float32 (or head logits (N, C) with ``head``) of uint8 images
-    (N, S, S) under the deterministic evaluation transform, on ``device``."""
+    (N, S, S) under the deterministic evaluation transform, on ``device``. With
+    ``aug.tta_flip`` each image and its mirror image are both embedded: the embeddings
+    are summed and re-normalised, the logits averaged."""
     was_training = model.training
     model.eval()
     outs = []
@@ -115,9 +117,16 @@ def embed(model, images: Tensor, aug: AugmentConfig, device: torch.device, amp: 
         x = evaluate_transform(xb, aug)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        views = (x, torch.flip(x, dims=[-1])) if aug.tta_flip else (x,)
         with amp_context(amp, device):
-            out = model.logits(x) if head else model(x)
-        outs.append(out.float())
+            out = [(model.logits(v) if head else model(v)).float() for v in views]
+        if len(out) == 1:
+            out = out[0]
+        elif head:
+            out = (out[0] + out[1]) / 2
+        else:
+            out = torch.nn.functional.normalize(out[0] + out[1], dim=1)
+        outs.append(out)
     model.train(was_training)
     if not outs:
         return torch.zeros(0, model.num_classes if head else model.embed_dim, device=device)

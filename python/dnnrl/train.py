@@ -176,7 +176,7 @@ def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
 
 
 def augment_config(cfg: Config) -> AugmentConfig:
-    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip)
+    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip, tta_flip=getattr(cfg, "tta", "none") == "flip")
 
 
 def build(cfg: Config, num_classes: int, device: torch.device) -> DNNRLNet:

@@ -39,6 +39,7 @@ class AugmentConfig:
     rotation: float = 15.0       # +- degrees
     crop: float = 108.0
     flip: bool = False           # horizontal flip (not in the paper; off by default)
+    tta_flip: bool = False       # evaluation: average over the image and its mirror image
 
     def scaled(self):
         f = self.out_size / self.crop
