@@ -9,7 +9,10 @@ For dnnrl_ext and the plain-PyTorch version, on the same inputs, one step =
   training loop sees when the host runs ahead);
 - ``host_fwd_us`` / ``host_bwd_us``: host wall time of the forward call and of the
   backward call alone (no sync), to split the step;
-- the torch.profiler table of one run of 20 steps (host and device time per op).
+- the torch.profiler table of one run of 20 steps (host and device time per op);
+- on CUDA, ``graph_replay_us``: the step captured once in a CUDA graph and replayed
+  (no host overhead at all; plain PyTorch cannot be captured: its boolean indexing
+  syncs).
 
 Usage: python3 benchmarks/profile_small_batch.py [--B 128] [--out DIR]. Works on the
 CPU too (then everything is host time), which is how it was checked without a GPU.
@@ -70,6 +73,25 @@ def split_host(loss_fn, x, y, device, n=200):
     return statistics.median(fwd) * 1e6, statistics.median(bwd) * 1e6
 
 
+def graphed_time(loss_fn, x, y, repeats):
+    """Median time of one fwd+bwd step replayed from a CUDA graph: no host launch
+    overhead, what torch.compile(mode="reduce-overhead") or a hand-captured training
+    step gets. Raises where the step cannot be captured (a host sync, e.g. boolean
+    indexing in the plain version)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        for _ in range(3):
+            x.grad = None
+            loss_fn(x, y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss_fn(x, y).backward()
+    return common.time_cuda(graph.replay, repeats=repeats) * 1e6
+
+
 def profile_table(step, device, steps=20):
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -120,6 +142,14 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
         tables.append("### %s\n%s" % (name, profile_table(step, device)))
+    if device.type == "cuda":  # last: a failed capture must not disturb the figures above
+        for row in rows:
+            try:
+                row["graph_replay_us"] = graphed_time(cands[row["method"]], x, y, args.repeats)
+            except Exception as exc:
+                row["graph_replay_us"] = "error: %s" % str(exc).splitlines()[0][:80]
+                torch.cuda.synchronize()
+            print(json.dumps({"method": row["method"], "graph_replay_us": row["graph_replay_us"]}), flush=True)
     text = "\n\n".join(tables)
     print(text)
     if args.out:
