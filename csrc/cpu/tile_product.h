@@ -41,6 +41,10 @@ inline bool use_onednn_tiles(at::ScalarType dtype) {
   return dtype == at::kFloat && onednn_linear_op().has_value() && at::globalContext().userEnabledMkldnn();
 }
 
+// Concurrency: the kernels call this from several at::parallel_for workers at once.
+// ideep (torch's oneDNN layer) keeps its primitive cache per thread and oneDNN's own
+// cache is thread-safe, so that is safe; each worker compiles a new shape once.
+//
 // Multiply-adds below which a tile stays with at::mm: oneDNN compiles a kernel for
 // every new shape (0.6-1.3 ms measured), more than such a product costs, and random
 // shapes (tests, tail tiles) would each pay it. A 64 x 64 x 512 tile (the loss at
