@@ -114,6 +114,8 @@ def resolve(overrides: Dict[str, Any]) -> Config:
     cfg = Config.from_dict(values)
     if cfg.method not in METHODS:
         raise ValueError("method must be one of %s, got %r" % (METHODS, cfg.method))
+    if not cfg.softmax_weight >= 0:  # (also catches NaN)
+        raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
     if cfg.tta not in TTA_MODES:
         raise ValueError("tta must be one of %s, got %r" % (TTA_MODES, cfg.tta))
     return cfg

@@ -204,6 +204,8 @@ class Trainer:
         self.run_dir = cfg.out
         os.makedirs(self.run_dir, exist_ok=True)
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
+        if cfg.init_from and not resume and not os.path.exists(cfg.init_from):  # before loading data
+            raise FileNotFoundError("--init-from: %s does not exist" % cfg.init_from)
         self.dist = distributed.setup(cfg.device)  # single process unless run by torchrun
         self.device = self.dist.device
         self.backend = resolve_backend(cfg.backend, self.device)
@@ -222,8 +224,6 @@ class Trainer:
         self.aug = augment_config(cfg)
         self.channels_last = use_channels_last(cfg.channels_last, self.device)
         self.model = build(cfg, len(self.class_names), self.device)
-        if cfg.softmax_weight < 0 or cfg.softmax_weight != cfg.softmax_weight:
-            raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
         self._joint = cfg.method != "dnn" and cfg.softmax_weight > 0  # triplet + softmax head
         if cfg.init_from and not resume:  # (a resumed run restores its own weights)
             self._init_weights(cfg.init_from)
