@@ -93,3 +93,23 @@ def test_the_two_gemm_paths_are_both_taken():
     with _paths("at_mm"):
         d2, _ = dnnrl_ext.knn(q, g, 10, backend="compiled")
     assert not torch.equal(d1, d2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_and_inf_rank_like_the_reference_on_both_gemm_paths(path):
+    """NaN / inf rows through the big-tile path: NaN distances rank last, ties by index."""
+    require_compiled("cpu")
+    q, g, labels = _knn_data(seed=3, Q=300)
+    g[7, 3] = float("nan")
+    g[900, 0] = float("inf")
+    q[5, 10] = float("nan")
+    with _paths(path):
+        d, i = dnnrl_ext.knn(q, g, 10, backend="compiled")
+        p = dnnrl_ext.knn_vote(q, g, labels, 10, 7, backend="compiled")
+    want_d, want_i = dnnrl_ext.knn(q, g, 10, backend="reference")
+    assert torch.equal(d.isnan(), want_d.isnan())
+    assert torch.equal(i[5], torch.arange(10))  # an all-NaN row: the first ten by index
+    rows = torch.as_tensor(_tie_free_rows(q, g, 10))
+    rows[5] = False
+    assert torch.equal(i[rows], want_i[rows])
+    assert torch.equal(p[rows], dnnrl_ext.knn_vote(q, g, labels, 10, 7, backend="reference")[rows])
