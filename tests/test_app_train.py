@@ -269,3 +269,15 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     assert not torch.allclose(embed(model, imgs, tta, cpu), embed(model, imgs, plain, cpu))
     with pytest.raises(ValueError, match="tta"):
         _cfg("unused", tta="five-crop")
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    from dnnrl import distributed
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda m, mode="default": (seen.update(mode=mode), m)[1])
+    ctx = distributed.DistContext()  # one process
+    model = torch.nn.Linear(2, 2)
+    distributed.wrap_model(model, ctx, uses_head=False, compile=True, compile_mode="reduce-overhead")
+    assert seen["mode"] == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile_mode"):
+        _cfg("unused", compile_mode="fastest")

@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(g)
     g.add_argument("--channels-last", default=None, choices=["auto", "on", "off"], help="(auto: on CUDA)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, fewer launches at "
+                        "batch 128)")
     g.add_argument("--log-every", type=int, default=None, help="steps between host syncs (%d)" % d.log_every)
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no tqdm progress bars")

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 METHODS = ("dnnrl", "tdnn", "dnn")
 TTA_MODES = ("none", "flip")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Config:
     amp: str = "auto"                 # "auto" = bf16 autocast on cuda; "bf16"; "off"
     channels_last: str = "auto"       # "auto" = on cuda
     compile: bool = False             # torch.compile the model
+    compile_mode: str = "default"     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
+                                      # "max-autotune", "max-autotune-no-cudagraphs"
     log_every: int = 50               # steps between host syncs for the progress bar / log
     progress: bool = True             # tqdm bars
     eval_batch_size: int = 512
@@ -114,6 +117,8 @@ def resolve(overrides: Dict[str, Any]) -> Config:
     cfg = Config.from_dict(values)
     if cfg.method not in METHODS:
         raise ValueError("method must be one of %s, got %r" % (METHODS, cfg.method))
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError("compile_mode must be one of %s, got %r" % (COMPILE_MODES, cfg.compile_mode))
     if not cfg.softmax_weight >= 0:  # (also catches NaN)
         raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
     if cfg.tta not in TTA_MODES:

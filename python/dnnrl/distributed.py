@@ -165,7 +165,8 @@ class DDPModel:
         return self.ddp(x, both=True)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: bool = False):
+def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: bool = False,
+               compile_mode: str = "default"):
     """DDP around ``model`` (parameters broadcast from rank 0 here); the model itself
     stays the object that is saved, validated and evaluated.
 
@@ -174,10 +175,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: boo
             with ``softmax_weight`` > 0). When it does
             not, the head is frozen (requires_grad False): it gets no gradient anyway,
             and DDP would otherwise wait for it.
-        compile: torch.compile the wrapped forward.
+        compile: torch.compile the wrapped forward (with ``compile_mode``).
     """
     if not ctx.enabled:
-        return torch.compile(model) if compile else model
+        return torch.compile(model, mode=compile_mode) if compile else model
     if not uses_head and hasattr(model, "head"):
         model.head.requires_grad_(False)
     fwd = _Forward(model)
@@ -187,7 +188,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: boo
     # at the end of every epoch
     ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=ids, broadcast_buffers=False)
     if compile:
-        ddp = torch.compile(ddp)
+        ddp = torch.compile(ddp, mode=compile_mode)
     return DDPModel(ddp)
 
 

@@ -228,7 +228,7 @@ class Trainer:
         if cfg.init_from and not resume:  # (a resumed run restores its own weights)
             self._init_weights(cfg.init_from)
         self.fwd_model = distributed.wrap_model(self.model, self.dist, uses_head=cfg.method == "dnn" or self._joint,
-                                                compile=cfg.compile)
+                                                compile=cfg.compile, compile_mode=cfg.compile_mode)
         # random_triplets draws its triplets from these (the validation one is re-seeded
         # every validation so the val loss compares the same triplets epoch to epoch)
         self.triplet_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 11)
