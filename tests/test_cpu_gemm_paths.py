@@ -9,6 +9,7 @@ comparison cannot pass by running one path twice.
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, note, settings, strategies as st
 
 import dnnrl_ext
 from ops_testutil import (eps, r_atol, require_compiled, row_scale, run_triplet,
@@ -113,3 +114,21 @@ def test_nan_and_inf_rank_like_the_reference_on_both_gemm_paths(path):
     rows[5] = False
     assert torch.equal(i[rows], want_i[rows])
     assert torch.equal(p[rows], dnnrl_ext.knn_vote(q, g, labels, 10, 7, backend="reference")[rows])
+
+
+@settings(max_examples=12, deadline=None)
+@given(Q=st.integers(40, 700), N=st.integers(1025, 2600), D=st.integers(48, 700), k=st.integers(1, 20),
+       seed=st.integers(0, 2 ** 31), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_knn_on_random_big_shapes_matches_reference(Q, N, D, k, seed, dtype):
+    """Random shapes above the oneDNN threshold (tail tiles of every size, low-precision
+    inputs converted to float32 first) against the reference."""
+    require_compiled("cpu")
+    q, g, labels = _knn_data(seed=seed, Q=Q, N=N, D=D)
+    q, g = q.to(dtype), g.to(dtype)
+    d, i = dnnrl_ext.knn(q, g, k, backend="compiled")
+    want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
+    rows = _tie_free_rows(q.float(), g.float(), k)
+    note("Q=%d N=%d D=%d k=%d %s: %d tie-free rows" % (Q, N, D, k, dtype, rows.sum()))
+    assert torch.equal(i[rows], want_i[rows])
+    atol = eps(torch.float32) * (4 * D ** 0.5 + 16) * row_scale(torch.cat([q.float(), g.float()]))
+    torch.testing.assert_close(d, want_d, atol=atol, rtol=0)
