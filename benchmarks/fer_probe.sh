@@ -7,7 +7,9 @@
 # (four runs share the card: ~25 full-network epochs each in about 5 minutes on an H200 (estimate)),
 # PROBE_CONFIGS: "name=train flags;name=train flags;..." (default: the set below),
 # BUILD=1 builds the extension first (else the runs use the reference backend when
-# the compiled kernels are missing). A config whose flags contain @INIT@ gets
+# the compiled kernels are missing); EXPORT=<config name> exports that run as a bundle.
+# Output: OUTDIR/probe_runs.tar.gz (each run's log.jsonl, results.json, config.json,
+# report.md, stdout) [+ OUTDIR/<name>_bundle.pt and export.log]. A config whose flags contain @INIT@ gets
 # "--init-from <dir of the config named by PROBE_INIT>" and starts after the others.
 set -uo pipefail
 OUTDIR=${1:?usage: fer_probe.sh OUTDIR}
@@ -49,8 +51,22 @@ for item in "${later[@]}"; do
   run "$name" "${flags//@INIT@/--init-from /tmp/probe-${PROBE_INIT:-dnn}}" &
 done
 wait
+# One archive for every run's logs (a device call returns at most 8 files).
+mkdir -p /tmp/probe-pack
 for name in "${names[@]}"; do
   echo "== $name"; grep -E "epoch|accuracy" "/tmp/probe-$name.log" | tail -n 12
-  cp "/tmp/probe-$name/log.jsonl" "$OUTDIR/$name.jsonl" 2>/dev/null
-  cp "/tmp/probe-$name/results.json" "$OUTDIR/$name.results.json" 2>/dev/null
+  mkdir -p "/tmp/probe-pack/$name"
+  cp "/tmp/probe-$name.log" "/tmp/probe-pack/$name/stdout.log" 2>/dev/null
+  for f in log.jsonl results.json config.json report.md; do
+    cp "/tmp/probe-$name/$f" "/tmp/probe-pack/$name/" 2>/dev/null
+  done
 done
+tar -czf "$OUTDIR/probe_runs.tar.gz" -C /tmp/probe-pack .
+# EXPORT=name: also write that run's model as a bundle (fp16 weights + PCA gallery,
+# the package's shipping format, < 12 MB) beside it, e.g. to ship as the default model.
+if [ -n "${EXPORT:-}" ] && [ -d "/tmp/probe-$EXPORT" ]; then
+  timeout 240 python3 -m dnnrl export --checkpoint "/tmp/probe-$EXPORT" --data "$FER_ARCHIVE" \
+    --out "$OUTDIR/${EXPORT}_bundle.pt" --gallery-dim ${GALLERY_DIM:-96} --sweep-dims 64,128 \
+    --note "fer_probe.sh run $EXPORT: ${FER_EPOCHS} epochs" > "$OUTDIR/export.log" 2>&1
+  echo "export exit $?"; tail -n 5 "$OUTDIR/export.log"
+fi
