@@ -3,7 +3,7 @@
 # (the Table 1 network leaves the card mostly idle at batch 128), each for a few
 # epochs, to see which ones learn. Per-epoch logs and results go to OUTDIR.
 #   usage: FER_ARCHIVE=.carry/fer2013.tar.xz bash benchmarks/fer_probe.sh OUTDIR
-# Options (environment): FER_EPOCHS (8), PROBE_TIMEOUT per run in s (450),
+# Options (environment): FER_EPOCHS (8), PROBE_TIMEOUT per run in s (420),
 # (four runs share the card: ~25 full-network epochs each in about 5 minutes on an H200 (estimate)),
 # PROBE_CONFIGS: "name=train flags;name=train flags;..." (default: the set below),
 # BUILD=1 builds the extension first (else the runs use the reference backend when
@@ -17,7 +17,7 @@ mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}" DNNRL_CACHE=/tmp/dnnrl-cache
 EPOCHS=${FER_EPOCHS:-8}
-LIMIT=${PROBE_TIMEOUT:-450}
+LIMIT=${PROBE_TIMEOUT:-420}
 if [ "${BUILD:-0}" = 1 ]; then
   CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
     timeout 240 python3 setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1 || { tail -n 30 "$OUTDIR/build.log"; exit 1; }
@@ -65,7 +65,7 @@ tar -czf "$OUTDIR/probe_runs.tar.gz" -C /tmp/probe-pack .
 # EXPORT=name: also write that run's model as a bundle (fp16 weights + PCA gallery,
 # the package's shipping format, < 12 MB) beside it, e.g. to ship as the default model.
 if [ -n "${EXPORT:-}" ] && [ -d "/tmp/probe-$EXPORT" ]; then
-  timeout 240 python3 -m dnnrl export --checkpoint "/tmp/probe-$EXPORT" --data "$FER_ARCHIVE" \
+  timeout 90 python3 -m dnnrl export --checkpoint "/tmp/probe-$EXPORT" --data "$FER_ARCHIVE" \
     --out "$OUTDIR/${EXPORT}_bundle.pt" --gallery-dim ${GALLERY_DIM:-96} --sweep-dims 64,128 \
     --note "fer_probe.sh run $EXPORT: ${FER_EPOCHS} epochs" > "$OUTDIR/export.log" 2>&1
   echo "export exit $?"; tail -n 5 "$OUTDIR/export.log"
