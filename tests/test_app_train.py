@@ -108,6 +108,11 @@ def test_cli_train_eval_embed_on_csv(tmp_path, capsys):
     ev = json.load(open(tmp_path / "ev" / "results.json"))
     assert ev["val_accuracy"] == res["val_accuracy"] and ev["k"] == res["k"]
     assert (tmp_path / "ev" / "confusion_test.png").exists()
+    # --tta flip on evaluation (the averaging itself: test_flip_tta_averages_an_image_and_its_mirror)
+    assert cli_main(["eval", str(run), "--data", str(path), "--out", str(tmp_path / "ev_tta"),
+                     "--cache-dir", str(tmp_path / "cache"), "--k-max", "5", "--tta", "flip"]) == 0
+    ev_tta = json.load(open(tmp_path / "ev_tta" / "results.json"))
+    assert 0 <= ev_tta["val_accuracy"] <= 1
     out = tmp_path / "emb.npz"
     assert cli_main(["embed", str(run / "best.pt"), "--data", str(path), "--out", str(out),
                      "--cache-dir", str(tmp_path / "cache")]) == 0
