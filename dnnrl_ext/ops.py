@@ -120,11 +120,14 @@ def triplet_loss(embeddings: Tensor, labels: Tensor, *, mining: str = "batch_har
 def triplet_loss_from_triplets(embeddings: Tensor, anchor: Tensor, positive: Tensor,
                                negative: Tensor, *, loss: str = "exp", alpha: float = 0.2,
                                gamma: float = 0.0, margin: float = 0.2, reduction: str = "mean",
-                               return_r: bool = False, backend: str = "auto"):
+                               return_r: bool = False, backend: str = "auto", validate: bool = True):
     """Triplet loss on explicit triplets (the paper's randomly sampled triplets).
 
     Args:
         embeddings: (B, D); anchor, positive, negative: (T,) integer indices in [0, B).
+        validate: check that every index lies in [0, B) (an IndexError naming the
+            argument otherwise). On a GPU that reads the indices back: one device sync
+            per call. Pass False for indices built in range by your own code.
     Returns:
         loss () or (T,) (and r (T,) when ``return_r``).
     """
@@ -134,9 +137,11 @@ def triplet_loss_from_triplets(embeddings: Tensor, anchor: Tensor, positive: Ten
     _check_index_vector("positive", positive, T, embeddings.device, "same as anchor")
     _check_index_vector("negative", negative, T, embeddings.device, "same as anchor")
     B = embeddings.shape[0]
-    if _eager() and T > 0:
-        for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative)):
-            lo, hi = int(t.min()), int(t.max())
+    if validate and _eager() and T > 0:
+        # one read-back for all three (a device sync on a GPU); names only on failure
+        bounds = torch.stack([torch.stack([t.min(), t.max()]).long()
+                              for t in (anchor, positive, negative)]).tolist()
+        for name, (lo, hi) in zip(("anchor", "positive", "negative"), bounds):
             if lo < 0 or hi >= B:
                 raise IndexError("%s holds indices in [%d, %d] but embeddings has %d rows"
                                  % (name, lo, hi, B))

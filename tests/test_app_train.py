@@ -286,3 +286,32 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert seen["mode"] == "reduce-overhead"
     with pytest.raises(ValueError, match="compile_mode"):
         _cfg("unused", compile_mode="fastest")
+
+
+@pytest.mark.parametrize("mining", ["random_triplets", "easy_positive"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("loss", ["exp", "hinge"])
+def test_explicit_triplet_loss_equals_the_dropped_anchor_form(mining, reduction, loss):
+    """The sync-free masked form equals the loss and gradient over the kept triplets."""
+    import dnnrl_ext
+    from dnnrl.train import ExplicitTripletLoss, easy_positive_triplets, random_triplets
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([0] * 10 + [1] * 10 + [2] * 9 + [3])  # class 3: no positive
+    crit = ExplicitTripletLoss(loss, 0.5, -0.5, 0.3, reduction, "reference",
+                               generator=torch.Generator().manual_seed(1), mining=mining)
+    x1 = x.clone().requires_grad_(True)
+    out = crit(x1, y, return_details=True)
+    out.loss.backward()
+    a, p, n = (random_triplets(y, torch.Generator().manual_seed(1)) if mining == "random_triplets"
+               else easy_positive_triplets(x, y))
+    assert a.tolist() == list(range(29))
+    x2 = x.clone().requires_grad_(True)
+    want = dnnrl_ext.triplet_loss_from_triplets(x2, a, p, n, loss=loss, alpha=0.5, gamma=-0.5, margin=0.3,
+                                                reduction=reduction, backend="reference")
+    want.backward()
+    torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert out.valid.tolist() == [True] * 29 + [False]
+    assert out.pos[29] == -1 and out.neg[29] == -1 and out.r[29] == 0
+    assert torch.equal(out.pos[:29], p) and torch.equal(out.neg[:29], n)

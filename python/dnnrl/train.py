@@ -61,6 +61,23 @@ def setup_logging(run_dir: Optional[str] = None, level=logging.INFO) -> None:
     root.propagate = False
 
 
+def _random_pn(y: Tensor, generator: Optional[torch.Generator] = None):
+    """Per anchor of the batch a uniformly random positive (another member of its class)
+    and negative (a member of another class): pos, neg, keep, each (B,); where keep is
+    False (no positive or no negative) pos = neg = the anchor itself. No host sync."""
+    B = y.shape[0]
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(B, dtype=torch.bool, device=y.device)
+    pos_mask, neg_mask = same & ~eye, ~same
+    u = torch.rand((2, B, B), generator=generator, device=y.device)
+    # uniform choice = argmax of uniform scores over the allowed entries
+    pos = torch.where(pos_mask, u[0], -1.0).argmax(1)
+    neg = torch.where(neg_mask, u[1], -1.0).argmax(1)
+    keep = pos_mask.any(1) & neg_mask.any(1)
+    anchor = torch.arange(B, device=y.device)
+    return torch.where(keep, pos, anchor), torch.where(keep, neg, anchor), keep
+
+
 def random_triplets(y: Tensor, generator: Optional[torch.Generator] = None):
     """One random triplet per anchor of a batch (the paper's randomly sampled triplets).
 
@@ -72,19 +89,30 @@ def random_triplets(y: Tensor, generator: Optional[torch.Generator] = None):
         uniformly random other member of the anchor's class, the negative a uniformly
         random member of another class.
     """
-    B = y.shape[0]
-    if B == 0:
+    if y.shape[0] == 0:
         return (y.new_zeros(0, dtype=torch.long),) * 3
-    same = y[:, None] == y[None, :]
-    eye = torch.eye(B, dtype=torch.bool, device=y.device)
-    pos_mask, neg_mask = same & ~eye, ~same
-    u = torch.rand((2, B, B), generator=generator, device=y.device)
-    # uniform choice = argmax of uniform scores over the allowed entries
-    pos = torch.where(pos_mask, u[0], -1.0).argmax(1)
-    neg = torch.where(neg_mask, u[1], -1.0).argmax(1)
-    keep = pos_mask.any(1) & neg_mask.any(1)
-    anchor = torch.arange(B, device=y.device)
+    pos, neg, keep = _random_pn(y, generator)
+    anchor = torch.arange(y.shape[0], device=y.device)
     return anchor[keep], pos[keep], neg[keep]
+
+
+def _easy_positive_pn(embeddings: Tensor, y: Tensor):
+    """Nearest positive and nearest negative per anchor: pos, neg, keep (B,) as in
+    :func:`_random_pn` (ties to the smaller index). No host sync."""
+    B = y.shape[0]
+    with torch.no_grad():
+        e = embeddings.detach().float()
+        sq = (e * e).sum(1)
+        d = (sq[:, None] - 2.0 * e @ e.T + sq[None, :]).clamp(min=0)  # (B, B): B is a batch
+        same = y[:, None] == y[None, :]
+        eye = torch.eye(B, dtype=torch.bool, device=y.device)
+        pos_mask, neg_mask = same & ~eye, ~same
+        inf = torch.tensor(float("inf"), device=d.device)
+        pos = torch.where(pos_mask, d, inf).argmin(1)
+        neg = torch.where(neg_mask, d, inf).argmin(1)
+        keep = pos_mask.any(1) & neg_mask.any(1)
+        anchor = torch.arange(B, device=y.device)
+        return torch.where(keep, pos, anchor), torch.where(keep, neg, anchor), keep
 
 
 def easy_positive_triplets(embeddings: Tensor, y: Tensor):
@@ -103,21 +131,10 @@ def easy_positive_triplets(embeddings: Tensor, y: Tensor):
         anchor, positive, negative: (T,) int64, T <= B (anchors without a positive or a
         negative are dropped); ties go to the smaller index.
     """
-    B = y.shape[0]
-    if B == 0:
+    if y.shape[0] == 0:
         return (y.new_zeros(0, dtype=torch.long),) * 3
-    with torch.no_grad():
-        e = embeddings.detach().float()
-        sq = (e * e).sum(1)
-        d = (sq[:, None] - 2.0 * e @ e.T + sq[None, :]).clamp(min=0)  # (B, B): B is a batch
-        same = y[:, None] == y[None, :]
-        eye = torch.eye(B, dtype=torch.bool, device=y.device)
-        pos_mask, neg_mask = same & ~eye, ~same
-        inf = torch.tensor(float("inf"), device=d.device)
-        pos = torch.where(pos_mask, d, inf).argmin(1)
-        neg = torch.where(neg_mask, d, inf).argmin(1)
-        keep = pos_mask.any(1) & neg_mask.any(1)
-    anchor = torch.arange(B, device=y.device)
+    pos, neg, keep = _easy_positive_pn(embeddings, y)
+    anchor = torch.arange(y.shape[0], device=y.device)
     return anchor[keep], pos[keep], neg[keep]
 
 
@@ -139,20 +156,31 @@ class ExplicitTripletLoss(torch.nn.Module):
         self.mining = mining
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
+        B = labels.shape[0]
         if self.mining == "random_triplets":
-            a, p, n = random_triplets(labels, self.generator)
+            p, n, keep = _random_pn(labels, self.generator)
         else:
-            a, p, n = easy_positive_triplets(embeddings, labels)
-        loss, r = triplet_loss_from_triplets(embeddings, a, p, n, return_r=True, **self.kw)
+            p, n, keep = _easy_positive_pn(embeddings, labels)
+        # Every anchor keeps a slot (a triplet without a positive or negative is (a, a, a):
+        # r = 0, zero gradient) and is masked out of the reduction here, so the step has
+        # no data-dependent shape and no host sync (boolean indexing would read back).
+        kw = dict(self.kw, reduction="none")
+        a = torch.arange(B, device=labels.device)
+        per, r = triplet_loss_from_triplets(embeddings, a, p, n, return_r=True, validate=False, **kw)
+        zero = per.new_zeros(())
+        per = torch.where(keep, per, zero)  # (where, not a product: a NaN row stays out)
+        red = self.kw["reduction"]
+        if red == "none":
+            loss = per
+        else:
+            loss = per.sum()
+            if red == "mean":
+                loss = loss / keep.sum().clamp(min=1).to(per.dtype)
         if not return_details:
             return loss
-        B = labels.shape[0]
-        full = lambda fill, dt: torch.full((B,), fill, dtype=dt, device=labels.device)
-        r_all = full(0.0, r.dtype).index_put((a,), r)
-        valid = full(False, torch.bool).index_put((a,), torch.ones_like(a, dtype=torch.bool))
-        pos = full(-1, torch.long).index_put((a,), p)
-        neg = full(-1, torch.long).index_put((a,), n)
-        return TripletLossOutput(loss, pos, neg, r_all, valid)
+        minus1 = torch.full_like(p, -1)
+        return TripletLossOutput(loss, torch.where(keep, p, minus1), torch.where(keep, n, minus1),
+                                 torch.where(keep, r, zero), keep)
 
 
 EXPLICIT_MINING = ("random_triplets", "easy_positive")  # triplets formed in Python, not by the op
