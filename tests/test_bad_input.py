@@ -111,6 +111,21 @@ def test_triplet_index_out_of_range(backend, name, kw):
         triplets(backend, **kw)
 
 
+def test_triplet_validate_false_skips_only_the_python_range_check(monkeypatch):
+    """validate=False: no read-back of the indices; the CPU kernel still refuses them."""
+    from ops_testutil import require_compiled
+    require_compiled("cpu")
+    calls = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or real_tolist(self))
+    triplets("compiled")  # in range, validated: one read-back
+    assert len(calls) == 1
+    triplets("compiled", validate=False)
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="out of range"):
+        triplets("compiled", a=(0, 60), validate=False)
+
+
 @pytest.mark.parametrize("name,kw", [("positive", dict(p=(1, 0, 2))), ("negative", dict(n=(2,)))])
 def test_triplet_length_mismatch(backend, name, kw):
     with pytest.raises(ValueError, match=name):
