@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import METHODS, PRESETS, Config
+from .config import COMPILE_MODES, METHODS, PRESETS, TTA_MODES, Config
 
 log = logging.getLogger("dnnrl")
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=int, default=None, help="embedding size (%d)" % d.embed_dim)
     g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
     g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
-    g.add_argument("--tta", default=None, choices=["none", "flip"],
+    g.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging for validation / evaluation: none, or flip (each image "
                         "and its mirror image; default none, as in the paper)")
     g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels-last", default=None, choices=["auto", "on", "off"], help="(auto: on CUDA)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--compile-mode", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, fewer launches at "
                         "batch 128)")
     g.add_argument("--log-every", type=int, default=None, help="steps between host syncs (%d)" % d.log_every)
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
     e.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
-    e.add_argument("--tta", default=None, choices=["none", "flip"],
+    e.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging (default: the run's setting)")
     _add_runtime_args(e)
 

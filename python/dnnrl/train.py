@@ -204,7 +204,7 @@ def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
 
 
 def augment_config(cfg: Config) -> AugmentConfig:
-    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip, tta_flip=getattr(cfg, "tta", "none") == "flip")
+    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip, tta_flip=cfg.tta == "flip")
 
 
 def build(cfg: Config, num_classes: int, device: torch.device) -> DNNRLNet:
@@ -288,8 +288,6 @@ class Trainer:
     def _init_weights(self, path: str) -> None:
         """Load another run's (best) weights; the network must have the same shape."""
         from .cli import _load_checkpoint
-        if not os.path.exists(path):
-            raise FileNotFoundError("--init-from: %s does not exist" % path)
         src, src_cfg, src_classes, state = _load_checkpoint(path)
         if list(src_classes) != list(self.class_names):
             log.warning("--init-from: %s was trained on classes %s, this data has %s",
