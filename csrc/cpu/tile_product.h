@@ -36,7 +36,7 @@ inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
 }
 
 // Whether float32 tiles go to oneDNN in this call (the user's mkldnn switch is read
-// every time; DNNRL_NO_ONEDNN=1 in the environment forces at::mm, for tests).
+// every time; DNNRL_NO_ONEDNN=1 in the environment, read once, forces at::mm).
 inline bool use_onednn_tiles(at::ScalarType dtype) {
   return dtype == at::kFloat && onednn_linear_op().has_value() && at::globalContext().userEnabledMkldnn();
 }
