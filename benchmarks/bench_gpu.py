@@ -85,30 +85,58 @@ def bench_loss(sizes, dtypes, rates, repeats):
     return rows
 
 
+def _knn_inputs(Q, N, kind, g):
+    """Unit-norm query / gallery rows: "random" (isotropic) or "clustered" (1,000 centres
+    with spread: neighbourhoods as dense as trained FER-2013 embeddings' or denser)."""
+    if kind == "random":
+        q = torch.randn(Q, 512, device=DEV, generator=g)
+        gal = torch.randn(N, 512, device=DEV, generator=g)
+    else:
+        centres = torch.randn(1000, 512, device=DEV, generator=g)
+        q = centres[torch.randint(0, 1000, (Q,), device=DEV, generator=g)] + 0.5 * torch.randn(
+            Q, 512, device=DEV, generator=g)
+        gal = centres[torch.randint(0, 1000, (N,), device=DEV, generator=g)] + 0.5 * torch.randn(
+            N, 512, device=DEV, generator=g)
+    return torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(gal, dim=1)
+
+
 def bench_knn(shapes, rates, repeats):
+    """knn_vote, ours (float32 candidate path where it applies; and with DNNRL_KNN_EXACT=1
+    the exact 3xTF32 pass alone) vs chunked torch."""
     rows = []
-    for Q, N in shapes:
+    for Q, N, kind in shapes:
         g = torch.Generator(device=DEV).manual_seed(N)
-        q = torch.nn.functional.normalize(torch.randn(Q, 512, device=DEV, generator=g), dim=1)
-        gal = torch.nn.functional.normalize(torch.randn(N, 512, device=DEV, generator=g), dim=1)
+        q, gal = _knn_inputs(Q, N, kind, g)
         lab = torch.randint(0, 7, (N,), device=DEV, generator=g)
-        row = {"Q": Q, "N": N, "k": 10}
+        row = {"Q": Q, "N": N, "k": 10, "data": kind}
         ours = alt = None
-        try:
-            t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
-            row.update(dnnrl_ext_ms=t * 1e3, dnnrl_ext_mib=mem,
-                       mm_fraction=2 * Q * N * 512 / t / rates[torch.float32])
-            ours = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
-        except Exception as exc:
-            row["dnnrl_ext_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+        for name, exact in (("dnnrl_ext", False), ("dnnrl_ext_exact", True)):
+            os.environ.pop("DNNRL_KNN_EXACT", None)
+            if exact:
+                os.environ["DNNRL_KNN_EXACT"] = "1"
+            try:
+                t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
+                row.update({name + "_ms": t * 1e3, name + "_mib": mem})
+                pred = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
+                if exact:
+                    row["exact_pred_agreement"] = float((pred == ours).double().mean()) if ours is not None else None
+                else:
+                    ours = pred
+                    row["mm_fraction"] = 2 * Q * N * 512 / t / rates[torch.float32]
+            except Exception as exc:
+                row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+            finally:
+                os.environ.pop("DNNRL_KNN_EXACT", None)
         try:
             t, mem = measure(lambda: alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7), repeats)
             row.update(chunked_torch_ms=t * 1e3, chunked_torch_mib=mem)
             alt = alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7)
         except Exception as exc:
             row["chunked_torch_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+        for name in ("dnnrl_ext", "dnnrl_ext_exact"):
+            if isinstance(row.get(name + "_ms"), float) and isinstance(row.get("chunked_torch_ms"), float):
+                row["x_vs_chunked" + name[9:]] = row["chunked_torch_ms"] / row[name + "_ms"]
         if ours is not None and alt is not None:
-            row["x_vs_chunked"] = row["chunked_torch_ms"] / row["dnnrl_ext_ms"]
             row["pred_agreement"] = float((ours == alt).double().mean())
         rows.append(row)
         print(row, flush=True)
@@ -137,7 +165,8 @@ def main():
     except Exception:
         traceback.print_exc()
     try:
-        shapes = [(3589, 28709)] + ([] if args.quick else [(3589, 1_000_000)])
+        shapes = [(3589, 28709, "random"), (3589, 28709, "clustered")] + (
+            [] if args.quick else [(3589, 1_000_000, "random")])
         payload["knn_vote"] = bench_knn(shapes, rates, max(3, repeats // 4))
     except Exception:
         traceback.print_exc()
@@ -150,8 +179,9 @@ def main():
     if payload.get("knn_vote"):
         print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["knn_vote"], [
-            "Q", "N", "dnnrl_ext_ms", "chunked_torch_ms", "x_vs_chunked", "dnnrl_ext_mib",
-            "chunked_torch_mib", "mm_fraction", "pred_agreement"]))
+            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_exact_ms", "chunked_torch_ms", "x_vs_chunked",
+            "x_vs_chunked_exact", "dnnrl_ext_mib", "dnnrl_ext_exact_mib", "chunked_torch_mib", "mm_fraction",
+            "pred_agreement", "exact_pred_agreement"]))
     payload["markdown"] = "\n\n".join(md)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if not out.endswith(".json"):

@@ -9,6 +9,9 @@
 //                                                           grid (query tiles, splits)
 //   knn_merge   warp per query: k-way merge of the splits x TPR sorted lists
 //               (<= 128, 4 per lane) into dist/idx; knn_vote also votes here
+// float32, k <= 16, N > 32 (and float16 copies under 64 MiB): the candidate path below
+// (a float16 pass for 32 candidates, exact float32 re-rank, a proven certificate; the
+// fast path above runs only for the uncertified queries). DNNRL_KNN_EXACT=1 turns it off.
 // Large k: knn_large, block per query (grid-stride): distances of a 1024-row gallery
 // tile, bitonic sort in shared memory, merge-path merge with the running top-k
 // list (ping-pong between the output and one (Q, k) workspace); then knn_vote runs
@@ -16,6 +19,9 @@
 // Order everywhere: ascending distance, NaN last, ties to the smaller index.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
 
 #include "tile.cuh"
 
@@ -30,36 +36,47 @@ constexpr int kLargeThreads = 256;
 
 template <typename Eng>
 constexpr size_t knn_smem(int k) {
-  return Eng::kMainBytes + Eng::BN * sizeof(typename Eng::acc_t) +
+  return Eng::kMainBytes + 2 * Eng::BN * sizeof(typename Eng::acc_t) +
          static_cast<size_t>(k) * Eng::kThreads * (sizeof(typename Eng::acc_t) + sizeof(int));
 }
 
-template <typename Eng>
+// kScaled: q and g are scaled copies (row i of the original = scale[i] x row i of the
+// copy), so the dot product of the tile is multiplied back by qs[row] * gs[col].
+// row_flags (nullable): only query tiles holding a row with a non-zero flag run.
+template <typename Eng, bool kScaled>
 __global__ void __launch_bounds__(Eng::kThreads) knn_pass_kernel(
     const typename Eng::T* __restrict__ q, const typename Eng::T* __restrict__ g,
-    const typename Eng::acc_t* __restrict__ qn, const typename Eng::acc_t* __restrict__ gn, int Q, int N, int D,
-    bool vec, int k, int col_tiles, int splits, typename Eng::acc_t* __restrict__ part_d, int* __restrict__ part_i) {
+    const typename Eng::acc_t* __restrict__ qn, const typename Eng::acc_t* __restrict__ gn,
+    const typename Eng::acc_t* __restrict__ qs, const typename Eng::acc_t* __restrict__ gs,
+    const int* __restrict__ row_flags, int Q, int N, int D, bool vec, int k, int col_tiles, int splits,
+    typename Eng::acc_t* __restrict__ part_d, int* __restrict__ part_i) {
   using acc_t = typename Eng::acc_t;
   constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
   constexpr int TPR = NT / BM;
   constexpr int CPT = BN / TPR;
   extern __shared__ __align__(128) unsigned char smem[];
   acc_t* cn = reinterpret_cast<acc_t*>(smem + Eng::kMainBytes);
-  acc_t* ld = cn + BN;                                 // [k][NT]: thread-interleaved, conflict-free
+  acc_t* cs = cn + BN;                                 // column scales (kScaled)
+  acc_t* ld = cs + BN;                                 // [k][NT]: thread-interleaved, conflict-free
   int* li = reinterpret_cast<int*>(ld + static_cast<size_t>(k) * NT);
   const int tid = threadIdx.x;
   const int row0 = blockIdx.x * BM, split = blockIdx.y;
   const int r = tid / TPR, h = tid % TPR;
   const int row = row0 + r;
   const bool row_ok = row < Q;
+  if (row_flags != nullptr && !__syncthreads_or(row_ok && row_flags[row] != 0)) return;  // block-uniform
   const acc_t rn = row_ok ? qn[row] : acc_t(0);
+  const acc_t rs2 = kScaled && row_ok ? acc_t(2) * qs[row] : acc_t(2);  // x2 and a power of two: exact
   int cnt = 0;         // entries in this thread's list
   acc_t wd = 0;        // the k-th best so far (valid once cnt == k; wj = -1 before)
   int wj = -1;
 
   for (int ct = split; ct < col_tiles; ct += splits) {
     const int col0 = ct * BN;
-    for (int c = tid; c < BN; c += NT) cn[c] = col0 + c < N ? gn[col0 + c] : acc_t(0);
+    for (int c = tid; c < BN; c += NT) {
+      cn[c] = col0 + c < N ? gn[col0 + c] : acc_t(0);
+      if (kScaled) cs[c] = col0 + c < N ? gs[col0 + c] : acc_t(0);
+    }
     Eng::run(q, row0, Q, g, col0, N, D, vec, smem);
     const acc_t* S = reinterpret_cast<const acc_t*>(smem);
     if (row_ok) {
@@ -67,7 +84,8 @@ __global__ void __launch_bounds__(Eng::kThreads) knn_pass_kernel(
         const int c = ((u + r) % CPT) * TPR + h;
         const int j = col0 + c;
         if (j >= N) continue;
-        const acc_t d = clamp0(rn + cn[c] - acc_t(2) * S[r * LDS + c]);
+        const acc_t dot = kScaled ? cs[c] * S[r * LDS + c] : S[r * LDS + c];
+        const acc_t d = clamp0(rn + cn[c] - rs2 * dot);
         if (!knn_less(d, j, wd, wj)) continue;  // wj < 0 while the list is not full
         int p = cnt < k ? cnt : k - 1;         // full: the last entry drops out
         while (p > 0) {
@@ -144,9 +162,10 @@ template <typename acc_t, bool kVote>
 __global__ void __launch_bounds__(256) knn_merge_kernel(
     const acc_t* __restrict__ part_d, const int* __restrict__ part_i, int lists, int tpr, int Q, int k,
     acc_t* __restrict__ out_d, int64_t* __restrict__ out_i, const int64_t* __restrict__ labels, int64_t N,
-    int64_t C, int64_t* __restrict__ votes, int64_t* __restrict__ pred) {
+    int64_t C, int64_t* __restrict__ votes, int64_t* __restrict__ pred, const int* __restrict__ row_flags) {
   const int q = blockIdx.x * 8 + threadIdx.x / 32;
   if (q >= Q) return;
+  if (row_flags != nullptr && row_flags[q] == 0) return;  // warp-uniform: this row is answered already
   const int lane = threadIdx.x % 32;
   int64_t base[kListsPerLane];
   int ptr[kListsPerLane];
@@ -312,23 +331,146 @@ __global__ void __launch_bounds__(256) vote_rows_kernel(const int64_t* __restric
   vote_row(idx + static_cast<int64_t>(q) * k, k, labels, N, C, votes + static_cast<int64_t>(q) * C, pred + q);
 }
 
+// ------------------------------------------------------------- float32 candidate path
+// float32 queries at small k: a float16 pass picks kCand candidates per query, an
+// exact float32 re-rank orders them, and a proven error bound certifies that no other
+// gallery row can enter the top k; uncertified queries get the exact 3xTF32 pass.
+//
+// Why: the exact float32 tile costs three TF32 tensor-core products per product
+// (3xTF32), the float16 tile one, at twice the TF32 rate per instruction.
+//
+// Float16 copies are scaled per row by a power of two (max |x~| in [2^14, 2^15)), so
+// neither overflow nor (beyond a 2^-39-relative term) underflow can occur, and every
+// element is off by at most u = 2^-11 relative. With exact products and float32
+// sums, |dot~ - dot| <= c ||q|| ||g||, c = 2u + u^2 + D 2^-22 (accumulation, twice the
+// truncating-adder bound) + D 2^-23 (the re-rank's own float32 dot), x 1.25. Every
+// non-candidate j has approximate distance >= tau (the kCand-th candidate's), so its
+// float32 distance is >= tau - e with e = 2 c sqrt(||q||^2 max||g||^2) + 2^-20
+// (||q||^2 + max||g||^2) (the roundings of ||q||^2 + ||g||^2 - 2 dot). The query is
+// certified when the k-th re-ranked distance is < tau - e: then the exact top k, ties
+// to the smaller index included, lie among the candidates. Rows with non-finite values
+// or extreme magnitudes are never certified (a gallery one: no query is).
+constexpr int kCand = 32;         // one candidate per lane of the re-rank warp
+constexpr int kCandMaxK = 16;     // the path runs for k <= this (the rest is headroom)
+constexpr int kScaleExpLimit = 48;  // rows with max |x| outside 2^+-48 go to the exact pass
+
+// Warp per row: float16 copy scaled by a power of two (padded with zeros to Dp
+// columns), the scale back (2^(E-15)), and validity: finite values, a finite norm and
+// a max |x| within 2^+-kScaleExpLimit (or an all-zero row). Invalid rows: row_bad[row]
+// = 1 (when given) and *any_bad = 1 (when given); valid rows raise *max_norm_bits.
+__global__ void __launch_bounds__(256) to_half_scaled_kernel(const float* __restrict__ x, int rows, int D, int Dp,
+                                                             const float* __restrict__ norms,
+                                                             __half* __restrict__ out, float* __restrict__ scale,
+                                                             int* __restrict__ row_bad, int* __restrict__ any_bad,
+                                                             unsigned* __restrict__ max_norm_bits) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * 8 + threadIdx.x / 32;
+  if (row >= rows) return;
+  const float* p = x + static_cast<int64_t>(row) * D;
+  float m = 0.f;
+  bool finite = true;
+  for (int e = lane; e < D; e += 32) {
+    const float v = p[e];
+    finite = finite && isfinite(v);
+    m = fmaxf(m, fabsf(v));
+  }
+  finite = __all_sync(0xffffffffu, finite);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  int E = 0;
+  if (m > 0.f) frexpf(m, &E);  // m in [2^(E-1), 2^E)
+  const float nrm = norms[row];
+  const bool ok = finite && isfinite(nrm) && (m == 0.f || (E >= -kScaleExpLimit && E <= kScaleExpLimit));
+  const float up = ok ? ldexpf(1.f, 15 - E) : 0.f;  // exact power of two
+  __half* o = out + static_cast<int64_t>(row) * Dp;
+  for (int e = lane; e < Dp; e += 32) o[e] = __float2half_rn(e < D ? p[e] * up : 0.f);
+  if (lane == 0) {
+    scale[row] = ok ? ldexpf(1.f, E - 15) : 0.f;
+    if (row_bad != nullptr) row_bad[row] = ok ? 0 : 1;
+    if (!ok && any_bad != nullptr) atomicOr(any_bad, 1);
+    if (ok && max_norm_bits != nullptr) atomicMax(max_norm_bits, __float_as_uint(nrm));  // >= 0: bits order as values
+  }
+}
+
+// Warp per query: exact float32 distances of the kCand candidates (one per lane),
+// bitonic sort by (distance, index), certification against tau - e; certified rows
+// get their k results (and their vote), the others flags[q] = 1 for the exact pass.
+template <bool kVote>
+__global__ void __launch_bounds__(256) knn_rerank_kernel(
+    const float* __restrict__ q, const float* __restrict__ g, const float* __restrict__ qn,
+    const float* __restrict__ gn, int Q, int D, int k, const float* __restrict__ cand_d,
+    const int64_t* __restrict__ cand_i, const int* __restrict__ status, float c_dot, float* __restrict__ out_d,
+    int64_t* __restrict__ out_i, int* __restrict__ flags, const int64_t* __restrict__ labels, int64_t N, int64_t C,
+    int64_t* __restrict__ votes, int64_t* __restrict__ pred) {
+  // status: [0] any gallery row invalid, [1] bits of max ||g||^2, [2 + q] query row q invalid
+  const int qi = blockIdx.x * 8 + threadIdx.x / 32;
+  if (qi >= Q) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t cbase = static_cast<int64_t>(qi) * kCand;
+  const int64_t my_j = cand_i[cbase + lane];
+  const float* xq = q + static_cast<int64_t>(qi) * D;
+  float my_dot = 0.f;
+  for (int c = 0; c < kCand; ++c) {
+    const int64_t j = __shfl_sync(0xffffffffu, my_j, c);
+    if (j < 0) continue;  // warp-uniform
+    const float* xg = g + j * D;
+    float dot = 0.f;
+    for (int e = lane; e < D; e += 32) dot = fmaf(xq[e], xg[e], dot);
+    dot = warp_sum(dot);
+    if (lane == c) my_dot = dot;
+  }
+  const float rn = qn[qi];
+  float d = my_j >= 0 ? clamp0(rn + gn[my_j] - 2.f * my_dot) : 0.f;
+  int j = static_cast<int>(my_j);
+  for (int size = 2; size <= 32; size <<= 1) {  // bitonic sort across the warp, ascending
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const float od = __shfl_xor_sync(0xffffffffu, d, stride);
+      const int oj = __shfl_xor_sync(0xffffffffu, j, stride);
+      const bool keep_min = ((lane & stride) == 0) == ((lane & size) == 0 || size == 32);
+      if (keep_min ? knn_less(od, oj, d, j) : knn_less(d, j, od, oj)) {
+        d = od;
+        j = oj;
+      }
+    }
+  }
+  const float dk = __shfl_sync(0xffffffffu, d, k - 1);
+  const int jk = __shfl_sync(0xffffffffu, j, k - 1);
+  const float tau = cand_i[cbase + kCand - 1] < 0 ? INFINITY : cand_d[cbase + kCand - 1];
+  const float gmax = __uint_as_float(static_cast<unsigned>(status[1]));
+  const float e = 2.f * c_dot * sqrtf(rn * gmax) + ldexpf(rn + gmax, -20);
+  const bool certified = status[0] == 0 && status[2 + qi] == 0 && jk >= 0 && dk < tau - e;  // NaN: false
+  if (lane == 0) flags[qi] = certified ? 0 : 1;
+  if (!certified) return;  // warp-uniform
+  const int64_t obase = static_cast<int64_t>(qi) * k;
+  if (lane < k) {
+    out_i[obase + lane] = j;
+    if (out_d != nullptr) out_d[obase + lane] = d;
+  }
+  if (kVote) {
+    __syncwarp();  // the idx writes are visible to the warp
+    vote_row(out_i + obase, k, labels, N, C, votes + static_cast<int64_t>(qi) * C, pred + qi);
+  }
+}
+
 // ------------------------------------------------------------------ host side
 template <typename Eng>
 bool knn_fits(int k) {
   return knn_smem<Eng>(k) <= static_cast<size_t>(max_smem_optin());
 }
 
-// Fast path with engine Eng. Writes out_i (and out_d when non-null; and votes/pred
-// when labels is non-null).
-template <typename Eng>
+// Tile pass + merge with engine Eng. Writes out_i (and out_d when non-null; and
+// votes/pred when labels is non-null) for every query row, or only for the rows with
+// a non-zero row_flags entry when row_flags is given. qs/gs: row scales (kScaled).
+template <typename Eng, bool kScaled = false>
 void knn_fast(const typename Eng::T* q, const typename Eng::T* g, const typename Eng::acc_t* qn,
-              const typename Eng::acc_t* gn, int Q, int N, int D, bool vec, int k, typename Eng::acc_t* out_d,
+              const typename Eng::acc_t* gn, const typename Eng::acc_t* qs, const typename Eng::acc_t* gs,
+              const int* row_flags, int Q, int N, int D, bool vec, int k, typename Eng::acc_t* out_d,
               int64_t* out_i, const int64_t* labels, int64_t C, int64_t* votes, int64_t* pred,
               const at::TensorOptions& opts, cudaStream_t stream) {
   using acc_t = typename Eng::acc_t;
   constexpr int TPR = Eng::kThreads / Eng::BM;
   const size_t smem = knn_smem<Eng>(k);
-  auto kern = knn_pass_kernel<Eng>;
+  auto kern = knn_pass_kernel<Eng, kScaled>;
   allow_smem(kern, smem);
   const int64_t row_tiles = ceil_div<int64_t>(Q, Eng::BM);
   const int64_t col_tiles = ceil_div<int64_t>(N, Eng::BN);
@@ -339,17 +481,103 @@ void knn_fast(const typename Eng::T* q, const typename Eng::T* g, const typename
   acc_t* part_d = reinterpret_cast<acc_t*>(ws.data_ptr<uint8_t>());
   int* part_i = reinterpret_cast<int*>(part_d + entries);
   kern<<<dim3(static_cast<unsigned>(row_tiles), splits), Eng::kThreads, smem, stream>>>(
-      q, g, qn, gn, Q, N, D, vec, k, static_cast<int>(col_tiles), splits, part_d, part_i);
+      q, g, qn, gn, qs, gs, row_flags, Q, N, D, vec, k, static_cast<int>(col_tiles), splits, part_d, part_i);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Q, 8));
   if (labels != nullptr) {
     knn_merge_kernel<acc_t, true><<<blocks, 256, 0, stream>>>(part_d, part_i, splits * TPR, TPR, Q, k, out_d, out_i,
-                                                              labels, N, C, votes, pred);
+                                                              labels, N, C, votes, pred, row_flags);
   } else {
     knn_merge_kernel<acc_t, false><<<blocks, 256, 0, stream>>>(part_d, part_i, splits * TPR, TPR, Q, k, out_d,
-                                                               out_i, nullptr, N, 0, nullptr, nullptr);
+                                                               out_i, nullptr, N, 0, nullptr, nullptr, row_flags);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The exact tile path (every row, or the flagged rows only).
+template <typename T>
+void knn_exact(const T* qp, const T* gp, const typename Acc<T>::type* qn, const typename Acc<T>::type* gn,
+               const int* row_flags, int Q, int N, int D, bool vec, int k, typename Acc<T>::type* dptr,
+               int64_t* iptr, const int64_t* lab, int64_t C, int64_t* vptr, int64_t* pptr,
+               const at::TensorOptions& opts, cudaStream_t stream) {
+  using Large = typename Engines<T>::Large;
+  using Small = typename Engines<T>::Small;
+  const bool big = ceil_div<int64_t>(Q, Large::BM) * ceil_div<int64_t>(N, Large::BN) >= num_sms();
+  if (k <= 32 && big && knn_fits<Large>(k)) {
+    knn_fast<Large>(qp, gp, qn, gn, nullptr, nullptr, row_flags, Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr,
+                    opts, stream);
+  } else {
+    knn_fast<Small>(qp, gp, qn, gn, nullptr, nullptr, row_flags, Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr,
+                    opts, stream);
+  }
+}
+
+// DNNRL_KNN_EXACT=1 turns the float32 candidate path off (every query takes the exact pass).
+bool candidate_path_disabled() {
+  const char* v = std::getenv("DNNRL_KNN_EXACT");
+  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+}
+
+// Float16 copies cost (Q + N) x D x 2 bytes: beyond this the exact pass runs instead.
+constexpr int64_t kCandMaxCopyElems = int64_t(1) << 25;  // 64 MiB
+
+bool use_candidate_path(int Q, int N, int D, int k) {
+  using HL = Engines<__half>::Large;
+  using HS = Engines<__half>::Small;
+  const int64_t Dp = ceil_div<int64_t>(D, 8) * 8;
+  return k <= kCandMaxK && N > kCand && (static_cast<int64_t>(Q) + N) * Dp <= kCandMaxCopyElems &&
+         knn_fits<HL>(kCand) && knn_fits<HS>(kCand) && !candidate_path_disabled();
+}
+
+void knn_candidates(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D,
+                    bool vec, int k, float* dptr, int64_t* iptr, const int64_t* lab, int64_t C, int64_t* vptr,
+                    int64_t* pptr, const at::TensorOptions& opts, cudaStream_t stream) {
+  using HL = Engines<__half>::Large;
+  using HS = Engines<__half>::Small;
+  const int Dp = static_cast<int>(ceil_div<int64_t>(D, 8) * 8);  // 16-byte rows: the vectorised staging
+  at::Tensor q16 = at::empty({static_cast<int64_t>(Q) * Dp}, opts.dtype(at::kHalf));
+  at::Tensor g16 = at::empty({static_cast<int64_t>(N) * Dp}, opts.dtype(at::kHalf));
+  at::Tensor scales = at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(at::kFloat));
+  at::Tensor status = at::zeros({static_cast<int64_t>(Q) + 2}, opts.dtype(at::kInt));
+  at::Tensor flags = at::empty({Q}, opts.dtype(at::kInt));
+  at::Tensor cand_d = at::empty({static_cast<int64_t>(Q) * kCand}, opts.dtype(at::kFloat));
+  at::Tensor cand_i = at::empty({static_cast<int64_t>(Q) * kCand}, opts.dtype(at::kLong));
+  auto* q16p = reinterpret_cast<__half*>(q16.data_ptr<at::Half>());
+  auto* g16p = reinterpret_cast<__half*>(g16.data_ptr<at::Half>());
+  float* qs = scales.data_ptr<float>();
+  float* gs = qs + Q;
+  int* st = status.data_ptr<int>();
+  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
+      qp, Q, D, Dp, qn, q16p, qs, st + 2, nullptr, nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(
+      gp, N, D, Dp, gn, g16p, gs, nullptr, st, reinterpret_cast<unsigned*>(st + 1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool big = ceil_div<int64_t>(Q, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms();
+  if (big) {
+    knn_fast<HL, true>(q16p, g16p, qn, gn, qs, gs, nullptr, Q, N, Dp, true, kCand, cand_d.data_ptr<float>(),
+                       cand_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
+  } else {
+    knn_fast<HS, true>(q16p, g16p, qn, gn, qs, gs, nullptr, Q, N, Dp, true, kCand, cand_d.data_ptr<float>(),
+                       cand_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
+  }
+  const double u = std::ldexp(1.0, -11);
+  const float c_dot = static_cast<float>(1.25 * (2 * u + u * u + D * std::ldexp(1.0, -22) +
+                                                 D * std::ldexp(1.0, -23)));
+  const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Q, 8));
+  if (lab != nullptr) {
+    knn_rerank_kernel<true><<<blocks, 256, 0, stream>>>(qp, gp, qn, gn, Q, D, k, cand_d.data_ptr<float>(),
+                                                        cand_i.data_ptr<int64_t>(), st, c_dot, dptr, iptr,
+                                                        flags.data_ptr<int>(), lab, N, C, vptr, pptr);
+  } else {
+    knn_rerank_kernel<false><<<blocks, 256, 0, stream>>>(qp, gp, qn, gn, Q, D, k, cand_d.data_ptr<float>(),
+                                                         cand_i.data_ptr<int64_t>(), st, c_dot, dptr, iptr,
+                                                         flags.data_ptr<int>(), nullptr, N, 0, nullptr, nullptr);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The uncertified rows (usually none: the blocks of the exact pass return at once).
+  knn_exact<float>(qp, gp, qn, gn, flags.data_ptr<int>(), Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr, opts,
+                   stream);
 }
 
 // Shared driver of knn and knn_vote. out_d may be undefined (vote only needs idx).
@@ -358,7 +586,6 @@ void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Ten
               const at::Tensor* labels, int64_t C, at::Tensor* votes, at::Tensor* pred) {
   using T = typename Native<scalar_t>::type;
   using acc_t = typename Acc<scalar_t>::type;
-  using Large = typename Engines<T>::Large;
   using Small = typename Engines<T>::Small;
   const int Q = static_cast<int>(query.size(0)), N = static_cast<int>(gallery.size(0));
   const int D = static_cast<int>(query.size(1));
@@ -378,13 +605,16 @@ void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Ten
   const int64_t* lab = labels ? labels->data_ptr<int64_t>() : nullptr;
   int64_t* vptr = votes ? votes->data_ptr<int64_t>() : nullptr;
   int64_t* pptr = pred ? pred->data_ptr<int64_t>() : nullptr;
-  const bool big = ceil_div<int64_t>(Q, Large::BM) * ceil_div<int64_t>(N, Large::BN) >= num_sms();
-  if (k <= 32 && big && knn_fits<Large>(k)) {
-    knn_fast<Large>(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts,
-                    stream);
-  } else if (knn_fits<Small>(k)) {
-    knn_fast<Small>(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts,
-                    stream);
+  if constexpr (std::is_same<T, float>::value) {
+    if (use_candidate_path(Q, N, D, k)) {
+      knn_candidates(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts,
+                     stream);
+      return;
+    }
+  }
+  if (knn_fits<Small>(k)) {
+    knn_exact<T>(qp, gp, qn, gn, nullptr, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr,
+                 opts, stream);
   } else {
     at::Tensor d0 = out_d.defined() ? out_d : at::empty({Q, k}, opts.dtype(norms.scalar_type()));
     at::Tensor d1 = at::empty({Q, k}, d0.options());

@@ -1,0 +1,210 @@
+"""CUDA knn / knn_vote, float32: the candidate path (a float16 pass, an exact float32
+re-rank of 32 candidates and an error-bound certificate; csrc/cuda/knn_cuda.cu) against
+the exact 3xTF32 path (DNNRL_KNN_EXACT=1) and the reference, on inputs that take
+either branch of the certificate: clear neighbourhoods (certified), neighbourhoods
+denser than the bound (every row falls back), duplicates, NaN / inf and extreme
+magnitudes (never certified)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, note, settings, strategies as st
+
+import dnnrl_ext
+from ops_testutil import cross64, grid_embeddings, require_compiled, row_scale
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+K_CAND = 32  # candidates per query in the kernel
+
+
+def _bound(D: int) -> float:
+    """The kernel's c: |approximate dot - float32 dot| <= c ||q|| ||g||."""
+    u = 2.0 ** -11
+    return 1.25 * (2 * u + u * u + D * 2.0 ** -22 + D * 2.0 ** -23)
+
+
+def _run(q, g, labels, k, C, exact: bool, monkeypatch):
+    """(dist, idx, pred, votes) from the compiled CUDA kernels, on the chosen path."""
+    if exact:
+        monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
+    else:
+        monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
+    qd, gd, ld = q.cuda(), g.cuda(), labels.cuda()
+    d, i = dnnrl_ext.knn(qd, gd, k, backend="compiled")
+    p, v = dnnrl_ext.knn_vote(qd, gd, ld, k, C, return_votes=True, backend="compiled")
+    torch.cuda.synchronize()
+    return d.cpu(), i.cpu(), p.cpu(), v.cpu()
+
+
+def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:
+    """Rows whose k+1 nearest float64 distances are separated by more than float32
+    noise, measured against the row's own magnitudes (4 (||q||^2 + max ||g||^2 over
+    those neighbours))."""
+    if rel is None:
+        rel = torch.finfo(torch.float32).eps * (64 * math.sqrt(q.shape[1]) + 64)
+    d = cross64(q, g)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k + 1]
+    near = np.take_along_axis(d, order, axis=1)
+    qn = (q.double() ** 2).sum(1).numpy()
+    gn = (g.double() ** 2).sum(1).numpy()
+    scale = 4 * (qn + gn[order].max(axis=1)) + 1e-300
+    return (np.diff(near, axis=1) > rel * scale[:, None]).all(axis=1) & np.isfinite(near).all(axis=1)
+
+
+def _approx_dist(q, g) -> np.ndarray:
+    """float64 distances from the kernel's float16 copies (rows scaled by 2^(15-E))."""
+    def half(x):
+        E = torch.frexp(x.double().abs().max(dim=1).values)[1]
+        h = (x.double() * torch.pow(2.0, 15 - E.double())[:, None]).half().double()
+        return h * torch.pow(2.0, E.double() - 15)[:, None]
+    qh, gh = half(q), half(g)
+    qn = (q.double() ** 2).sum(1)
+    gn = (g.double() ** 2).sum(1)
+    return (qn[:, None] + gn[None, :] - 2 * qh @ gh.T).clamp_min(0).numpy()
+
+
+def _check_against_reference(q, g, labels, k, C, got, rows):
+    want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
+    want_p, want_v = dnnrl_ext.knn_vote(q, g, labels, k, C, return_votes=True, backend="reference")
+    d, i, p, v = got
+    r = torch.as_tensor(rows)
+    assert r.any(), "no tie-free row to compare"
+    assert torch.equal(i[r], want_i[r]), "indices differ from the reference"
+    atol = torch.finfo(torch.float32).eps * (4 * q.shape[1] ** 0.5 + 16) * row_scale(torch.cat([q, g]))
+    torch.testing.assert_close(d[r], want_d[r], atol=atol, rtol=0)
+    assert torch.equal(v[r], want_v[r]) and torch.equal(p[r], want_p[r]), "votes differ from the reference"
+
+
+def _unit(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("D", [3, 64, 512])
+@pytest.mark.parametrize("k", [1, 5, 10, 16])
+def test_candidate_path_matches_reference_and_exact_path(D, k, monkeypatch):
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(D * 100 + k)
+    q = _unit(torch.randn(300, D, generator=gen))
+    g = _unit(torch.randn(4000, D, generator=gen))
+    labels = torch.randint(0, 7, (4000,), generator=gen)
+    fast = _run(q, g, labels, k, 7, exact=False, monkeypatch=monkeypatch)
+    exact = _run(q, g, labels, k, 7, exact=True, monkeypatch=monkeypatch)
+    rows = _tie_free_rows(q, g, k)
+    _check_against_reference(q, g, labels, k, 7, fast, rows)
+    _check_against_reference(q, g, labels, k, 7, exact, rows)
+
+
+def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
+    """Over 32 gallery rows within the error bound of each query: no certificate can
+    hold, so every row must come from the exact pass, and still be right."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(1)
+    D, k = 128, 10
+    q = _unit(torch.randn(20, D, generator=gen, dtype=torch.float64))
+    shells = []
+    for row in q:  # 100 rows at distances 1e-5 * (1..100): all far inside the bound
+        v = torch.randn(100, D, generator=gen, dtype=torch.float64)
+        v = _unit(v - (v @ row)[:, None] * row)  # orthogonal to the query
+        t = torch.sqrt(1e-5 * torch.arange(1, 101, dtype=torch.float64))
+        shells.append(_unit(row + t[:, None] * v))
+    g = torch.cat(shells + [_unit(torch.randn(3000, D, generator=gen, dtype=torch.float64))])
+    q, g = q.float(), g.float()
+    labels = torch.randint(0, 5, (g.shape[0],), generator=gen)
+    # the premise: the 32nd-nearest approximate distance minus the bound lies below the
+    # k-th exact one for every query, so no certificate can hold
+    e = 2 * _bound(D) + 2.0 ** -20 * 2
+    approx = np.sort(_approx_dist(q, g), axis=1)
+    exact_d = np.sort(cross64(q, g), axis=1)
+    assert (approx[:, K_CAND - 1] - e < exact_d[:, k - 1] - 1e-6).all()
+    fast = _run(q, g, labels, k, 5, exact=False, monkeypatch=monkeypatch)
+    exact = _run(q, g, labels, k, 5, exact=True, monkeypatch=monkeypatch)
+    for a, b in zip(fast, exact):
+        assert torch.equal(a, b), "the fallback rows must be the exact path's, bit for bit"
+    _check_against_reference(q, g, labels, k, 5, fast, _tie_free_rows(q, g, k, rel=1e-7))
+
+
+def test_duplicates_and_ties_follow_the_index_rule(monkeypatch):
+    """Grid values: exact distances in every path, many exact ties (duplicated rows)."""
+    require_compiled("cuda")
+    rng = np.random.default_rng(2)
+    q = grid_embeddings(rng, 200, 24, torch.float32, 2, 0, dup=False)
+    g = grid_embeddings(rng, 900, 24, torch.float32, 2, 0, dup=True)
+    labels = torch.as_tensor(rng.integers(0, 4, 900))
+    for k in (1, 7, 16):
+        want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
+        want_p, want_v = dnnrl_ext.knn_vote(q, g, labels, k, 4, return_votes=True, backend="reference")
+        d, i, p, v = _run(q, g, labels, k, 4, exact=False, monkeypatch=monkeypatch)
+        assert torch.equal(i, want_i) and torch.equal(d, want_d), k
+        assert torch.equal(p, want_p) and torch.equal(v, want_v), k
+
+
+def test_non_finite_rows(monkeypatch):
+    """A NaN / inf gallery row stops every certificate; a NaN query row its own. The
+    results are then the exact path's (NaN distances last, as on the CPU)."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(3)
+    q = _unit(torch.randn(50, 32, generator=gen))
+    g = _unit(torch.randn(500, 32, generator=gen))
+    labels = torch.randint(0, 3, (500,), generator=gen)
+    q_nan = q.clone()
+    q_nan[5] = float("nan")
+    g_bad = g.clone()
+    g_bad[7, 3] = float("nan")
+    g_bad[400, 0] = float("inf")
+    for qq, gg in ((q_nan, g), (q, g_bad), (q_nan, g_bad)):
+        fast = _run(qq, gg, labels, 10, 3, exact=False, monkeypatch=monkeypatch)
+        exact = _run(qq, gg, labels, 10, 3, exact=True, monkeypatch=monkeypatch)
+        cpu_i = dnnrl_ext.knn(qq, gg, 10, backend="compiled")[1]
+        rows = torch.as_tensor(_tie_free_rows(qq, gg, 10))
+        rows[5] = True  # the NaN query row: all distances NaN, so indices 0..9 in order
+        assert rows.sum() > 25
+        for a, b in zip(fast[1:], exact[1:]):
+            assert torch.equal(a[rows], b[rows])
+        torch.testing.assert_close(fast[0][rows], exact[0][rows], equal_nan=True, rtol=0, atol=1e-5)
+        assert torch.equal(fast[1][rows], cpu_i[rows]), "CUDA and CPU kernels order NaN rows alike"
+        if gg is g_bad:  # no certificate: every row is the exact pass's, bit for bit
+            for a, b in zip(fast, exact):
+                assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+
+
+@pytest.mark.parametrize("exp_range", [10, 40, 58])
+def test_rows_of_very_different_magnitudes(exp_range, monkeypatch):
+    """Row scales 2^-r .. 2^r: the float16 copies are scaled per row; rows beyond 2^+-48
+    are never certified (exact pass)."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(exp_range)
+    s_q = 2.0 ** torch.randint(-exp_range, exp_range + 1, (200, 1), generator=gen).double()
+    s_g = 2.0 ** torch.randint(-exp_range, exp_range + 1, (2000, 1), generator=gen).double()
+    q = (torch.randn(200, 16, generator=gen, dtype=torch.float64) * s_q).float()
+    g = (torch.randn(2000, 16, generator=gen, dtype=torch.float64) * s_g).float()
+    labels = torch.randint(0, 4, (2000,), generator=gen)
+    fast = _run(q, g, labels, 8, 4, exact=False, monkeypatch=monkeypatch)
+    exact = _run(q, g, labels, 8, 4, exact=True, monkeypatch=monkeypatch)
+    rows = torch.as_tensor(_tie_free_rows(q, g, 8))
+    assert rows.float().mean() > 0.25, "too few unambiguous rows for the test to mean anything"
+    assert torch.equal(fast[1][rows], exact[1][rows])
+    want_i = dnnrl_ext.knn(q.double(), g.double(), 8, backend="reference")[1]
+    assert torch.equal(fast[1][rows], want_i[rows])
+
+
+@settings(max_examples=25, deadline=None)
+@given(Q=st.integers(1, 300), N=st.integers(33, 3000), D=st.integers(1, 200), k=st.integers(1, 16),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2 ** 31 - 1))
+def test_candidate_and_exact_paths_agree(Q, N, D, k, scale, seed):
+    require_compiled("cuda")
+    note("Q=%d N=%d D=%d k=%d scale=%g seed=%d" % (Q, N, D, k, scale, seed))
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(Q, D, generator=gen) * scale
+    g = torch.randn(N, D, generator=gen) * scale
+    labels = torch.randint(0, 5, (N,), generator=gen)
+    with pytest.MonkeyPatch.context() as mp:
+        fast = _run(q, g, labels, k, 5, exact=False, monkeypatch=mp)
+        exact = _run(q, g, labels, k, 5, exact=True, monkeypatch=mp)
+    rows = torch.as_tensor(_tie_free_rows(q, g, k))
+    assert torch.equal(fast[1][rows], exact[1][rows])
+    assert torch.equal(fast[2][rows], exact[2][rows])
+    atol = torch.finfo(torch.float32).eps * (4 * D ** 0.5 + 16) * row_scale(torch.cat([q, g]))
+    torch.testing.assert_close(fast[0], exact[0], atol=atol, rtol=0)
