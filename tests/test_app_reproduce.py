@@ -54,3 +54,23 @@ def test_reproduce_trains_methods_in_parallel_processes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["reproduce", "--out", out, "--jobs", "0"] + TINY) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_every_passthrough_option_is_a_config_field_and_a_flag():
+    import argparse
+    import dataclasses
+    from dnnrl.config import Config
+    from dnnrl.reproduce import _PASSTHROUGH, add_reproduce_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    dests = {a.dest for a in add_reproduce_parser(sub)._actions}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert set(_PASSTHROUGH) <= fields and set(_PASSTHROUGH) <= dests
+
+
+def test_reproduce_passes_schedule_budget_and_augmentation(tmp_path):
+    out = str(tmp_path / "sched")
+    assert main(["reproduce", "--out", out, "--method", "dnn", "--schedule", "cosine", "--time-budget", "600",
+                 "--flip", "on", "--tta", "flip", "--lr-min", "0.001", "--weight-decay", "0.0001"] + TINY) == 0
+    cfg = json.load(open(os.path.join(out, "dnn", "config.json")))
+    assert (cfg["schedule"], cfg["time_budget"], cfg["flip"], cfg["tta"], cfg["lr_min"], cfg["weight_decay"]) == \
+        ("cosine", 600.0, True, "flip", 0.001, 0.0001)

@@ -315,3 +315,43 @@ def test_explicit_triplet_loss_equals_the_dropped_anchor_form(mining, reduction,
     assert out.valid.tolist() == [True] * 29 + [False]
     assert out.pos[29] == -1 and out.neg[29] == -1 and out.r[29] == 0
     assert torch.equal(out.pos[:29], p) and torch.equal(out.neg[:29], n)
+
+
+def test_cosine_schedule_anneals_to_lr_min_without_reloads(tmp_path):
+    import math
+    train(_cfg(tmp_path / "c", max_epochs=4, patience=10, lr=0.01, lr_min=0.001, schedule="cosine"))
+    hist = [json.loads(x) for x in open(tmp_path / "c" / "log.jsonl")]
+    want = [0.001 + 0.5 * 0.009 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    np.testing.assert_allclose([r["lr"] for r in hist], want, rtol=1e-12)
+    assert all(r["event"] in ("best", None) for r in hist)
+    assert json.load(open(tmp_path / "c" / "results.json"))["training"]["schedule"] == "cosine"
+
+
+def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path, monkeypatch):
+    """Epochs 'take' 10 s each (a fake clock): a 35 s budget runs 3 epochs, records why it
+    stopped, and still evaluates; the cosine lr follows the budget, not max_epochs."""
+    from dnnrl import train as train_mod
+    clock = {"t": 0.0}
+    orig_train_epoch = train_mod.Trainer.train_epoch
+
+    def slow_epoch(self):
+        clock["t"] += 10.0
+        return orig_train_epoch(self)
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", slow_epoch)
+    monkeypatch.setattr(train_mod.time, "time", lambda: clock["t"])
+    res = train(_cfg(tmp_path / "b", max_epochs=50, patience=50, lr=0.01, lr_min=0.0, schedule="cosine",
+                     time_budget=35.0))
+    hist = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["epoch_seconds"] for r in hist] == [10.0, 10.0, 10.0]
+    np.testing.assert_allclose([r["lr"] for r in hist], [0.01, 0.005 * (1 + np.cos(np.pi * 10 / 35)),
+                                                          0.005 * (1 + np.cos(np.pi * 20 / 35))])
+    training = json.load(open(tmp_path / "b" / "results.json"))["training"]
+    assert training["stopped_by"] == "time_budget" and training["epochs"] == 3
+    assert res["val_accuracy"] is not None
+
+
+def test_schedule_and_budget_errors_name_the_option(tmp_path):
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        _cfg(tmp_path / "x", schedule="linear")
+    with pytest.raises(ValueError, match="time_budget must be a positive"):
+        _cfg(tmp_path / "x", time_budget=0)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import COMPILE_MODES, METHODS, PRESETS, TTA_MODES, Config
+from .config import COMPILE_MODES, METHODS, PRESETS, SCHEDULES, TTA_MODES, Config
 
 log = logging.getLogger("dnnrl")
 
@@ -116,9 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select-by", default=None, choices=["val_loss", "val_knn"],
                    help="metric of the protocol (best weights, lr drops, stopping): the validation loss "
                         "(the paper) or the val k-NN error of the monitor (preset: cpu uses val_knn)")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="lr schedule: plateau (the paper: lr / 10 and back to the best weights when the "
+                        "val loss rises over 10 %% above its best) or cosine (lr to --lr-min over "
+                        "--max-epochs) (%s)" % d.schedule)
     g.add_argument("--patience", type=int, default=None,
                    help="stop after this many epochs without a new best val loss (preset; paper 20)")
     g.add_argument("--max-epochs", type=int, default=None, help="epoch cap (preset; paper %d)" % d.max_epochs)
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training: stop before an epoch that would end past it (estimated "
+                        "from the epochs so far), then evaluate as usual (default: none)")
     g.add_argument("--epoch-batches", type=int, default=None, help="cap batches per epoch (reduced runs)")
     g.add_argument("--train-subset", type=int, default=None, help="train on a stratified subset of N images")
     g.add_argument("--val-subset", type=int, default=None, help="validate on a stratified subset")

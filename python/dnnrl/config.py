@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 METHODS = ("dnnrl", "tdnn", "dnn")
 TTA_MODES = ("none", "flip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SCHEDULES = ("plateau", "cosine")
 
 
 @dataclass
@@ -45,9 +46,12 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     select_by: str = "val_loss"       # protocol metric: "val_loss" (the paper) or "val_knn" (k-NN error)
+    schedule: str = "plateau"         # "plateau": the paper's lr / 10 + reload best on a rise;
+                                      # "cosine": lr -> lr_min along a cosine over max_epochs
     rise_threshold: float = 0.10      # val loss > (1 + this) * best -> lr / 10, reload best
     patience: int = 20                # stop after this many epochs without a new best
     max_epochs: int = 200
+    time_budget: Optional[float] = None   # seconds of training: no epoch starts that would end past it
     epoch_batches: Optional[int] = None   # cap on batches per epoch (reduced runs)
     train_subset: Optional[int] = None    # use a stratified random subset of the training set
     val_subset: Optional[int] = None
@@ -121,6 +125,10 @@ def resolve(overrides: Dict[str, Any]) -> Config:
         raise ValueError("compile_mode must be one of %s, got %r" % (COMPILE_MODES, cfg.compile_mode))
     if not cfg.softmax_weight >= 0:  # (also catches NaN)
         raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError("schedule must be one of %s, got %r" % (SCHEDULES, cfg.schedule))
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise ValueError("time_budget must be a positive number of seconds, got %r" % (cfg.time_budget,))
     if cfg.tta not in TTA_MODES:
         raise ValueError("tta must be one of %s, got %r" % (TTA_MODES, cfg.tta))
     return cfg

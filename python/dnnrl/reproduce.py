@@ -21,10 +21,13 @@ NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl"
 # Training options passed through to `dnnrl train` (None = the preset's value).
 _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
                 "batch_size", "seed", "device", "backend", "amp", "compile", "skip_bad", "cache_dir",
-                "lr", "mining", "gamma", "alpha", "reduction", "softmax_weight")
+                "lr", "lr_min", "weight_decay", "schedule", "time_budget", "flip", "tta",
+                "mining", "gamma", "alpha", "reduction", "softmax_weight")
 
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
+    from .cli import _bool
+    from .config import SCHEDULES, TTA_MODES
     p = sub.add_parser(
         "reproduce", help="train DNN, T-DNN and DNNRL and write a Table 2-style table",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -44,6 +47,16 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-subset", type=int, default=None, help="validate on a stratified subset")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (128)")
     p.add_argument("--lr", type=float, default=None, help="initial lr of every method (preset)")
+    p.add_argument("--lr-min", type=float, default=None, help="lr floor (dnnrl train's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (dnnrl train's)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="lr schedule: plateau (the paper's) or cosine (dnnrl train --help)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training per method; each run stops before an epoch that would "
+                        "overrun it and is then evaluated (sizes a run for a fixed machine time)")
+    p.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (not in the paper)")
+    p.add_argument("--tta", default=None, choices=TTA_MODES,
+                   help="test-time averaging of each image and its mirror image (not in the paper)")
     p.add_argument("--mining", default=None,
                    choices=("batch_hard", "semi_hard", "random_triplets", "easy_positive"),
                    help="triplets of T-DNN and DNNRL (default: dnnrl train's)")

@@ -5,7 +5,10 @@ Per epoch: floor(N / B) batches of on-device augmentation + SGD; then the valida
 loss. A new lowest validation loss is the new best (weights kept); a loss more than
 ``rise_threshold`` (10 %) above the best divides the lr by 10 (floor ``lr_min``) and
 reloads the best weights (with fresh momentum); ``patience`` epochs without a new
-best stop the run. Every epoch is checkpointed (model, optimizer, lr, epoch, RNG
+best stop the run. Options beyond the paper: ``schedule="cosine"`` (lr from lr to
+lr_min along a cosine, no reloads) and ``time_budget`` (no epoch starts that would end
+past that many seconds of training; the run is then evaluated as usual, so a run sized
+for a fixed machine time still ends with its results). Every epoch is checkpointed (model, optimizer, lr, epoch, RNG
 states, best) so ``resume=True`` continues exactly where the run stopped, and logged
 as one JSON line in log.jsonl. Finally the best weights are evaluated (k-NN gallery =
 training set, k chosen on validation) into results.json.
@@ -506,8 +509,39 @@ class Trainer:
             raise ValueError("select_by must be 'val_loss' or 'val_knn', got %r" % self.cfg.select_by)
         return rec["val_loss"]
 
+    def _spent_seconds(self) -> float:
+        """Training wall time so far (every epoch's training + validation, resumes included)."""
+        return sum(r.get("epoch_seconds", 0.0) for r in self.history)
+
+    def _next_epoch_seconds(self) -> float:
+        """Estimate of one more epoch: the mean of the last three (the first one carries
+        the warm-up, so it only counts while it is alone)."""
+        recent = [r.get("epoch_seconds", 0.0) for r in self.history[-3:]]
+        return sum(recent) / len(recent) if recent else 0.0
+
+    def stop_reason(self) -> Optional[str]:
+        """Why the protocol stops now: "max_epochs", "patience", "time_budget" or None."""
+        if self.epoch >= self.cfg.max_epochs:
+            return "max_epochs"
+        if self.epoch > 0 and self.since_best >= self.cfg.patience:
+            return "patience"
+        if (self.cfg.time_budget is not None and self.history
+                and self._spent_seconds() + self._next_epoch_seconds() > self.cfg.time_budget):
+            return "time_budget"
+        return None
+
     def finished(self) -> bool:
-        return self.epoch >= self.cfg.max_epochs or (self.epoch > 0 and self.since_best >= self.cfg.patience)
+        return self.stop_reason() is not None
+
+    def _cosine_lr(self) -> float:
+        """Cosine from lr to lr_min over max_epochs or, when it ends first, the time budget
+        (progress = the larger of the two fractions used, at the start of the epoch)."""
+        progress = self.epoch / max(1, self.cfg.max_epochs)
+        if self.cfg.time_budget is not None:
+            progress = max(progress, self._spent_seconds() / self.cfg.time_budget)
+        progress = min(1.0, progress)
+        lo, hi = self.cfg.lr_min, self.cfg.lr
+        return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
 
     def fit(self, stop_after: Optional[int] = None) -> None:
         """Run epochs until the protocol stops (or ``stop_after`` more epochs: a simulated
@@ -516,9 +550,13 @@ class Trainer:
         while not self.finished():
             if stop_after is not None and done >= stop_after:
                 return
+            if self.cfg.schedule == "cosine":
+                self._set_lr(self._cosine_lr())
+            t_epoch = time.time()
             rec = {"epoch": self.epoch + 1, "lr": self.lr}
             rec.update(self.train_epoch())
             rec.update(self.validate())
+            rec["epoch_seconds"] = time.time() - t_epoch
             rec = distributed.broadcast_object(rec, self.dist)  # every rank takes rank 0's decisions
             self.epoch += 1
             v = self._metric(rec)
@@ -533,7 +571,8 @@ class Trainer:
                 event = "best"
             else:
                 self.since_best += 1
-                if not (v <= self.best_val * (1 + self.cfg.rise_threshold)) and self.best_state is not None:
+                if (self.cfg.schedule == "plateau" and not (v <= self.best_val * (1 + self.cfg.rise_threshold))
+                        and self.best_state is not None):
                     # the paper: lr / 10 and back to the best weights (momentum reset with them)
                     self.model.load_state_dict(self.best_state)
                     self.optimizer = self._optimizer(max(self.lr / 10.0, self.cfg.lr_min))
@@ -560,7 +599,9 @@ class Trainer:
         secs = sum(r["train_seconds"] for r in epochs)
         imgs = sum(r["images_per_s"] * r["train_seconds"] for r in epochs)
         extra = {"training": {"epochs": self.epoch, "best_epoch": self.best_epoch,
-                              "select_by": self.cfg.select_by,
+                              "select_by": self.cfg.select_by, "schedule": self.cfg.schedule,
+                              "stopped_by": self.stop_reason(), "time_budget": self.cfg.time_budget,
+                              "wall_seconds": self._spent_seconds(),
                               "best_metric": None if math.isinf(self.best_val) else self.best_val,
                               "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
                               "device": str(self.device), "backend": self.backend,
