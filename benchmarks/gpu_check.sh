@@ -6,7 +6,8 @@
 # adds a short FER-2013 training run (throughput, first epochs) at the end.
 # Each step has its own time limit so that the whole stays within ~8 minutes.
 # SKIP_TESTS=1 / SKIP_SANITIZERS=1 leave those steps out (when the CUDA code is unchanged
-# since they last passed and device time is short).
+# since they last passed and device time is short); SKIP_BUILD=1 / SKIP_BENCH=1 too (the
+# build and the benchmarks + profile; benchmarks/gpu_session.sh runs the parts apart).
 set -uo pipefail
 OUTDIR=${1:?usage: gpu_check.sh OUTDIR [--quick]}
 QUICK=${2:-}
@@ -26,13 +27,15 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-step "build (sm_90)"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+step "build (sm_90)"
 if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DNNRL_PTXAS_VERBOSE=1 \
      timeout ${BUILD_TIMEOUT:-240} python3 setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1; then
   tail -n 60 "$OUTDIR/build.log"; echo "BUILD FAILED"; exit 1
 fi
 grep -E "^dnnrl:" "$OUTDIR/build.log"
+fi
 python3 -c "import dnnrl_ext as d; print('extension', d.extension_available(), 'cuda kernels', d.has_cuda_kernels())"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -54,12 +57,14 @@ timeout ${RACECHECK_TIMEOUT:-70} compute-sanitizer --tool racecheck --print-limi
 echo "racecheck exit $?"; tail -n 8 "$OUTDIR/sanitizer.log"
 fi
 
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
 step "benchmarks"
 timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_gpu.py $QUICK --out "$OUTDIR/bench_gpu.json"
 echo "bench exit $?"
 step "small-batch profile (B=128: where the host time goes)"
 timeout ${PROFILE_TIMEOUT:-60} python3 benchmarks/profile_small_batch.py --out "$OUTDIR" > "$OUTDIR/profile.log" 2>&1
 echo "profile exit $?"; grep -E '^\{' "$OUTDIR/profile.log"
+fi
 if [ -n "${FER_ARCHIVE:-}" ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013 training check (${FER_EPOCHS:-2} epochs, ${FER_METHOD:-dnnrl})"
   export DNNRL_CACHE=/tmp/dnnrl-cache

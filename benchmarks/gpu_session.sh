@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Everything one GPU session needs, in one device call of under 10 minutes:
+#   1. build in place (sm_90)
+#   2. a smoke check of the float32 k-NN candidate path (if it fails, the FER runs use
+#      DNNRL_KNN_EXACT=1 so that their evaluation still stands)
+#   3. in the background: `dnnrl reproduce` (DNN, T-DNN, DNNRL at once, each with a time
+#      budget) plus the paper-literal DNNRL run beside it, then the DNNRL model exported
+#      as a bundle; meanwhile the GPU tests and compute-sanitizer (gpu_check.sh parts)
+#   4. once the card is free again: the GPU benchmarks and the small-batch profile
+# usage: FER_ARCHIVE=.carry/fer2013.tar.xz DNNRL_COMMIT=<hash> bash benchmarks/gpu_session.sh OUTDIR
+#   carry [".carry", ".whl"] (the data archive, the pytorch-metric-learning wheel)
+# Environment: FER_BUDGET (training seconds per run, 240), FER_FLAGS (the recipe, below),
+# SKIP_FER=1, SKIP_LITERAL=1 (no paper-literal run), SKIP_CHECKS=1 (no tests / sanitizers),
+# SKIP_BENCH=1.
+# OUTDIR gets at most 8 files: session.log, bench_gpu.json, fer_runs.tar.gz,
+# dnnrl_bundle.pt, logs.tar.gz (everything else).
+set -uo pipefail
+OUTDIR=${1:?usage: gpu_session.sh OUTDIR}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.."
+WORK=/tmp/gpu-session
+rm -rf "$WORK" && mkdir -p "$WORK"
+exec > >(tee "$OUTDIR/session.log") 2>&1
+export PYTHONUNBUFFERED=1 DNNRL_CACHE=/tmp/dnnrl-cache
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+FER_ARCHIVE=${FER_ARCHIVE:-.carry/fer2013.tar.xz}
+BUDGET=${FER_BUDGET:-240}
+t0=$(date +%s)
+step() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.version.cuda)"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+step "build (sm_90)"
+if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DNNRL_PTXAS_VERBOSE=1 \
+     timeout ${BUILD_TIMEOUT:-240} python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1; then
+  tail -n 60 "$WORK/build.log"; echo "BUILD FAILED"
+  tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" .; exit 1
+fi
+python3 -c "import dnnrl_ext as d; print('extension', d.extension_available(), 'cuda kernels', d.has_cuda_kernels())"
+
+step "smoke: float32 k-NN candidate path vs the exact path and the reference"
+if ! timeout 120 python3 - <<'PY'
+import os, torch, dnnrl_ext
+ok = True
+for (Q, N, D, k, kind) in [(500, 4000, 64, 10, "rand"), (3589, 28709, 512, 10, "rand"), (300, 5000, 128, 16, "dense")]:
+    g = torch.Generator(device="cuda").manual_seed(Q + N)
+    q = torch.nn.functional.normalize(torch.randn(Q, D, device="cuda", generator=g), dim=1)
+    gal = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1)
+    if kind == "dense":
+        gal[:200] = torch.nn.functional.normalize(q[:1] + 1e-3 * torch.randn(200, D, device="cuda", generator=g), dim=1)
+    os.environ.pop("DNNRL_KNN_EXACT", None)
+    d1, i1 = dnnrl_ext.knn(q, gal, k)
+    os.environ["DNNRL_KNN_EXACT"] = "1"
+    d2, i2 = dnnrl_ext.knn(q, gal, k)
+    os.environ.pop("DNNRL_KNN_EXACT", None)
+    dr, ir = dnnrl_ext.knn(q[:200].cpu(), gal.cpu(), k, backend="reference")
+    torch.cuda.synchronize()
+    same = (i1 == i2).all(1).float().mean().item()
+    same_ref = (i1[:200].cpu() == ir).all(1).float().mean().item()
+    err = (d1 - d2).abs().max().item()
+    print("Q=%d N=%d D=%d k=%d %s: rows equal to exact %.4f, to reference %.4f, max dist diff %.2e"
+          % (Q, N, D, k, kind, same, same_ref, err))
+    ok = ok and same > 0.99 and same_ref > 0.98 and err < 1e-4
+raise SystemExit(0 if ok else 1)
+PY
+then
+  echo "SMOKE FAILED: the FER runs use DNNRL_KNN_EXACT=1"; export DNNRL_KNN_EXACT=1
+fi
+
+fer_pid=""; lit_pid=""
+if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
+  step "FER-2013: reproduce (3 methods at once, ${BUDGET} s of training each) + paper-literal DNNRL, background"
+  timeout 120 python3 -c "import sys; from dnnrl.data import load_dataset; load_dataset(sys.argv[1])" "$FER_ARCHIVE"
+  # the recipe (docs/app.md): joint triplet + softmax with easy-positive mining, random
+  # flips + flip test-time averaging, cosine lr over the time budget
+  FLAGS=${FER_FLAGS:-"--schedule cosine --flip on --tta flip --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.01 --max-epochs 400 --patience 1000"}
+  (
+    timeout $((BUDGET + 150)) python3 -m dnnrl reproduce --data "$FER_ARCHIVE" --out "$WORK/table2" --jobs 3 \
+      --no-progress --time-budget "$BUDGET" $FLAGS > "$WORK/reproduce.log" 2>&1
+    echo "reproduce exit $?" >> "$WORK/reproduce.log"
+    if [ -f "$WORK/table2/dnnrl/results.json" ]; then
+      timeout ${EXPORT_TIMEOUT:-90} python3 -m dnnrl export --checkpoint "$WORK/table2/dnnrl" --data "$FER_ARCHIVE" \
+        --out "$WORK/dnnrl_bundle.pt" --gallery-dim ${GALLERY_DIM:-96} --sweep-dims 64,128 \
+        --note "dnnrl reproduce --data fer2013.tar.xz --jobs 3 --time-budget $BUDGET $FLAGS (benchmarks/gpu_session.sh, commit ${DNNRL_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
+        > "$WORK/export.log" 2>&1
+      echo "export exit $?" >> "$WORK/export.log"
+    fi
+  ) &
+  fer_pid=$!
+  if [ "${SKIP_LITERAL:-0}" != 1 ]; then
+    # the paper's own settings (dnnrl train defaults: pure exp triplet loss, plateau
+    # protocol, no flips), same time budget: what our recipe changes at full scale
+    timeout $((BUDGET + 150)) python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/literal/dnnrl" \
+      --method dnnrl --no-progress --time-budget "$BUDGET" > "$WORK/literal.log" 2>&1 &
+    lit_pid=$!
+  fi
+fi
+
+if [ "${SKIP_CHECKS:-0}" != 1 ]; then
+  step "GPU tests + compute-sanitizer (gpu_check.sh, beside the training runs)"
+  FER_ARCHIVE= SKIP_BUILD=1 SKIP_BENCH=1 TEST_TIMEOUT=${TEST_TIMEOUT:-240} bash benchmarks/gpu_check.sh "$WORK/check" > /dev/null 2>&1
+  grep -E "^== |exit|passed|failed|error|mismatch|ERROR SUMMARY|hazard" "$WORK/check/gpu_check.log" | head -n 40
+fi
+
+if [ -n "$fer_pid" ]; then
+  step "waiting for the FER runs"
+  wait $fer_pid $lit_pid  # (a bare `wait` would also wait for the tee of this log)
+  tail -n 12 "$WORK/reproduce.log"; grep -E "val accuracy|finished" "$WORK/literal.log" 2>/dev/null | tail -n 2
+  tail -n 3 "$WORK/export.log" 2>/dev/null
+  mkdir -p "$WORK/fer"
+  for d in "$WORK/table2" "$WORK/literal"; do
+    [ -d "$d" ] && (cd "$(dirname "$d")" && find "$(basename "$d")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
+      -o -name '*.png' -o -name 'run.log' \) -print0 | xargs -0 -r cp --parents -t "$WORK/fer")
+  done
+  cp "$WORK/reproduce.log" "$WORK/literal.log" "$WORK/fer/" 2>/dev/null
+  tar -czf "$OUTDIR/fer_runs.tar.gz" -C "$WORK/fer" .
+  [ -f "$WORK/dnnrl_bundle.pt" ] && cp "$WORK/dnnrl_bundle.pt" "$OUTDIR/"
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "benchmarks + small-batch profile (card otherwise idle)"
+  FER_ARCHIVE= SKIP_BUILD=1 SKIP_TESTS=1 SKIP_SANITIZERS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-120} \
+    bash benchmarks/gpu_check.sh "$WORK/bench" > /dev/null 2>&1
+  grep -vE "^\{'dtype|^\{'Q" "$WORK/bench/gpu_check.log" | tail -n 45
+  cp "$WORK/bench/bench_gpu.json" "$OUTDIR/" 2>/dev/null
+fi
+step "pack"
+rm -f "$WORK/dnnrl_bundle.pt"
+tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" --exclude=./table2 --exclude=./literal --exclude=./fer .
+ls -la "$OUTDIR"
+step "done"
