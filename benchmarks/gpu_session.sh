@@ -131,6 +131,11 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     bash benchmarks/gpu_check.sh "$WORK/bench" > /dev/null 2>&1
   grep -vE "^\{'dtype|^\{'Q" "$WORK/bench/gpu_check.log" | tail -n 45
   cp "$WORK/bench/bench_gpu.json" "$OUTDIR/" 2>/dev/null
+  step "Nsight Compute: the tile kernels (if the counters can be read here)"
+  timeout ${NCU_TIMEOUT:-60} ncu --clock-control none -k regex:"knn_pass|mine_pass" --launch-count 8 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python3 benchmarks/kernels_once.py > "$WORK/ncu.log" 2>&1
+  echo "ncu exit $?"; grep -E "knn_pass|mine_pass|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall" "$WORK/ncu.log" | head -n 60
 fi
 step "pack"
 rm -f "$WORK/dnnrl_bundle.pt"

@@ -44,7 +44,7 @@ def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:
     noise, measured against the row's own magnitudes (4 (||q||^2 + max ||g||^2 over
     those neighbours))."""
     if rel is None:
-        rel = torch.finfo(torch.float32).eps * (64 * math.sqrt(q.shape[1]) + 64)
+        rel = torch.finfo(torch.float32).eps * (4 * math.sqrt(q.shape[1]) + 16)
     d = cross64(q, g)
     order = np.argsort(d, axis=1, kind="stable")[:, :k + 1]
     near = np.take_along_axis(d, order, axis=1)

@@ -264,21 +264,27 @@ struct SimtTile {
   }
 };
 
-// ||row||^2 of every row of a (rows, D) matrix, warp per row, fixed order.
+// ||p||^2 of one row by one warp, fixed order (every lane gets the same value). The
+// one definition, so that norms computed inside a kernel equal row_norms_kernel's.
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(256) row_norms_kernel(const T* __restrict__ x, int rows, int D,
-                                                        acc_t* __restrict__ out) {
+__device__ __forceinline__ acc_t warp_row_sq_norm(const T* p, int D) {
   const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * 8 + threadIdx.x / 32;
-  if (row >= rows) return;
-  const T* p = x + static_cast<int64_t>(row) * D;
   acc_t s = 0;
   for (int e = lane; e < D; e += 32) {
     acc_t v = load_acc<acc_t>(p + e);
     s += v * v;
   }
-  s = warp_sum(s);
-  if (lane == 0) out[row] = s;
+  return warp_sum(s);
+}
+
+// ||row||^2 of every row of a (rows, D) matrix, warp per row, fixed order.
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(256) row_norms_kernel(const T* __restrict__ x, int rows, int D,
+                                                        acc_t* __restrict__ out) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32;
+  if (row >= rows) return;
+  const acc_t s = warp_row_sq_norm<T, acc_t>(x + static_cast<int64_t>(row) * D, D);
+  if (threadIdx.x % 32 == 0) out[row] = s;
 }
 
 // Engines per element type: a large tile for big problems and a small one that

@@ -3,14 +3,15 @@
 // Per valid triplet t with c_t = grad_t * dL/dr(r_t) (/ number of valid for mean):
 //   grad[a] += 2c (x_p - x_n);  grad[p] += 2c (x_a - x_p);  grad[n] += 2c (x_n - x_a).
 // Launches on the current stream:
-//   triplet_coef   one block: counts valid triplets (mean), writes c_t (T floats)
-//   then either
-//   triplet_gather (deterministic; also the default while B*T is small): warp per
-//                  output row, scans the triplets in order and adds every role the row
-//                  plays (anchor, positive, negative in that order) in registers, then
-//                  writes the row once in x's dtype. No atomics, bitwise reproducible;
-//                  O(B*T) index comparisons, O(T*D) arithmetic.
+//   either
+//   triplet_gather (deterministic; also the default while B*T is small): one launch;
+//                  warp per output row, scans the triplets in order and adds every role
+//                  the row plays (anchor, positive, negative in that order) with its c_t
+//                  formed on the spot, in registers, then writes the row once in x's
+//                  dtype. No atomics, bitwise reproducible; O(B*T) index comparisons,
+//                  O(T*D) arithmetic.
 //   or
+//   triplet_coef   one block: counts valid triplets (mean), writes c_t (T floats), then
 //   triplet_scatter (default for large B*T): warp per triplet, float atomics into a
 //                  float32 (float64 for float64) buffer, then cast_rows into x's dtype
 //                  (no cast for float32/float64: the buffer is the output).
@@ -70,15 +71,21 @@ __device__ __forceinline__ bool triplet_indices(const int64_t* anc, const int64_
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(256) triplet_gather_kernel(
     const T* __restrict__ x, const int64_t* __restrict__ anc, const int64_t* __restrict__ pos,
-    const int64_t* __restrict__ neg, const bool* __restrict__ valid, const acc_t* __restrict__ coef, int64_t Tn,
-    int64_t B, int D, T* __restrict__ out) {
+    const int64_t* __restrict__ neg, const bool* __restrict__ valid, const acc_t* __restrict__ grad,
+    bool grad_per_row, const acc_t* __restrict__ r, int64_t loss_type, acc_t alpha, acc_t gamma, acc_t margin,
+    int64_t reduction, int64_t Tn, int64_t B, int D, T* __restrict__ out) {
+  // The coefficients are formed on the spot (no separate launch): 2 g_t dL/dr(r_t) per
+  // matching triplet; for mean the row is divided once at the end by the number of
+  // valid triplets, which the same scan counts (every warp alike).
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * 8;
+  const acc_t g0 = grad_per_row ? acc_t(0) : grad[0];
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32; b < B; b += warps) {
     for (int d0 = 0; d0 < D; d0 += 32 * kGatherPerLane) {
       acc_t acc[kGatherPerLane];
 #pragma unroll
       for (int i = 0; i < kGatherPerLane; ++i) acc[i] = 0;
+      int64_t count = 0;
       for (int64_t t0 = 0; t0 < Tn; t0 += 32) {
         const int64_t t = t0 + lane;
         int64_t a = -1, p = -1, n = -1;
@@ -86,6 +93,7 @@ __global__ void __launch_bounds__(256) triplet_gather_kernel(
         if (t < Tn && triplet_indices(anc, pos, neg, valid, t, B, a, p, n)) {
           roles = (a == b ? 1 : 0) | (p == b ? 2 : 0) | (n == b ? 4 : 0);
         }
+        count += __popc(__ballot_sync(0xffffffffu, t < Tn && (valid == nullptr || valid[t])));
         unsigned m = __ballot_sync(0xffffffffu, roles != 0);
         while (m) {  // matching triplets in increasing t: a fixed order
           const int src = __ffs(m) - 1;
@@ -94,7 +102,9 @@ __global__ void __launch_bounds__(256) triplet_gather_kernel(
           const int64_t ta = __shfl_sync(0xffffffffu, a, src);
           const int64_t tp = __shfl_sync(0xffffffffu, p, src);
           const int64_t tn = __shfl_sync(0xffffffffu, n, src);
-          const acc_t c = coef[t0 + src];
+          const int64_t tt = t0 + src;
+          const acc_t gt = grad_per_row ? grad[tt] : g0;
+          const acc_t c = acc_t(2) * gt * triplet_dloss_dr<acc_t>(r[tt], loss_type, alpha, gamma, margin);
           const T* xa = x + ta * D;
           const T* xp = x + tp * D;
           const T* xn = x + tn * D;
@@ -111,10 +121,11 @@ __global__ void __launch_bounds__(256) triplet_gather_kernel(
           }
         }
       }
+      const acc_t div = reduction == kMean ? static_cast<acc_t>(count > 0 ? count : 1) : acc_t(1);
 #pragma unroll
       for (int i = 0; i < kGatherPerLane; ++i) {
         const int e = d0 + lane + 32 * i;
-        if (e < D) store_as(out + b * D + e, acc[i]);
+        if (e < D) store_as(out + b * D + e, reduction == kMean ? acc[i] / div : acc[i]);
       }
     }
   }
@@ -216,7 +227,6 @@ at::Tensor triplet_loss_backward_kernel(const at::Tensor& grad_in, const at::Ten
   const int D = static_cast<int>(x.size(1));
   TORCH_CHECK(x.size(1) < (int64_t(1) << 31), "triplet_loss_backward: D too large");
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor coef = at::empty({Tn}, x.options().dtype(acc_type));
   const int64_t* ap = anc.defined() ? anc.data_ptr<int64_t>() : nullptr;
   const bool* vp = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   // Gather is deterministic and, while B*T is small, also the cheaper path.
@@ -228,18 +238,20 @@ at::Tensor triplet_loss_backward_kernel(const at::Tensor& grad_in, const at::Ten
     using acc_t = typename Acc<scalar_t>::type;
     const T* xp = reinterpret_cast<const T*>(x.data_ptr<scalar_t>());
     T* op = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
-    triplet_coef_kernel<acc_t><<<1, 512, 0, stream>>>(
-        grad.data_ptr<acc_t>(), reduction == kNone, r.data_ptr<acc_t>(), vp, Tn, loss_type,
-        static_cast<acc_t>(alpha), static_cast<acc_t>(gamma), static_cast<acc_t>(margin), reduction,
-        coef.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (gather) {
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(B, 8), sm_blocks));
-      triplet_gather_kernel<T, acc_t><<<blocks, 256, 0, stream>>>(xp, ap, pos.data_ptr<int64_t>(),
-                                                                  neg.data_ptr<int64_t>(), vp,
-                                                                  coef.data_ptr<acc_t>(), Tn, B, D, op);
+      triplet_gather_kernel<T, acc_t><<<blocks, 256, 0, stream>>>(
+          xp, ap, pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), vp, grad.data_ptr<acc_t>(), reduction == kNone,
+          r.data_ptr<acc_t>(), loss_type, static_cast<acc_t>(alpha), static_cast<acc_t>(gamma),
+          static_cast<acc_t>(margin), reduction, Tn, B, D, op);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
+      at::Tensor coef = at::empty({Tn}, x.options().dtype(acc_type));
+      triplet_coef_kernel<acc_t><<<1, 512, 0, stream>>>(
+          grad.data_ptr<acc_t>(), reduction == kNone, r.data_ptr<acc_t>(), vp, Tn, loss_type,
+          static_cast<acc_t>(alpha), static_cast<acc_t>(gamma), static_cast<acc_t>(margin), reduction,
+          coef.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       constexpr bool direct = std::is_same<T, acc_t>::value;  // float32 / float64: accumulate into out
       at::Tensor buf = direct ? out.zero_() : at::zeros({B, D}, x.options().dtype(acc_type));
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(Tn, 8), sm_blocks));

@@ -1,16 +1,18 @@
 // CUDA kernels of dnnrl_ext::triplet_loss (fused mining + loss) and
 // dnnrl_ext::triplet_loss_indexed.
 //
-// Mined form, one call = a fixed handful of launches on the current stream:
-//   row_norms      ||x_i||^2                                   grid  ceil(B/8), 256 thr
+// Mined form, one call = a fixed handful of launches on the current stream (2 for
+// batch-hard at B <= 256 with mean / sum: mine_pass, mine_finalize):
+//   row_norms      ||x_i||^2 (B > 256; smaller batches: inside mine_pass) grid ceil(B/8)
 //   mine_pass      distance tiles (tile.cuh) reduced on the spot into, per anchor and
 //                  per column split, the farthest positive and nearest negative
 //                  (semi-hard 2nd pass: nearest negative beyond d_ap + gamma)
 //                                                              grid (row tiles, splits)
 //   mine_threshold (semi-hard only) d_ap + gamma per anchor     warp per anchor
 //   mine_finalize  merge the splits, recompute r = d(a,n) - d(a,p) by explicit
-//                  differences, per-anchor loss, pos/neg/r/valid  warp per anchor
-//   reduce_loss    mean / sum in a fixed order (deterministic)  one block
+//                  differences, per-anchor loss, pos/neg/r/valid  warp per anchor;
+//                  its last block reduces mean / sum in a fixed order (deterministic)
+// Explicit triplets: indexed_loss (warp per triplet), then reduce_loss (one block).
 // Extra memory: norms (B), split partials (splits x B), per-anchor loss (B): O(B).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -33,25 +35,40 @@ struct MinePart {
 // splits, ... Thread t owns anchor t / TPR and every TPR-th column of each tile, so
 // its running best needs no synchronisation; the TPR owners of an anchor are
 // adjacent lanes and merge with shuffles at the end.
+// norms == nullptr: the block computes the norms it needs itself (small batches: one
+// launch less). done_counter (nullable): reset to 0 here for mine_finalize.
 template <typename Eng, bool kSemi>
 __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
     const typename Eng::T* __restrict__ x, const int64_t* __restrict__ labels,
     const typename Eng::acc_t* __restrict__ norms, const typename Eng::acc_t* __restrict__ thr,
-    int B, int D, bool vec, int col_tiles, int splits, MinePart<typename Eng::acc_t>* __restrict__ part) {
+    int B, int D, bool vec, int col_tiles, int splits, MinePart<typename Eng::acc_t>* __restrict__ part,
+    unsigned* __restrict__ done_counter) {
   using acc_t = typename Eng::acc_t;
   constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
   constexpr int TPR = NT / BM;
   constexpr int CPT = BN / TPR;
+  constexpr int kWarps = NT / 32;
   static_assert(NT % BM == 0 && BN % TPR == 0 && 32 % TPR == 0, "bad thread mapping");
   extern __shared__ __align__(128) unsigned char smem[];
   acc_t* cn = reinterpret_cast<acc_t*>(smem + Eng::kMainBytes);
   int64_t* cl = reinterpret_cast<int64_t*>(cn + BN);
+  acc_t* rnorm = reinterpret_cast<acc_t*>(cl + BN);  // this block's row norms (inline norms only)
 
+  if (done_counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *done_counter = 0u;
   const int row0 = blockIdx.x * BM, split = blockIdx.y;
   const int r = threadIdx.x / TPR, h = threadIdx.x % TPR;
   const int row = row0 + r;
   const bool row_ok = row < B;
-  const acc_t rn = row_ok ? norms[row] : acc_t(0);
+  const int warp = threadIdx.x / 32;
+  if (norms == nullptr) {  // block-uniform
+    for (int i = warp; i < BM; i += kWarps) {
+      const acc_t v = row0 + i < B ? warp_row_sq_norm<typename Eng::T, acc_t>(x + static_cast<int64_t>(row0 + i) * D, D)
+                                   : acc_t(0);
+      if (threadIdx.x % 32 == 0) rnorm[i] = v;
+    }
+    __syncthreads();
+  }
+  const acc_t rn = row_ok ? (norms == nullptr ? rnorm[r] : norms[row]) : acc_t(0);
   const int64_t rl = row_ok ? labels[row] : 0;
   const acc_t t = (kSemi && row_ok) ? thr[row] : acc_t(0);
   acc_t pd = 0, nd = 0;
@@ -59,9 +76,17 @@ __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
 
   for (int ct = split; ct < col_tiles; ct += splits) {
     const int col0 = ct * BN;
+    if (norms == nullptr) {
+      for (int c = warp; c < BN; c += kWarps) {
+        const int j = col0 + c;
+        const acc_t v = j < B ? warp_row_sq_norm<typename Eng::T, acc_t>(x + static_cast<int64_t>(j) * D, D)
+                              : acc_t(0);
+        if (threadIdx.x % 32 == 0) cn[c] = v;
+      }
+    }
     for (int c = threadIdx.x; c < BN; c += NT) {
       const int j = col0 + c;
-      cn[c] = j < B ? norms[j] : acc_t(0);
+      if (norms != nullptr) cn[c] = j < B ? norms[j] : acc_t(0);
       cl[c] = j < B ? labels[j] : 0;
     }
     Eng::run(x, row0, B, x, col0, B, D, vec, smem);  // ends with a barrier: cn/cl visible
@@ -151,29 +176,70 @@ __device__ __forceinline__ acc_t relative_distance(const T* x, int64_t a, int64_
   return warp_sum(dan) - warp_sum(dap);
 }
 
+// Block reduction of the per-row losses (mean over valid rows, at least 1, or sum) in
+// a fixed order: every thread sums a strided slice, then a tree in shared memory.
+// Reads with ld.global.cg: the rows may come from other blocks of this grid.
+template <typename acc_t, int NT>
+__device__ void block_reduce_rows(const acc_t* rows, const bool* valid, int64_t n, int64_t reduction, acc_t* out) {
+  __shared__ acc_t ss[NT];
+  __shared__ int64_t sc[NT];
+  acc_t s = 0;
+  int64_t c = 0;
+  for (int64_t i = threadIdx.x; i < n; i += NT) {
+    s += __ldcg(rows + i);
+    c += valid == nullptr ? 1 : (__ldcg(reinterpret_cast<const unsigned char*>(valid) + i) ? 1 : 0);
+  }
+  ss[threadIdx.x] = s;
+  sc[threadIdx.x] = c;
+  __syncthreads();
+  for (int w = NT / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) {
+      ss[threadIdx.x] += ss[threadIdx.x + w];
+      sc[threadIdx.x] += sc[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = reduction == kSum ? ss[0] : ss[0] / static_cast<acc_t>(sc[0] > 0 ? sc[0] : 1);
+}
+
+// Warp per anchor. With done_counter (mean / sum): the last block to finish (a ticket
+// taken after a memory fence) also reduces every row into *loss, so no separate
+// reduction launch is needed; which block that is does not change the result.
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(256) mine_finalize_kernel(
     const T* __restrict__ x, const MinePart<acc_t>* __restrict__ part1, int splits1,
     const MinePart<acc_t>* __restrict__ part2, int splits2, int B, int D, int64_t loss_type,
     acc_t alpha, acc_t gamma, acc_t margin, acc_t* __restrict__ loss_rows, int64_t* __restrict__ pos_out,
-    int64_t* __restrict__ neg_out, acc_t* __restrict__ r_out, bool* __restrict__ valid_out) {
+    int64_t* __restrict__ neg_out, acc_t* __restrict__ r_out, bool* __restrict__ valid_out,
+    unsigned* __restrict__ done_counter, int64_t reduction, acc_t* __restrict__ loss) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
-  if (row >= B) return;
-  const MinePart<acc_t> m = merge_parts(part1, splits1, B, row, true);
-  int neg = m.nj;
-  if (part2 != nullptr) {  // semi-hard: the qualifying negative if any, else batch-hard
-    const MinePart<acc_t> s = merge_parts(part2, splits2, B, row, false);
-    if (s.nj >= 0) neg = s.nj;
+  if (row < B) {  // warp-uniform
+    const MinePart<acc_t> m = merge_parts(part1, splits1, B, row, true);
+    int neg = m.nj;
+    if (part2 != nullptr) {  // semi-hard: the qualifying negative if any, else batch-hard
+      const MinePart<acc_t> s = merge_parts(part2, splits2, B, row, false);
+      if (s.nj >= 0) neg = s.nj;
+    }
+    const bool valid = m.pj >= 0 && m.nj >= 0;
+    acc_t r = 0;
+    if (valid) r = relative_distance<T, acc_t>(x, row, m.pj, neg, D);
+    if (threadIdx.x % 32 == 0) {
+      pos_out[row] = valid ? m.pj : -1;
+      neg_out[row] = valid ? neg : -1;
+      r_out[row] = r;
+      valid_out[row] = valid;
+      loss_rows[row] = valid ? triplet_value<acc_t>(r, loss_type, alpha, gamma, margin) : acc_t(0);
+    }
   }
-  const bool valid = m.pj >= 0 && m.nj >= 0;
-  acc_t r = 0;
-  if (valid) r = relative_distance<T, acc_t>(x, row, m.pj, neg, D);
-  if (threadIdx.x % 32 == 0) {
-    pos_out[row] = valid ? m.pj : -1;
-    neg_out[row] = valid ? neg : -1;
-    r_out[row] = r;
-    valid_out[row] = valid;
-    loss_rows[row] = valid ? triplet_value<acc_t>(r, loss_type, alpha, gamma, margin) : acc_t(0);
+  if (done_counter == nullptr) return;  // grid-uniform
+  __shared__ bool last;
+  __threadfence();  // this thread's rows are visible device-wide before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done_counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    block_reduce_rows<acc_t, 256>(loss_rows, valid_out, B, reduction, loss);
   }
 }
 
@@ -252,30 +318,37 @@ void check_index(const char* op, const char* name, const at::Tensor& t, const at
 }
 
 template <typename Eng>
+constexpr size_t mine_smem() {
+  using acc_t = typename Eng::acc_t;
+  return Eng::kMainBytes + Eng::BN * (sizeof(acc_t) + sizeof(int64_t)) + Eng::BM * sizeof(acc_t);
+}
+
+template <typename Eng>
 void launch_mine_pass(bool semi, const typename Eng::T* x, const int64_t* labels,
                       const typename Eng::acc_t* norms, const typename Eng::acc_t* thr, int B, int D,
-                      bool vec, int splits, MinePart<typename Eng::acc_t>* part, cudaStream_t stream) {
-  using acc_t = typename Eng::acc_t;
+                      bool vec, int splits, MinePart<typename Eng::acc_t>* part, unsigned* done_counter,
+                      cudaStream_t stream) {
   const int row_tiles = static_cast<int>(ceil_div<int64_t>(B, Eng::BM));
   const int col_tiles = static_cast<int>(ceil_div<int64_t>(B, Eng::BN));
-  const size_t smem = Eng::kMainBytes + Eng::BN * (sizeof(acc_t) + sizeof(int64_t));
+  const size_t smem = mine_smem<Eng>();
   const dim3 grid(row_tiles, splits);
   if (semi) {
     auto k = mine_pass_kernel<Eng, true>;
     allow_smem(k, smem);
-    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part);
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
+                                             done_counter);
   } else {
     auto k = mine_pass_kernel<Eng, false>;
     allow_smem(k, smem);
-    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part);
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
+                                             done_counter);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Eng>
 int mine_splits(int B) {
-  using acc_t = typename Eng::acc_t;
-  const size_t smem = Eng::kMainBytes + Eng::BN * (sizeof(acc_t) + sizeof(int64_t));
+  const size_t smem = mine_smem<Eng>();
   auto k = mine_pass_kernel<Eng, false>;
   allow_smem(k, smem);
   const int64_t slots = resident_slots(k, Eng::kThreads, smem);
@@ -283,10 +356,15 @@ int mine_splits(int B) {
                                       kMaxSplits));
 }
 
+// Batches up to this size compute their norms inside mine_pass (one launch less; the
+// extra reads are of rows the block stages anyway, and stay in L2).
+constexpr int kInlineNormsMaxB = 256;
+
+// loss (nullable): the reduced loss (mean / sum) is written by mine_finalize's last block.
 template <typename scalar_t, typename Eng>
 void mine_impl(const at::Tensor& x, const at::Tensor& labels, int64_t mining, int64_t loss_type,
                double alpha, double gamma, double margin, at::Tensor& loss_rows, at::Tensor& pos,
-               at::Tensor& neg, at::Tensor& r, at::Tensor& valid) {
+               at::Tensor& neg, at::Tensor& r, at::Tensor& valid, int64_t reduction, at::Tensor* loss) {
   using T = typename Native<scalar_t>::type;
   using acc_t = typename Acc<scalar_t>::type;
   static_assert(std::is_same<acc_t, typename Eng::acc_t>::value, "engine accumulates in acc_t");
@@ -297,46 +375,57 @@ void mine_impl(const at::Tensor& x, const at::Tensor& labels, int64_t mining, in
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool semi = mining == kSemiHard;
 
-  at::Tensor norms = at::empty({B}, acc_opts);
+  const bool inline_norms = B <= kInlineNormsMaxB;
   const int splits = mine_splits<Eng>(B);
-  // partials as raw bytes: (splits [+ splits], B) MinePart structs
+  // one workspace of raw bytes: (splits [+ splits], B) MinePart structs [, B thresholds]
+  // [, B norms], the finalize ticket counter
   const int64_t part_bytes = static_cast<int64_t>(splits) * B * sizeof(MinePart<acc_t>);
-  at::Tensor ws = at::empty({(semi ? 2 : 1) * part_bytes + (semi ? B * (int64_t)sizeof(acc_t) : 0)},
-                            x.options().dtype(at::kByte));
-  auto* part1 = reinterpret_cast<MinePart<acc_t>*>(ws.data_ptr<uint8_t>());
-  auto* part2 = semi ? reinterpret_cast<MinePart<acc_t>*>(ws.data_ptr<uint8_t>() + part_bytes) : nullptr;
-  auto* thr = semi ? reinterpret_cast<acc_t*>(ws.data_ptr<uint8_t>() + 2 * part_bytes) : nullptr;
+  const int64_t thr_off = (semi ? 2 : 1) * part_bytes;
+  const int64_t norms_off = thr_off + (semi ? B * static_cast<int64_t>(sizeof(acc_t)) : 0);
+  const int64_t counter_off = ceil_div<int64_t>(norms_off + (inline_norms ? 0 : B * static_cast<int64_t>(sizeof(acc_t))), 16) * 16;
+  at::Tensor ws = at::empty({counter_off + 16}, x.options().dtype(at::kByte));
+  uint8_t* base = ws.data_ptr<uint8_t>();
+  auto* part1 = reinterpret_cast<MinePart<acc_t>*>(base);
+  auto* part2 = semi ? reinterpret_cast<MinePart<acc_t>*>(base + part_bytes) : nullptr;
+  auto* thr = semi ? reinterpret_cast<acc_t*>(base + thr_off) : nullptr;
+  acc_t* norms = inline_norms ? nullptr : reinterpret_cast<acc_t*>(base + norms_off);
+  unsigned* counter = loss != nullptr ? reinterpret_cast<unsigned*>(base + counter_off) : nullptr;
   const int64_t* lab = labels.data_ptr<int64_t>();
   const unsigned row_blocks = static_cast<unsigned>(ceil_div<int64_t>(B, 8));
 
-  row_norms_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(xp, B, D, norms.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_mine_pass<Eng>(false, xp, lab, norms.data_ptr<acc_t>(), nullptr, B, D, vec, splits, part1, stream);
+  if (!inline_norms) {
+    row_norms_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(xp, B, D, norms);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  launch_mine_pass<Eng>(false, xp, lab, norms, nullptr, B, D, vec, splits, part1, counter, stream);
   if (semi) {
     mine_threshold_kernel<acc_t><<<row_blocks, 256, 0, stream>>>(part1, splits, B, static_cast<acc_t>(gamma), thr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_mine_pass<Eng>(true, xp, lab, norms.data_ptr<acc_t>(), thr, B, D, vec, splits, part2, stream);
+    launch_mine_pass<Eng>(true, xp, lab, norms, thr, B, D, vec, splits, part2, nullptr, stream);
   }
   mine_finalize_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(
       xp, part1, splits, part2, splits, B, D, loss_type, static_cast<acc_t>(alpha),
       static_cast<acc_t>(gamma), static_cast<acc_t>(margin), loss_rows.data_ptr<acc_t>(),
-      pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), r.data_ptr<acc_t>(), valid.data_ptr<bool>());
+      pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), r.data_ptr<acc_t>(), valid.data_ptr<bool>(), counter,
+      reduction, loss != nullptr ? loss->data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
 void mine_dispatch(const at::Tensor& x, const at::Tensor& labels, int64_t mining, int64_t loss_type,
                    double alpha, double gamma, double margin, at::Tensor& loss_rows, at::Tensor& pos,
-                   at::Tensor& neg, at::Tensor& r, at::Tensor& valid) {
+                   at::Tensor& neg, at::Tensor& r, at::Tensor& valid, int64_t reduction, at::Tensor* loss) {
   using T = typename Native<scalar_t>::type;
   using Large = typename Engines<T>::Large;
   using Small = typename Engines<T>::Small;
   const int64_t B = x.size(0);
   // The large tile only once it alone gives every SM a block.
   if (ceil_div<int64_t>(B, Large::BM) * ceil_div<int64_t>(B, Large::BN) >= num_sms()) {
-    mine_impl<scalar_t, Large>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid);
+    mine_impl<scalar_t, Large>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
+                               reduction, loss);
   } else {
-    mine_impl<scalar_t, Small>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid);
+    mine_impl<scalar_t, Small>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
+                               reduction, loss);
   }
 }
 
@@ -373,12 +462,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_l
   if (B == 0) {
     return {reduction == kNone ? loss_rows : at::zeros({}, acc_opts), pos, neg, r, valid};
   }
+  // mean / sum: reduced by mine_finalize's last block (no separate launch)
+  at::Tensor loss = reduction == kNone ? at::Tensor() : at::empty({}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dnnrl_triplet_loss_cuda", [&] {
-    mine_dispatch<scalar_t>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid);
+    mine_dispatch<scalar_t>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
+                            reduction, reduction == kNone ? nullptr : &loss);
   });
   if (reduction == kNone) return {loss_rows, pos, neg, r, valid};
-  at::Tensor loss = at::empty({}, acc_opts);
-  reduce_rows(loss_rows, &valid, reduction, loss);
   return {loss, pos, neg, r, valid};
 }
 

@@ -1,0 +1,41 @@
+"""Launch the tile kernels a few times at benchmark scale, for Nsight Compute:
+
+    ncu --clock-control none -k regex:"knn_pass|mine_pass" --launch-skip 1 --launch-count 4 \\
+        --section SpeedOfLight --section Occupancy --section WarpStateStats \\
+        python3 benchmarks/kernels_once.py
+
+knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) with the float32 candidate
+path and with DNNRL_KNN_EXACT=1 (the 3xTF32 pass), then the fused loss forward at
+B = 8192 in float32 and bfloat16.
+"""
+import os
+
+import torch
+
+import dnnrl_ext
+
+
+def main():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3589, 512, device="cuda", generator=g), dim=1)
+    gal = torch.nn.functional.normalize(torch.randn(28709, 512, device="cuda", generator=g), dim=1)
+    lab = torch.randint(0, 7, (28709,), device="cuda", generator=g)
+    for exact in (False, True):
+        os.environ.pop("DNNRL_KNN_EXACT", None)
+        if exact:
+            os.environ["DNNRL_KNN_EXACT"] = "1"
+        for _ in range(2):
+            dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
+    os.environ.pop("DNNRL_KNN_EXACT", None)
+    x = torch.nn.functional.normalize(torch.randn(8192, 512, device="cuda", generator=g), dim=1)
+    y = torch.randint(0, 7, (8192,), device="cuda", generator=g)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            for _ in range(2):
+                dnnrl_ext.triplet_loss(x.to(dtype), y)
+    torch.cuda.synchronize()
+    print("kernels_once: done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""CUDA triplet loss: the code paths chosen by size inside the kernels, against each
+other and against the reference: norms computed inside mine_pass (B <= 256) or by
+their own launch, the mean / sum formed by mine_finalize's last block, the backward
+gather (coefficients on the spot, deterministic) or scatter (atomics), and bitwise
+reproducibility of the backward under torch.use_deterministic_algorithms(True)."""
+import pytest
+import torch
+
+import dnnrl_ext
+from ops_testutil import require_compiled
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _batch(B, D, C, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, C, (B,), generator=g)
+    return x.to(dtype), y
+
+
+def _grad(x, y, **kw):
+    xa = x.clone().cuda().requires_grad_(True)
+    loss = dnnrl_ext.triplet_loss(xa, y.cuda(), **kw)
+    loss.backward()
+    torch.cuda.synchronize()
+    return loss.detach().cpu(), xa.grad.cpu()
+
+
+@pytest.mark.parametrize("B", [1, 2, 7, 128, 256, 257, 1000])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+def test_fused_reduction_equals_the_reduced_rows(B, reduction, mining):
+    require_compiled("cuda")
+    x, y = _batch(B, 48, 5, B)
+    xd, yd = x.cuda(), y.cuda()
+    out = dnnrl_ext.triplet_loss(xd, yd, mining=mining, gamma=-0.3, reduction=reduction, return_details=True)
+    rows = dnnrl_ext.triplet_loss(xd, yd, mining=mining, gamma=-0.3, reduction="none")
+    valid = out.valid
+    want = rows.sum() if reduction == "sum" else rows.sum() / max(1, int(valid.sum()))
+    torch.testing.assert_close(out.loss.cpu(), want.cpu(), rtol=1e-6, atol=1e-7)
+    ref = dnnrl_ext.triplet_loss(x, y, mining=mining, gamma=-0.3, reduction=reduction, backend="reference")
+    torch.testing.assert_close(out.loss.cpu(), ref.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_inline_norms_agree_with_the_norm_launch():
+    """B = 256 (norms inside mine_pass) against the same rows plus one far row of its own
+    class (B = 257: norms by their own launch): same mining, same r, same loss."""
+    require_compiled("cuda")
+    x, y = _batch(256, 64, 6, 0)
+    far = torch.full((1, 64), 100.0)
+    x2, y2 = torch.cat([x, far]), torch.cat([y, torch.tensor([99])])
+    a = dnnrl_ext.triplet_loss(x.cuda(), y.cuda(), return_details=True)
+    b = dnnrl_ext.triplet_loss(x2.cuda(), y2.cuda(), return_details=True)
+    assert not bool(b.valid[256])
+    assert torch.equal(a.pos.cpu(), b.pos[:256].cpu()) and torch.equal(a.neg.cpu(), b.neg[:256].cpu())
+    assert torch.equal(a.r.cpu(), b.r[:256].cpu())
+    torch.testing.assert_close(a.loss.cpu(), b.loss.cpu(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_backward_is_bitwise_reproducible_and_matches_atomics(dtype):
+    """B = 4500: B * T above 2^24, so the default backward scatters with atomics; under
+    use_deterministic_algorithms it gathers, and two runs are equal bit for bit."""
+    require_compiled("cuda")
+    x, y = _batch(4500, 32, 7, 1, dtype)
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        l1, g1 = _grad(x, y)
+        l2, g2 = _grad(x, y)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    l3, g3 = _grad(x, y)  # atomics
+    assert torch.equal(l1, l3)  # the forward has no atomics
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(g3.float(), g1.float(), rtol=tol, atol=tol * float(g1.float().abs().max()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gather_backward_matches_the_reference_gradient(reduction):
+    """The gradient of the mined loss against the reference's on the kernel's own mined
+    triplets (so near-ties in the mining cannot make the two differ)."""
+    require_compiled("cuda")
+    x, y = _batch(300, 40, 4, 2)
+    up = torch.linspace(-1, 2, 300)
+    xa = x.clone().cuda().requires_grad_(True)
+    out = dnnrl_ext.triplet_loss(xa, y.cuda(), mining="semi_hard", gamma=-0.5, reduction=reduction,
+                                 return_details=True)
+    (out.loss * up.cuda() if reduction == "none" else out.loss).sum().backward()
+    v = out.valid.cpu()
+    anchors = torch.arange(300)[v]
+    xr = x.clone().double().requires_grad_(True)
+    want = dnnrl_ext.triplet_loss_from_triplets(xr, anchors, out.pos.cpu()[v], out.neg.cpu()[v], gamma=-0.5,
+                                                reduction=reduction, backend="reference")
+    (want * up[v].double() if reduction == "none" else want).sum().backward()
+    assert v.any()
+    torch.testing.assert_close(xa.grad.cpu().double(), xr.grad, rtol=1e-4, atol=1e-6)
