@@ -11,6 +11,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <map>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -149,11 +150,23 @@ inline void allow_smem(Kernel kernel, size_t bytes) {
   done.insert(key);
 }
 
+// Resident blocks of `kernel` on the whole device. Cached per (kernel, threads, smem,
+// device): the occupancy query is host work on every call of a small-batch op otherwise.
 template <typename Kernel>
 inline int64_t resident_slots(Kernel kernel, int threads, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int64_t> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, dev);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  return static_cast<int64_t>(std::max(per_sm, 1)) * num_sms();
+  const int64_t slots = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms();
+  cache.emplace(key, slots);
+  return slots;
 }
 
 // Column splits per row tile: as many as fit in one wave of resident blocks (so
