@@ -82,9 +82,9 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013: reproduce (3 methods at once, ${BUDGET} s of training each) + a fourth run ($EXTRA_NAME), background"
   timeout 120 python3 -c "import sys; from dnnrl.data import load_dataset; load_dataset(sys.argv[1])" "$FER_ARCHIVE"
   # the recipe (docs/app.md): joint triplet + softmax with easy-positive mining, random
-  # flips + flip test-time averaging, the paper's plateau protocol (lr / 10 and back to
+  # flips + 10-view test-time averaging (--tta crops), the paper's plateau protocol (lr / 10 and back to
   # the best weights on a 10 % rise of the validation loss), lr 0.01
-  FLAGS=${FER_FLAGS:-"--schedule plateau --flip on --tta flip --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.01 --max-epochs 400"}
+  FLAGS=${FER_FLAGS:-"--schedule plateau --flip on --tta crops --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.01 --max-epochs 400"}
   (
     timeout $((BUDGET + 150)) python3 -m dnnrl reproduce --data "$FER_ARCHIVE" --out "$WORK/table2" --jobs 3 \
       --no-progress --time-budget "$BUDGET" $FLAGS > "$WORK/reproduce.log" 2>&1

@@ -276,6 +276,41 @@ def test_flip_tta_averages_an_image_and_its_mirror():
         _cfg("unused", tta="five-crop")
 
 
+def test_shifted_view_is_the_image_moved_by_that_many_pixels():
+    from dnnrl.transforms import AugmentConfig, evaluate_transform
+    imgs = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    cfg = AugmentConfig(out_size=108)
+    base = evaluate_transform(imgs, cfg)
+    right_down = evaluate_transform(imgs, cfg, shift=(4.0, 4.0))
+    torch.testing.assert_close(right_down[..., 4:, 4:], base[..., :-4, :-4], atol=1e-4, rtol=0)
+    half = AugmentConfig(out_size=54)  # shifts are in 108-px units: 2 px at half size
+    torch.testing.assert_close(evaluate_transform(imgs, half, shift=(-4.0, 0.0))[..., :, :-2],
+                               evaluate_transform(imgs, half)[..., :, 2:], atol=1e-4, rtol=0)
+
+
+def test_crops_tta_averages_ten_views():
+    import torch.nn.functional as F
+    from dnnrl.model import DNNRLNet
+    from dnnrl.runtime import embed
+    from dnnrl.train import TTA_CROP_SHIFT, augment_config
+    from dnnrl.transforms import AugmentConfig, evaluate_transform
+    aug = augment_config(_cfg("unused", tta="crops", image_size=32))
+    assert aug.tta_flip and aug.tta_shift == TTA_CROP_SHIFT == 4.0
+    torch.manual_seed(0)
+    model = DNNRLNet(width=0.125).eval()
+    imgs = torch.randint(0, 256, (4, 48, 48), dtype=torch.uint8)
+    views = []
+    for sh in [(0, 0), (-4, -4), (4, -4), (-4, 4), (4, 4)]:
+        x = evaluate_transform(imgs, AugmentConfig(out_size=32), shift=sh)
+        views += [x, x.flip(-1)]
+    with torch.no_grad():
+        want = F.normalize(sum(model(v) for v in views), dim=1)
+        want_logits = sum(model.logits(v) for v in views) / 10
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(embed(model, imgs, aug, cpu), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embed(model, imgs, aug, cpu, head=True), want_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_compile_mode_reaches_torch_compile(monkeypatch):
     from dnnrl import distributed
     seen = {}

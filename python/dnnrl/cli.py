@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
     g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
     g.add_argument("--tta", default=None, choices=TTA_MODES,
-                   help="test-time averaging for validation / evaluation: none, or flip (each image "
-                        "and its mirror image; default none, as in the paper)")
+                   help="test-time averaging for validation / evaluation: none, flip (each image "
+                        "and its mirror image) or crops (also 4 diagonal shifts of 4 px: 10 views); "
+                        "default none, as in the paper")
     g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of another run (its directory, best.pt or checkpoint.pt; "
                         "same network size), e.g. a --method dnn run, to fine-tune it with a triplet loss")

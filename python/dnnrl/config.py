@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 METHODS = ("dnnrl", "tdnn", "dnn")
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "crops")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("plateau", "cosine")
 
@@ -26,7 +26,8 @@ class Config:
     init_from: Optional[str] = None   # start from these weights (a run dir / best.pt / checkpoint.pt),
                                       # e.g. a dnn (softmax) run to fine-tune with a triplet loss
     flip: bool = False                # random horizontal flips (not in the paper)
-    tta: str = "none"                 # test-time averaging: "none" or "flip" (image + its mirror image)
+    tta: str = "none"                 # test-time averaging: "none", "flip" (image + its mirror image) or
+                                      # "crops" (5 positions, centre and 4 px diagonal shifts, x mirror)
     # loss and batches
     batch_size: int = 128
     sampler: str = "pk"               # "random" (the paper) or "pk" (class-balanced P x K)

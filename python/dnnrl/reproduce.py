@@ -56,7 +56,7 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
                         "overrun it and is then evaluated (sizes a run for a fixed machine time)")
     p.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (not in the paper)")
     p.add_argument("--tta", default=None, choices=TTA_MODES,
-                   help="test-time averaging of each image and its mirror image (not in the paper)")
+                   help="test-time averaging: flip (image + mirror image) or crops (10 views); not in the paper")
     p.add_argument("--mining", default=None,
                    choices=("batch_hard", "semi_hard", "random_triplets", "easy_positive"),
                    help="triplets of T-DNN and DNNRL (default: dnnrl train's)")

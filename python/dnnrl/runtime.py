@@ -11,7 +11,7 @@ import dnnrl_ext
 
 from .data import Dataset, load_dataset
 from .synthetic import make_synthetic
-from .transforms import AugmentConfig, evaluate_transform
+from .transforms import AugmentConfig, evaluate_transform, tta_shifts
 
 log = logging.getLogger("dnnrl")
 _warned_backend = False
@@ -107,25 +107,28 @@ def embed(model, images: Tensor, aug: AugmentConfig, device: torch.device, amp: 
           channels_last: bool = False, batch_size: int = 512, head: bool = False) -> Tensor:
     """Embeddings (N, D) float32 (or head logits (N, C) with ``head``) of uint8 images
     (N, S, S) under the deterministic evaluation transform, on ``device``. With
-    ``aug.tta_flip`` each image and its mirror image are both embedded: the embeddings
-    are summed and re-normalised, the logits averaged."""
+    ``aug.tta_flip`` each image and its mirror image are both embedded, with
+    ``aug.tta_shift`` also four shifted copies (10 views with both): the embeddings are
+    summed and re-normalised, the logits averaged."""
     was_training = model.training
     model.eval()
     outs = []
     for s in range(0, images.shape[0], batch_size):
         xb = images[s:s + batch_size].to(device, non_blocking=True)
-        x = evaluate_transform(xb, aug)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        views = (x, torch.flip(x, dims=[-1])) if aug.tta_flip else (x,)
+        views = []
+        for shift in tta_shifts(aug):
+            x = evaluate_transform(xb, aug, shift=shift)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            views += [x, torch.flip(x, dims=[-1])] if aug.tta_flip else [x]
         with amp_context(amp, device):
             out = [(model.logits(v) if head else model(v)).float() for v in views]
         if len(out) == 1:
             out = out[0]
         elif head:
-            out = (out[0] + out[1]) / 2
+            out = torch.stack(out).mean(0)
         else:
-            out = torch.nn.functional.normalize(out[0] + out[1], dim=1)
+            out = torch.nn.functional.normalize(torch.stack(out).sum(0), dim=1)
         outs.append(out)
     model.train(was_training)
     if not outs:

@@ -206,8 +206,14 @@ def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
     return torch.nn.CrossEntropyLoss()
 
 
+# --tta crops: the face moved by this many pixels (108-px scale) along both diagonals,
+# two thirds of the training crop's +-6 px range.
+TTA_CROP_SHIFT = 4.0
+
+
 def augment_config(cfg: Config) -> AugmentConfig:
-    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip, tta_flip=cfg.tta == "flip")
+    return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip, tta_flip=cfg.tta in ("flip", "crops"),
+                         tta_shift=TTA_CROP_SHIFT if cfg.tta == "crops" else 0.0)
 
 
 def build(cfg: Config, num_classes: int, device: torch.device) -> DNNRLNet:

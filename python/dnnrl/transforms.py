@@ -40,6 +40,8 @@ class AugmentConfig:
     crop: float = 108.0
     flip: bool = False           # horizontal flip (not in the paper; off by default)
     tta_flip: bool = False       # evaluation: average over the image and its mirror image
+    tta_shift: float = 0.0       # evaluation: also the 4 diagonal shifts by this many pixels
+                                 # (at the 108-px scale), each with its mirror image when tta_flip
 
     def scaled(self):
         f = self.out_size / self.crop
@@ -60,11 +62,15 @@ def _sample(images: Tensor, theta: Tensor, out_size: int, dtype: torch.dtype) ->
     return out.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
-def eval_theta(batch: int, cfg: AugmentConfig, device=None) -> Tensor:
-    """(batch, 2, 3) affine of the deterministic evaluation transform."""
+def eval_theta(batch: int, cfg: AugmentConfig, device=None, shift=(0.0, 0.0)) -> Tensor:
+    """(batch, 2, 3) affine of the deterministic evaluation transform; ``shift`` moves the
+    face by (dx, dy) output pixels at the 108-px scale (test-time views)."""
     resize, _, _, crop = cfg.scaled()
+    f = cfg.out_size / cfg.crop
     theta = torch.zeros(batch, 2, 3, device=device)
     theta[:, 0, 0] = theta[:, 1, 1] = crop / resize  # (2/S) * h with h = crop/2
+    theta[:, 0, 2] = -2.0 * shift[0] * f / resize    # x_in = (crop/S) (x_out - 2 t / crop)
+    theta[:, 1, 2] = -2.0 * shift[1] * f / resize
     return theta
 
 
@@ -105,6 +111,14 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: Optional[torch.Genera
     return _sample(images, theta, cfg.out_size, dtype)
 
 
-def evaluate_transform(images: Tensor, cfg: AugmentConfig, dtype: torch.dtype = torch.float32) -> Tensor:
+def evaluate_transform(images: Tensor, cfg: AugmentConfig, dtype: torch.dtype = torch.float32,
+                       shift=(0.0, 0.0)) -> Tensor:
     """Evaluation transform (deterministic): (B, H, W) uint8 -> (B, 1, out, out) float."""
-    return _sample(images, eval_theta(images.shape[0], cfg, images.device), cfg.out_size, dtype)
+    return _sample(images, eval_theta(images.shape[0], cfg, images.device, shift), cfg.out_size, dtype)
+
+
+def tta_shifts(cfg: AugmentConfig):
+    """The (dx, dy) face shifts of the test-time views: the centre, plus the four
+    diagonal ones when ``cfg.tta_shift`` > 0."""
+    t = cfg.tta_shift
+    return [(0.0, 0.0)] + ([(-t, -t), (t, -t), (-t, t), (t, t)] if t > 0 else [])
