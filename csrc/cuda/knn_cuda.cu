@@ -437,7 +437,8 @@ __global__ void __launch_bounds__(256) knn_rerank_kernel(
   const int jk = __shfl_sync(0xffffffffu, j, k - 1);
   const float tau = cand_i[cbase + kCand - 1] < 0 ? INFINITY : cand_d[cbase + kCand - 1];
   const float gmax = __uint_as_float(static_cast<unsigned>(status[1]));
-  const float e = 2.f * c_dot * sqrtf(rn * gmax) + ldexpf(rn + gmax, -20);
+  // sqrt(rn) sqrt(gmax), not sqrt(rn gmax): the product can underflow for tiny rows (e too small)
+  const float e = 2.f * c_dot * (sqrtf(rn) * sqrtf(gmax)) + ldexpf(rn + gmax, -20);
   const bool certified = status[0] == 0 && status[2 + qi] == 0 && jk >= 0 && dk < tau - e;  // NaN: false
   if (lane == 0) flags[qi] = certified ? 0 : 1;
   if (!certified) return;  // warp-uniform
