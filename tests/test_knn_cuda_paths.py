@@ -208,3 +208,20 @@ def test_candidate_and_exact_paths_agree(Q, N, D, k, scale, seed):
     assert torch.equal(fast[2][rows], exact[2][rows])
     atol = torch.finfo(torch.float32).eps * (4 * D ** 0.5 + 16) * row_scale(torch.cat([q, g]))
     torch.testing.assert_close(fast[0], exact[0], atol=atol, rtol=0)
+
+
+def test_tiny_magnitudes_everywhere(monkeypatch):
+    """Every row near 2^-45 (norms near 2^-90): the bound must not underflow (it once was
+    formed as sqrt(|q|^2 max|g|^2), whose product is below float32's range here)."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(5)
+    q = (torch.randn(200, 32, generator=gen, dtype=torch.float64) * 2.0 ** -45).float()
+    g = (torch.randn(3000, 32, generator=gen, dtype=torch.float64) * 2.0 ** -45).float()
+    labels = torch.randint(0, 4, (3000,), generator=gen)
+    fast = _run(q, g, labels, 10, 4, exact=False, monkeypatch=monkeypatch)
+    exact = _run(q, g, labels, 10, 4, exact=True, monkeypatch=monkeypatch)
+    rows = torch.as_tensor(_tie_free_rows(q, g, 10))
+    assert rows.float().mean() > 0.5
+    assert torch.equal(fast[1][rows], exact[1][rows])
+    want_i = dnnrl_ext.knn(q.double(), g.double(), 10, backend="reference")[1]
+    assert torch.equal(fast[1][rows], want_i[rows])
