@@ -98,3 +98,29 @@ def test_gather_backward_matches_the_reference_gradient(reduction):
     (want * up[v].double() if reduction == "none" else want).sum().backward()
     assert v.any()
     torch.testing.assert_close(xa.grad.cpu().double(), xr.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("B", [128, 300])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fewer_launches_switch_gives_the_same_loss_and_gradient(B, reduction, monkeypatch):
+    """DNNRL_LOSS_FEWER_LAUNCHES=0 (norms, reduction and backward coefficients in launches
+    of their own) against the default fused forms."""
+    require_compiled("cuda")
+    x, y = _batch(B, 64, 5, B + 7)
+    up = torch.linspace(-1, 1, B).cuda()
+
+    def run():
+        xa = x.clone().cuda().requires_grad_(True)
+        out = dnnrl_ext.triplet_loss(xa, y.cuda(), mining="semi_hard", gamma=-0.2, reduction=reduction,
+                                     return_details=True)
+        (out.loss * up if reduction == "none" else out.loss).sum().backward()
+        torch.cuda.synchronize()
+        return out.loss.detach().cpu(), out.pos.cpu(), out.neg.cpu(), xa.grad.cpu()
+
+    monkeypatch.delenv("DNNRL_LOSS_FEWER_LAUNCHES", raising=False)
+    fused = run()
+    monkeypatch.setenv("DNNRL_LOSS_FEWER_LAUNCHES", "0")
+    legacy = run()
+    assert torch.equal(fused[1], legacy[1]) and torch.equal(fused[2], legacy[2])
+    torch.testing.assert_close(fused[0], legacy[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused[3], legacy[3], rtol=1e-5, atol=1e-7)

@@ -73,13 +73,15 @@ __global__ void __launch_bounds__(256) triplet_gather_kernel(
     const T* __restrict__ x, const int64_t* __restrict__ anc, const int64_t* __restrict__ pos,
     const int64_t* __restrict__ neg, const bool* __restrict__ valid, const acc_t* __restrict__ grad,
     bool grad_per_row, const acc_t* __restrict__ r, int64_t loss_type, acc_t alpha, acc_t gamma, acc_t margin,
-    int64_t reduction, int64_t Tn, int64_t B, int D, T* __restrict__ out) {
-  // The coefficients are formed on the spot (no separate launch): 2 g_t dL/dr(r_t) per
-  // matching triplet; for mean the row is divided once at the end by the number of
-  // valid triplets, which the same scan counts (every warp alike).
+    int64_t reduction, const acc_t* __restrict__ coef, int64_t Tn, int64_t B, int D, T* __restrict__ out) {
+  // Without coef the coefficients are formed on the spot (no separate launch):
+  // 2 g_t dL/dr(r_t) per matching triplet; for mean the row is divided once at the end
+  // by the number of valid triplets, which the same scan counts (every warp alike).
+  // With coef (triplet_coef's c_t, mean already applied) they are read.
+  if (coef != nullptr) reduction = kSum;  // (no division at the end)
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * 8;
-  const acc_t g0 = grad_per_row ? acc_t(0) : grad[0];
+  const acc_t g0 = grad_per_row || coef != nullptr ? acc_t(0) : grad[0];
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32; b < B; b += warps) {
     for (int d0 = 0; d0 < D; d0 += 32 * kGatherPerLane) {
       acc_t acc[kGatherPerLane];
@@ -103,8 +105,10 @@ __global__ void __launch_bounds__(256) triplet_gather_kernel(
           const int64_t tp = __shfl_sync(0xffffffffu, p, src);
           const int64_t tn = __shfl_sync(0xffffffffu, n, src);
           const int64_t tt = t0 + src;
-          const acc_t gt = grad_per_row ? grad[tt] : g0;
-          const acc_t c = acc_t(2) * gt * triplet_dloss_dr<acc_t>(r[tt], loss_type, alpha, gamma, margin);
+          const acc_t c = coef != nullptr
+                              ? coef[tt]
+                              : acc_t(2) * (grad_per_row ? grad[tt] : g0) *
+                                    triplet_dloss_dr<acc_t>(r[tt], loss_type, alpha, gamma, margin);
           const T* xa = x + ta * D;
           const T* xp = x + tp * D;
           const T* xn = x + tn * D;
@@ -239,11 +243,20 @@ at::Tensor triplet_loss_backward_kernel(const at::Tensor& grad_in, const at::Ten
     const T* xp = reinterpret_cast<const T*>(x.data_ptr<scalar_t>());
     T* op = reinterpret_cast<T*>(out.data_ptr<scalar_t>());
     if (gather) {
+      at::Tensor coef;  // DNNRL_LOSS_FEWER_LAUNCHES=0: the coefficients in a launch of their own
+      if (!loss_fewer_launches()) {
+        coef = at::empty({Tn}, x.options().dtype(acc_type));
+        triplet_coef_kernel<acc_t><<<1, 512, 0, stream>>>(
+            grad.data_ptr<acc_t>(), reduction == kNone, r.data_ptr<acc_t>(), vp, Tn, loss_type,
+            static_cast<acc_t>(alpha), static_cast<acc_t>(gamma), static_cast<acc_t>(margin), reduction,
+            coef.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(B, 8), sm_blocks));
       triplet_gather_kernel<T, acc_t><<<blocks, 256, 0, stream>>>(
           xp, ap, pos.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), vp, grad.data_ptr<acc_t>(), reduction == kNone,
           r.data_ptr<acc_t>(), loss_type, static_cast<acc_t>(alpha), static_cast<acc_t>(gamma),
-          static_cast<acc_t>(margin), reduction, Tn, B, D, op);
+          static_cast<acc_t>(margin), reduction, coef.defined() ? coef.data_ptr<acc_t>() : nullptr, Tn, B, D, op);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       at::Tensor coef = at::empty({Tn}, x.options().dtype(acc_type));

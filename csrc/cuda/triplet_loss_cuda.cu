@@ -375,7 +375,7 @@ void mine_impl(const at::Tensor& x, const at::Tensor& labels, int64_t mining, in
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool semi = mining == kSemiHard;
 
-  const bool inline_norms = B <= kInlineNormsMaxB;
+  const bool inline_norms = B <= kInlineNormsMaxB && loss_fewer_launches();
   const int splits = mine_splits<Eng>(B);
   // one workspace of raw bytes: (splits [+ splits], B) MinePart structs [, B thresholds]
   // [, B norms], the finalize ticket counter
@@ -463,12 +463,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_l
     return {reduction == kNone ? loss_rows : at::zeros({}, acc_opts), pos, neg, r, valid};
   }
   // mean / sum: reduced by mine_finalize's last block (no separate launch)
+  const bool fused_reduce = reduction != kNone && loss_fewer_launches();
   at::Tensor loss = reduction == kNone ? at::Tensor() : at::empty({}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dnnrl_triplet_loss_cuda", [&] {
     mine_dispatch<scalar_t>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
-                            reduction, reduction == kNone ? nullptr : &loss);
+                            reduction, fused_reduce ? &loss : nullptr);
   });
   if (reduction == kNone) return {loss_rows, pos, neg, r, valid};
+  if (!fused_reduce) reduce_rows(loss_rows, &valid, reduction, loss);
   return {loss, pos, neg, r, valid};
 }
 

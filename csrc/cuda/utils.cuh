@@ -11,6 +11,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <set>
@@ -122,6 +123,14 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t clamp0(acc_t d) { return d < acc_t(0) ? acc_t(0) : d; }
 
 // --------------------------------------------------------------------- host helpers
+// DNNRL_LOSS_FEWER_LAUNCHES=0: the triplet loss runs its earlier launch sequence (norms,
+// reduction and backward coefficients each in a launch of their own), for A/B timing
+// and as a way back should the fused forms misbehave on some device.
+inline bool loss_fewer_launches() {
+  const char* v = std::getenv("DNNRL_LOSS_FEWER_LAUNCHES");
+  return v == nullptr || !(v[0] == '0' && v[1] == '\0');
+}
+
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 inline int max_smem_optin() {
   return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);

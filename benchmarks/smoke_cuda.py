@@ -1,0 +1,94 @@
+"""Quick check of the CUDA paths that a GPU session's training runs rely on, before
+they start (benchmarks/gpu_session.sh): a few seconds, against the reference.
+
+Exit status, a bit per failed part (0 = all good):
+  1  float32 k-NN candidate path (fall back: DNNRL_KNN_EXACT=1)
+  2  the loss with its fused launches (fall back: DNNRL_LOSS_FEWER_LAUNCHES=0)
+  4  the loss with its separate launches (fall back: --backend reference)
+"""
+import os
+import sys
+
+import torch
+
+import dnnrl_ext
+
+
+def knn_ok() -> bool:
+    ok = True
+    for Q, N, D, k, kind in [(500, 4000, 64, 10, "rand"), (3589, 28709, 512, 10, "rand"),
+                             (300, 5000, 128, 16, "dense")]:
+        g = torch.Generator(device="cuda").manual_seed(Q + N)
+        q = torch.nn.functional.normalize(torch.randn(Q, D, device="cuda", generator=g), dim=1)
+        gal = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=1)
+        if kind == "dense":
+            gal[:200] = torch.nn.functional.normalize(
+                q[:1] + 1e-3 * torch.randn(200, D, device="cuda", generator=g), dim=1)
+        os.environ.pop("DNNRL_KNN_EXACT", None)
+        d1, i1 = dnnrl_ext.knn(q, gal, k)
+        os.environ["DNNRL_KNN_EXACT"] = "1"
+        d2, i2 = dnnrl_ext.knn(q, gal, k)
+        os.environ.pop("DNNRL_KNN_EXACT", None)
+        _, ir = dnnrl_ext.knn(q[:200].cpu(), gal.cpu(), k, backend="reference")
+        torch.cuda.synchronize()
+        same = (i1 == i2).all(1).float().mean().item()
+        same_ref = (i1[:200].cpu() == ir).all(1).float().mean().item()
+        err = (d1 - d2).abs().max().item()
+        print("knn Q=%d N=%d D=%d k=%d %s: rows equal to the exact pass %.4f, to the reference %.4f, "
+              "max distance difference %.2e" % (Q, N, D, k, kind, same, same_ref, err), flush=True)
+        ok = ok and same > 0.99 and same_ref > 0.98 and err < 1e-4
+    return ok
+
+
+def loss_ok(fewer_launches: bool) -> bool:
+    os.environ.pop("DNNRL_LOSS_FEWER_LAUNCHES", None)
+    if not fewer_launches:
+        os.environ["DNNRL_LOSS_FEWER_LAUNCHES"] = "0"
+    ok = True
+    try:
+        for B, mining, dtype in [(128, "batch_hard", torch.float32), (128, "semi_hard", torch.bfloat16),
+                                 (300, "semi_hard", torch.float32), (1000, "batch_hard", torch.float32)]:
+            g = torch.Generator().manual_seed(B)
+            x = torch.nn.functional.normalize(torch.randn(B, 512, generator=g), dim=1)
+            y = torch.randint(0, 7, (B,), generator=g)
+            xa = x.to(dtype).cuda().detach().clone().requires_grad_(True)
+            out = dnnrl_ext.triplet_loss(xa, y.cuda(), mining=mining, gamma=-0.3, return_details=True)
+            out.loss.backward()
+            v = out.valid.cpu()
+            xr = x.to(dtype).double().detach().clone().requires_grad_(True)
+            want = dnnrl_ext.triplet_loss_from_triplets(xr, torch.arange(B)[v], out.pos.cpu()[v],
+                                                        out.neg.cpu()[v], gamma=-0.3, backend="reference")
+            want.backward()
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            lerr = abs(out.loss.item() - want.item())
+            gerr = (xa.grad.double().cpu() - xr.grad).abs().max().item()
+            gscale = xr.grad.abs().max().item() + 1e-12
+            print("loss B=%d %s %s fewer_launches=%s: |loss diff| %.2e, max |grad diff| / max |grad| %.2e"
+                  % (B, mining, dtype, fewer_launches, lerr, gerr / gscale), flush=True)
+            ok = ok and lerr <= tol * max(1.0, abs(want.item())) and gerr <= tol * gscale
+    except Exception as exc:  # a launch failure must not stop the session
+        print("loss fewer_launches=%s raised %s" % (fewer_launches, exc), flush=True)
+        ok = False
+    finally:
+        os.environ.pop("DNNRL_LOSS_FEWER_LAUNCHES", None)
+    return ok
+
+
+def main() -> int:
+    status = 0
+    try:
+        if not knn_ok():
+            status |= 1
+    except Exception as exc:
+        print("knn raised %s" % exc, flush=True)
+        status |= 1
+    if not loss_ok(True):
+        status |= 2
+    if not loss_ok(False):
+        status |= 4
+    print("smoke_cuda: status %d" % status, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
