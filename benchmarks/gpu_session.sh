@@ -11,6 +11,7 @@
 # usage: FER_ARCHIVE=.carry/fer2013.tar.xz DNNRL_COMMIT=<hash> bash benchmarks/gpu_session.sh OUTDIR
 #   carry [".carry", ".whl"] (the data archive, the pytorch-metric-learning wheel)
 # Environment: FER_BUDGET (training seconds per run, 240), FER_FLAGS (the recipe, below),
+# DEADLINE (570: seconds after which nothing new starts; the benchmarks shrink to fit),
 # SKIP_FER=1, SKIP_EXTRA=1 (no fourth run; EXTRA_NAME / EXTRA_FLAGS choose it),
 # SKIP_CHECKS=1 (no tests / sanitizers),
 # SKIP_BENCH=1.
@@ -30,6 +31,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 FER_ARCHIVE=${FER_ARCHIVE:-.carry/fer2013.tar.xz}
 BUDGET=${FER_BUDGET:-240}
 EXTRA_NAME=${EXTRA_NAME:-dnnrl_cosine}
+DEADLINE=${DEADLINE:-570}  # seconds: the benchmarks shrink or give way so the call ends by then
 t0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 
@@ -117,14 +119,20 @@ if [ -n "$fer_pid" ]; then
   [ -f "$WORK/dnnrl_bundle.pt" ] && cp "$WORK/dnnrl_bundle.pt" "$OUTDIR/"
 fi
 
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  step "benchmarks + small-batch profile (card otherwise idle)"
-  FER_ARCHIVE= SKIP_BUILD=1 SKIP_TESTS=1 SKIP_SANITIZERS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-120} \
+left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -lt 70 ]; then
+  echo "SKIPPING the benchmarks: $(left) s left before the ${DEADLINE} s deadline (run again with SKIP_FER=1 SKIP_CHECKS=1)"
+elif [ "${SKIP_BENCH:-0}" != 1 ]; then
+  step "benchmarks + small-batch profile (card otherwise idle; $(left) s left)"
+  bt=$(( $(left) - 40 )); [ "$bt" -gt 150 ] && bt=150
+  FER_ARCHIVE= SKIP_BUILD=1 SKIP_TESTS=1 SKIP_SANITIZERS=1 BENCH_TIMEOUT=$bt PROFILE_TIMEOUT=35 \
     bash benchmarks/gpu_check.sh "$WORK/bench" > /dev/null 2>&1
   grep -vE "^\{'dtype|^\{'Q" "$WORK/bench/gpu_check.log" | tail -n 45
   cp "$WORK/bench/bench_gpu.json" "$OUTDIR/" 2>/dev/null
+  nt=$(( $(left) - 15 )); [ "$nt" -gt 60 ] && nt=60
+  if [ "$nt" -lt 20 ]; then echo "SKIPPING Nsight Compute: $(left) s left"; nt=1; fi
   step "Nsight Compute: the tile kernels (if the counters can be read here)"
-  timeout ${NCU_TIMEOUT:-60} ncu --clock-control none -k regex:"knn_pass|mine_pass" --launch-count 8 \
+  timeout $nt ncu --clock-control none -k regex:"knn_pass|mine_pass" --launch-count 8 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python3 benchmarks/kernels_once.py > "$WORK/ncu.log" 2>&1
   echo "ncu exit $?"; grep -E "knn_pass|mine_pass|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall" "$WORK/ncu.log" | head -n 60
