@@ -74,3 +74,11 @@ def test_reproduce_passes_schedule_budget_and_augmentation(tmp_path):
     cfg = json.load(open(os.path.join(out, "dnn", "config.json")))
     assert (cfg["schedule"], cfg["time_budget"], cfg["flip"], cfg["tta"], cfg["lr_min"], cfg["weight_decay"]) == \
         ("cosine", 600.0, True, "flip", 0.001, 0.0001)
+
+
+def test_table_says_why_each_run_stopped(tmp_path):
+    out = str(tmp_path / "why")
+    assert main(["reproduce", "--out", out, "--method", "dnn"] + TINY) == 0
+    table = json.load(open(os.path.join(out, "table.json")))
+    assert table["rows"][0]["stopped_by"] == "max_epochs"
+    assert "| max_epochs |" in open(os.path.join(out, "table.md")).read()

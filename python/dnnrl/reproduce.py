@@ -99,7 +99,7 @@ def _row(method: str, res: dict, wall: Optional[float], cfg: Optional[dict] = No
             "test_accuracy": res.get("test_accuracy"), "k": res.get("k"),
             "paper_test_accuracy": PAPER_TEST_ACCURACY[method], "epochs": training.get("epochs"),
             "train_seconds": training.get("seconds"), "images_per_s": training.get("images_per_s"),
-            "wall_seconds": wall, "device": training.get("device")}
+            "stopped_by": training.get("stopped_by"), "wall_seconds": wall, "device": training.get("device")}
 
 
 def _pct(v) -> str:
@@ -109,11 +109,12 @@ def _pct(v) -> str:
 def format_table(rows: List[dict]) -> str:
     """Markdown table: ours (validation, test) beside the paper's test accuracy."""
     lines = ["| method | val accuracy (ours) | test accuracy (ours) | test accuracy (paper) | k | epochs "
-             "| train s | images/s |", "|---|---|---|---|---|---|---|---|"]
+             "| stopped by | train s | images/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["name"], _pct(r["val_accuracy"]), _pct(r["test_accuracy"]), _pct(r["paper_test_accuracy"]),
             r["k"] if r["k"] is not None else "-", r["epochs"] if r["epochs"] is not None else "-",
+            r.get("stopped_by") or "-",
             "%.0f" % r["train_seconds"] if r["train_seconds"] else "-",
             "%.0f" % r["images_per_s"] if r["images_per_s"] else "-"))
     return "\n".join(lines)
