@@ -390,3 +390,32 @@ def test_schedule_and_budget_errors_name_the_option(tmp_path):
         _cfg(tmp_path / "x", schedule="linear")
     with pytest.raises(ValueError, match="time_budget must be a positive"):
         _cfg(tmp_path / "x", time_budget=0)
+
+
+def test_late_cosine_keeps_the_plateau_protocol_then_anneals(tmp_path, monkeypatch):
+    """late_cosine, 8 epochs, anneal_fraction 0.25: epochs 1-6 follow the plateau protocol
+    (a rise of the val loss divides the lr by 10), epochs 7-8 a cosine from the lr reached
+    to lr_min; a resumed run continues the same way."""
+    import math
+    from dnnrl import train as train_mod
+    losses = {}
+    orig = train_mod.Trainer.validate
+
+    def fake_validate(self):
+        out = orig(self)
+        out["val_loss"] = [1.0, 1.2, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4][self.epoch]
+        return out
+    monkeypatch.setattr(train_mod.Trainer, "validate", fake_validate)
+    kw = dict(max_epochs=8, patience=10, lr=0.01, lr_min=0.0001, schedule="late_cosine", anneal_fraction=0.25,
+              select_by="val_loss")
+    train(_cfg(tmp_path / "a", **kw))
+    hist = [json.loads(x) for x in open(tmp_path / "a" / "log.jsonl")]
+    tail = [0.0001 + 0.5 * (0.001 - 0.0001) * (1 + math.cos(math.pi * q)) for q in (0.0, 0.5)]
+    np.testing.assert_allclose([r["lr"] for r in hist], [0.01, 0.01, 0.001, 0.001, 0.001, 0.001] + tail)
+    assert hist[1]["event"] == "lr_drop_reload_best"
+    assert train(_cfg(tmp_path / "b", **kw), stop_after=7) is None
+    train(_cfg(tmp_path / "b", **kw), resume=True)
+    again = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
+    np.testing.assert_allclose([r["lr"] for r in again], [r["lr"] for r in hist])
+    with pytest.raises(ValueError, match="anneal_fraction"):
+        _cfg(tmp_path / "x", anneal_fraction=0)

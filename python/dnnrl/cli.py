@@ -119,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the paper) or the val k-NN error of the monitor (preset: cpu uses val_knn)")
     g.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="lr schedule: plateau (the paper: lr / 10 and back to the best weights when the "
-                        "val loss rises over 10 %% above its best) or cosine (lr to --lr-min over "
-                        "--max-epochs) (%s)" % d.schedule)
+                        "val loss rises over 10 %% above its best), cosine (lr to --lr-min over "
+                        "--max-epochs or the time budget) or late_cosine (plateau, then a cosine to "
+                        "--lr-min over the last --anneal-fraction of the run) (%s)" % d.schedule)
+    g.add_argument("--anneal-fraction", type=float, default=None,
+                   help="late_cosine: final fraction of the run that anneals (%g)" % d.anneal_fraction)
     g.add_argument("--patience", type=int, default=None,
                    help="stop after this many epochs without a new best val loss (preset; paper 20)")
     g.add_argument("--max-epochs", type=int, default=None, help="epoch cap (preset; paper %d)" % d.max_epochs)

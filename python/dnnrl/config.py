@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 METHODS = ("dnnrl", "tdnn", "dnn")
 TTA_MODES = ("none", "flip", "crops")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SCHEDULES = ("plateau", "cosine")
+SCHEDULES = ("plateau", "cosine", "late_cosine")
 
 
 @dataclass
@@ -48,7 +48,9 @@ class Config:
     weight_decay: float = 5e-4
     select_by: str = "val_loss"       # protocol metric: "val_loss" (the paper) or "val_knn" (k-NN error)
     schedule: str = "plateau"         # "plateau": the paper's lr / 10 + reload best on a rise;
-                                      # "cosine": lr -> lr_min along a cosine over max_epochs
+                                      # "cosine": lr -> lr_min along a cosine over max_epochs;
+                                      # "late_cosine": plateau, then a cosine over the last part
+    anneal_fraction: float = 0.25     # late_cosine: the final fraction of the run (epochs or budget)
     rise_threshold: float = 0.10      # val loss > (1 + this) * best -> lr / 10, reload best
     patience: int = 20                # stop after this many epochs without a new best
     max_epochs: int = 200
@@ -128,6 +130,8 @@ def resolve(overrides: Dict[str, Any]) -> Config:
         raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
     if cfg.schedule not in SCHEDULES:
         raise ValueError("schedule must be one of %s, got %r" % (SCHEDULES, cfg.schedule))
+    if not 0.0 < cfg.anneal_fraction <= 1.0:
+        raise ValueError("anneal_fraction must be in (0, 1], got %r" % (cfg.anneal_fraction,))
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise ValueError("time_budget must be a positive number of seconds, got %r" % (cfg.time_budget,))
     if cfg.tta not in TTA_MODES:

@@ -21,7 +21,7 @@ NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl"
 # Training options passed through to `dnnrl train` (None = the preset's value).
 _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
                 "batch_size", "seed", "device", "backend", "amp", "compile", "skip_bad", "cache_dir",
-                "lr", "lr_min", "weight_decay", "schedule", "time_budget", "flip", "tta",
+                "lr", "lr_min", "weight_decay", "schedule", "anneal_fraction", "time_budget", "flip", "tta",
                 "mining", "gamma", "alpha", "reduction", "softmax_weight")
 
 
@@ -51,6 +51,8 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (dnnrl train's)")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="lr schedule: plateau (the paper's) or cosine (dnnrl train --help)")
+    p.add_argument("--anneal-fraction", type=float, default=None,
+                   help="late_cosine: final fraction of the run that anneals (dnnrl train's)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training per method; each run stops before an epoch that would "
                         "overrun it and is then evaluated (sizes a run for a fixed machine time)")

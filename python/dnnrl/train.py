@@ -6,7 +6,8 @@ loss. A new lowest validation loss is the new best (weights kept); a loss more t
 ``rise_threshold`` (10 %) above the best divides the lr by 10 (floor ``lr_min``) and
 reloads the best weights (with fresh momentum); ``patience`` epochs without a new
 best stop the run. Options beyond the paper: ``schedule="cosine"`` (lr from lr to
-lr_min along a cosine, no reloads) and ``time_budget`` (no epoch starts that would end
+lr_min along a cosine, no reloads), ``schedule="late_cosine"`` (the paper's protocol,
+then a cosine to lr_min over the last ``anneal_fraction`` of the run) and ``time_budget`` (no epoch starts that would end
 past that many seconds of training; the run is then evaluated as usual, so a run sized
 for a fixed machine time still ends with its results). Every epoch is checkpointed (model, optimizer, lr, epoch, RNG
 states, best) so ``resume=True`` continues exactly where the run stopped, and logged
@@ -285,6 +286,7 @@ class Trainer:
         self.epoch, self.lr = 0, cfg.lr
         self.best_val, self.best_epoch, self.since_best = math.inf, 0, 0
         self.best_state = None
+        self.anneal_start_lr = None  # late_cosine: the lr its final cosine starts from
         self.history = []
         self._val_batches = self._fixed_val_batches()
         self._monitor_idx = self._monitor_subset()
@@ -459,7 +461,7 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "epoch": self.epoch, "lr": self.lr, "best_val": self.best_val, "best_epoch": self.best_epoch,
-            "since_best": self.since_best, "history": self.history,
+            "since_best": self.since_best, "history": self.history, "anneal_start_lr": self.anneal_start_lr,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "best_state": self.best_state,
             "rng": {"torch": torch.get_rng_state(), "sample": self.sample_gen.get_state(),
@@ -484,6 +486,7 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.best_val, self.best_epoch, self.since_best = st["best_val"], st["best_epoch"], st["since_best"]
         self.best_state, self.history = st["best_state"], st["history"]
+        self.anneal_start_lr = st.get("anneal_start_lr")
         rng = st["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         self.sample_gen.set_state(rng["sample"].cpu())
@@ -539,15 +542,31 @@ class Trainer:
     def finished(self) -> bool:
         return self.stop_reason() is not None
 
-    def _cosine_lr(self) -> float:
-        """Cosine from lr to lr_min over max_epochs or, when it ends first, the time budget
-        (progress = the larger of the two fractions used, at the start of the epoch)."""
+    def _progress(self) -> float:
+        """Fraction of the run used at the start of this epoch: of max_epochs or, when it
+        ends first, of the time budget."""
         progress = self.epoch / max(1, self.cfg.max_epochs)
         if self.cfg.time_budget is not None:
             progress = max(progress, self._spent_seconds() / self.cfg.time_budget)
-        progress = min(1.0, progress)
+        return min(1.0, progress)
+
+    def _cosine_lr(self) -> float:
+        """Cosine from lr to lr_min over the run (see _progress)."""
         lo, hi = self.cfg.lr_min, self.cfg.lr
-        return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
+        return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * self._progress()))
+
+    def _late_cosine_lr(self) -> Optional[float]:
+        """late_cosine: None during the first (1 - anneal_fraction) of the run (the plateau
+        protocol rules the lr there), then a cosine from the lr reached to lr_min."""
+        f = self.cfg.anneal_fraction
+        p = self._progress()
+        if p < 1.0 - f:
+            return None
+        if self.anneal_start_lr is None:
+            self.anneal_start_lr = self.lr
+        q = min(1.0, (p - (1.0 - f)) / f) if f > 0 else 1.0
+        lo, hi = self.cfg.lr_min, self.anneal_start_lr
+        return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * q))
 
     def fit(self, stop_after: Optional[int] = None) -> None:
         """Run epochs until the protocol stops (or ``stop_after`` more epochs: a simulated
@@ -558,6 +577,10 @@ class Trainer:
                 return
             if self.cfg.schedule == "cosine":
                 self._set_lr(self._cosine_lr())
+            elif self.cfg.schedule == "late_cosine":
+                lr = self._late_cosine_lr()
+                if lr is not None:
+                    self._set_lr(lr)
             t_epoch = time.time()
             rec = {"epoch": self.epoch + 1, "lr": self.lr}
             rec.update(self.train_epoch())
@@ -577,7 +600,9 @@ class Trainer:
                 event = "best"
             else:
                 self.since_best += 1
-                if (self.cfg.schedule == "plateau" and not (v <= self.best_val * (1 + self.cfg.rise_threshold))
+                plateau_rules = self.cfg.schedule == "plateau" or (
+                    self.cfg.schedule == "late_cosine" and self.anneal_start_lr is None)
+                if (plateau_rules and not (v <= self.best_val * (1 + self.cfg.rise_threshold))
                         and self.best_state is not None):
                     # the paper: lr / 10 and back to the best weights (momentum reset with them)
                     self.model.load_state_dict(self.best_state)
