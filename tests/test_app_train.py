@@ -419,3 +419,18 @@ def test_late_cosine_keeps_the_plateau_protocol_then_anneals(tmp_path, monkeypat
     np.testing.assert_allclose([r["lr"] for r in again], [r["lr"] for r in hist])
     with pytest.raises(ValueError, match="anneal_fraction"):
         _cfg(tmp_path / "x", anneal_fraction=0)
+
+
+def test_monitor_uses_flip_views_only_under_crops_tta(tmp_path, monkeypatch):
+    from dnnrl import train as train_mod
+    seen = []
+    orig = train_mod.embed
+
+    def spy(model, images, aug, *a, **kw):
+        seen.append((aug.tta_flip, aug.tta_shift))
+        return orig(model, images, aug, *a, **kw)
+    monkeypatch.setattr(train_mod, "embed", spy)
+    trainer = train_mod.Trainer(_cfg(tmp_path / "m", tta="crops", max_epochs=1))
+    trainer._monitor_knn()
+    assert seen and all(s == (True, 0.0) for s in seen)
+    assert trainer.aug.tta_shift == 4.0  # the final evaluation keeps the 10 views
