@@ -106,6 +106,25 @@ def _knn_inputs(Q, N, kind, g):
     return torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(gal, dim=1)
 
 
+def _exact_pass_queries(q, gal, lab):
+    """How many queries the candidate path could not certify (DNNRL_KNN_STATS warning)."""
+    import re
+    import warnings
+    os.environ["DNNRL_KNN_STATS"] = "1"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
+            torch.cuda.synchronize()
+    finally:
+        os.environ.pop("DNNRL_KNN_STATS", None)
+    for w in caught:
+        m = re.search(r"(\d+) of (\d+) queries took the exact pass", str(w.message))
+        if m:
+            return int(m.group(1))
+    return None  # the path did not run (shape / dtype outside it)
+
+
 def bench_knn(shapes, rates, repeats):
     """knn_vote, ours (float32 candidate path where it applies; and with DNNRL_KNN_EXACT=1
     the exact 3xTF32 pass alone) vs chunked torch."""
@@ -144,6 +163,7 @@ def bench_knn(shapes, rates, repeats):
                 row["x_vs_chunked" + name[9:]] = row["chunked_torch_ms"] / row[name + "_ms"]
         if ours is not None and alt is not None:
             row["pred_agreement"] = float((ours == alt).double().mean())
+        row["exact_pass_queries"] = _exact_pass_queries(q, gal, lab)
         rows.append(row)
         print(row, flush=True)
         del q, gal, lab
@@ -188,7 +208,7 @@ def main():
         md.append(common.print_table(payload["knn_vote"], [
             "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_exact_ms", "chunked_torch_ms", "x_vs_chunked",
             "x_vs_chunked_exact", "dnnrl_ext_mib", "dnnrl_ext_exact_mib", "chunked_torch_mib", "mm_fraction",
-            "pred_agreement", "exact_pred_agreement"]))
+            "pred_agreement", "exact_pred_agreement", "exact_pass_queries"]))
     payload["markdown"] = "\n\n".join(md)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     if not out.endswith(".json"):

@@ -25,7 +25,9 @@ def knn_ok() -> bool:
             gal[:200] = torch.nn.functional.normalize(
                 q[:1] + 1e-3 * torch.randn(200, D, device="cuda", generator=g), dim=1)
         os.environ.pop("DNNRL_KNN_EXACT", None)
+        os.environ["DNNRL_KNN_STATS"] = "1"  # a warning with the number of uncertified queries
         d1, i1 = dnnrl_ext.knn(q, gal, k)
+        os.environ.pop("DNNRL_KNN_STATS", None)
         os.environ["DNNRL_KNN_EXACT"] = "1"
         d2, i2 = dnnrl_ext.knn(q, gal, k)
         os.environ.pop("DNNRL_KNN_EXACT", None)

@@ -39,6 +39,23 @@ def _run(q, g, labels, k, C, exact: bool, monkeypatch):
     return d.cpu(), i.cpu(), p.cpu(), v.cpu()
 
 
+def _exact_pass_count(q, g, k, monkeypatch) -> int:
+    """Queries the candidate path left to the exact pass (its DNNRL_KNN_STATS warning)."""
+    import re
+    import warnings
+    monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
+    monkeypatch.setenv("DNNRL_KNN_STATS", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dnnrl_ext.knn(q.cuda(), g.cuda(), k, backend="compiled")
+        torch.cuda.synchronize()
+    monkeypatch.delenv("DNNRL_KNN_STATS")
+    counts = [int(m.group(1)) for w in caught
+              for m in [re.search(r"(\d+) of \d+ queries took the exact pass", str(w.message))] if m]
+    assert len(counts) == 1, "the candidate path did not run"
+    return counts[0]
+
+
 def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:
     """Rows whose k+1 nearest float64 distances are separated by more than float32
     noise, measured against the row's own magnitudes (4 (||q||^2 + max ||g||^2 over
@@ -95,6 +112,8 @@ def test_candidate_path_matches_reference_and_exact_path(D, k, monkeypatch):
     rows = _tie_free_rows(q, g, k)
     _check_against_reference(q, g, labels, k, 7, fast, rows)
     _check_against_reference(q, g, labels, k, 7, exact, rows)
+    if D >= 64:  # clear neighbourhoods: (nearly) every query certified, so the fast pass counts
+        assert _exact_pass_count(q, g, k, monkeypatch) <= 0.05 * q.shape[0]
 
 
 def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
@@ -119,6 +138,7 @@ def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
     approx = np.sort(_approx_dist(q, g), axis=1)
     exact_d = np.sort(cross64(q, g), axis=1)
     assert (approx[:, K_CAND - 1] - e < exact_d[:, k - 1] - 1e-6).all()
+    assert _exact_pass_count(q, g, k, monkeypatch) == q.shape[0]
     fast = _run(q, g, labels, k, 5, exact=False, monkeypatch=monkeypatch)
     exact = _run(q, g, labels, k, 5, exact=True, monkeypatch=monkeypatch)
     for a, b in zip(fast, exact):
@@ -166,8 +186,11 @@ def test_non_finite_rows(monkeypatch):
         torch.testing.assert_close(fast[0][rows], exact[0][rows], equal_nan=True, rtol=0, atol=1e-5)
         assert torch.equal(fast[1][rows], cpu_i[rows]), "CUDA and CPU kernels order NaN rows alike"
         if gg is g_bad:  # no certificate: every row is the exact pass's, bit for bit
+            assert _exact_pass_count(qq, gg, 10, monkeypatch) == qq.shape[0]
             for a, b in zip(fast, exact):
                 assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+        else:  # only the NaN query row (and perhaps a few unclear ones)
+            assert 1 <= _exact_pass_count(qq, gg, 10, monkeypatch) <= 5
 
 
 @pytest.mark.parametrize("exp_range", [10, 40, 58])

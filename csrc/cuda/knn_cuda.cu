@@ -11,7 +11,8 @@
 //               (<= 128, 4 per lane) into dist/idx; knn_vote also votes here
 // float32, k <= 16, N > 32 (and float16 copies under 64 MiB): the candidate path below
 // (a float16 pass for 32 candidates, exact float32 re-rank, a proven certificate; the
-// fast path above runs only for the uncertified queries). DNNRL_KNN_EXACT=1 turns it off.
+// fast path above runs only for the uncertified queries). DNNRL_KNN_EXACT=1 turns it off;
+// DNNRL_KNN_STATS=1 warns how many queries took the exact pass (a device sync per call).
 // Large k: knn_large, block per query (grid-stride): distances of a 1024-row gallery
 // tile, bitonic sort in shared memory, merge-path merge with the running top-k
 // list (ping-pong between the output and one (Q, k) workspace); then knn_vote runs
@@ -579,6 +580,12 @@ void knn_candidates(const float* qp, const float* gp, const float* qn, const flo
   // The uncertified rows (usually none: the blocks of the exact pass return at once).
   knn_exact<float>(qp, gp, qn, gn, flags.data_ptr<int>(), Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr, opts,
                    stream);
+  const char* stats = std::getenv("DNNRL_KNN_STATS");  // diagnostics only: one device sync
+  if (stats != nullptr && stats[0] != '\0' && !(stats[0] == '0' && stats[1] == '\0')) {
+    const int64_t exact_rows = flags.sum().item<int64_t>();
+    TORCH_WARN("dnnrl_ext knn: ", exact_rows, " of ", Q, " queries took the exact pass (candidate path, k=", k,
+               ", N=", N, ", D=", D, ")");
+  }
 }
 
 // Shared driver of knn and knn_vote. out_d may be undefined (vote only needs idx).
