@@ -434,3 +434,26 @@ def test_monitor_uses_flip_views_only_under_crops_tta(tmp_path, monkeypatch):
     trainer._monitor_knn()
     assert seen and all(s == (True, 0.0) for s in seen)
     assert trainer.aug.tta_shift == 4.0  # the final evaluation keeps the 10 views
+
+
+def test_cli_resume_keeps_the_run_length_and_writes_where_resumed(tmp_path):
+    """`dnnrl train --out DIR --resume` with no other option: the saved max_epochs rules
+    (the CLI's preset default must not replace it), and a run directory moved since its
+    first epochs is continued in place, not in the directory it was created in."""
+    import shutil
+    first = tmp_path / "first"
+    cfg = _cfg(first, max_epochs=3)
+    assert train(cfg, stop_after=1) is None
+    moved = tmp_path / "moved"
+    shutil.move(str(first), str(moved))
+    argv = ["train", "--out", str(moved), "--resume", "--no-progress"]
+    assert cli_main(argv) == 0
+    assert not first.exists()
+    hist = [json.loads(x) for x in open(moved / "log.jsonl")]
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
+    saved = json.load(open(moved / "config.json"))
+    assert saved["max_epochs"] == 3 and saved["out"] == str(moved)
+    assert (moved / "results.json").exists()
+    # an explicit --max-epochs extends the run
+    assert cli_main(argv + ["--max-epochs", "4"]) == 0
+    assert [json.loads(x)["epoch"] for x in open(moved / "log.jsonl")] == [1, 2, 3, 4]

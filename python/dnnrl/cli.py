@@ -183,7 +183,8 @@ def _train(args) -> int:
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     over["out"] = args.out
     cfg = resolve(over)
-    results = train(cfg, resume=args.resume)
+    # on --resume only the options given here may change the saved run (its length)
+    results = train(cfg, resume=args.resume, resume_given=[k for k, v in over.items() if v is not None])
     if results is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
         print(json.dumps({k: results.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
     return 0

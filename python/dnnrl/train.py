@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Iterable, Dict, Optional
 
 import numpy as np
 import torch
@@ -648,14 +648,27 @@ class Trainer:
                               batch_size=self.cfg.eval_batch_size, extra=extra, dist=self.dist)
 
 
-def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None) -> Optional[dict]:
+# What a resumed run may change: how long it goes on (the rest is the run's own config).
+RESUME_OVERRIDABLE = ("max_epochs", "time_budget", "patience")
+
+
+def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
+          resume_given: Optional[Iterable[str]] = None) -> Optional[dict]:
     """Train (or resume) and evaluate; returns the results dict (None when stopped early
     by ``stop_after``). Writes config.json, log.jsonl, checkpoint.pt, best.pt,
-    results.json, report.md and confusion matrices into ``cfg.out``."""
+    results.json, report.md and confusion matrices into ``cfg.out``.
+
+    On resume the run's saved config rules, in ``cfg.out`` (also when the run directory
+    was moved since), except for RESUME_OVERRIDABLE fields: taken from ``cfg`` when named
+    in ``resume_given`` (the CLI passes the options given on its command line), or all
+    of them when ``resume_given`` is None (an API caller's explicit config)."""
     if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         saved = Config.load(os.path.join(cfg.out, "config.json"))
-        saved.max_epochs = cfg.max_epochs if cfg.max_epochs != saved.max_epochs else saved.max_epochs
+        given = RESUME_OVERRIDABLE if resume_given is None else set(resume_given) & set(RESUME_OVERRIDABLE)
+        for name in given:
+            setattr(saved, name, getattr(cfg, name))
         saved.progress = cfg.progress
+        saved.out = cfg.out  # the directory it is resumed in, wherever it was first written
         cfg = saved
     ctx = distributed.setup(cfg.device)
     try:
