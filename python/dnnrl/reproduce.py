@@ -21,7 +21,7 @@ NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl"
 # Training options passed through to `dnnrl train` (None = the preset's value).
 _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
                 "batch_size", "seed", "device", "backend", "amp", "compile", "skip_bad", "cache_dir",
-                "lr", "lr_min", "weight_decay", "schedule", "anneal_fraction", "time_budget", "flip", "tta",
+                "lr", "lr_min", "weight_decay", "schedule", "anneal_fraction", "time_budget", "flip", "tta", "sampler",
                 "mining", "gamma", "alpha", "reduction", "softmax_weight")
 
 
@@ -59,6 +59,8 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (not in the paper)")
     p.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging: flip (image + mirror image) or crops (10 views); not in the paper")
+    p.add_argument("--sampler", default=None, choices=("random", "pk"),
+                   help="batches: random (the paper's) or class-balanced P x K (dnnrl train's default)")
     p.add_argument("--mining", default=None,
                    choices=("batch_hard", "semi_hard", "random_triplets", "easy_positive"),
                    help="triplets of T-DNN and DNNRL (default: dnnrl train's)")
