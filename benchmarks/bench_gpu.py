@@ -186,16 +186,28 @@ def main():
     repeats = 5 if args.quick else 20
     payload = {"machine": info, "mm_tflops": {"float32": rates[torch.float32] / 1e12,
                                               "bfloat16": rates[torch.bfloat16] / 1e12}}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if not out.endswith(".json"):
+        out = os.path.join(out, "%s-%s.json" % (common.card_slug(info), info["date"]))
+    # each section is written as soon as it is done: a run stopped by a time limit keeps
+    # what it measured (FER-scale k-NN first, the 1M-row gallery last)
+    try:
+        shapes = [(3589, 28709, "random"), (3589, 28709, "clustered")]
+        payload["knn_vote"] = bench_knn(shapes, rates, max(3, repeats // 4))
+    except Exception:
+        traceback.print_exc()
+    common.write_json(out, payload)
     try:
         payload["loss"] = bench_loss((128, 1024, 8192), (torch.float32, torch.bfloat16), rates, repeats)
     except Exception:
         traceback.print_exc()
-    try:
-        shapes = [(3589, 28709, "random"), (3589, 28709, "clustered")] + (
-            [] if args.quick else [(3589, 1_000_000, "random")])
-        payload["knn_vote"] = bench_knn(shapes, rates, max(3, repeats // 4))
-    except Exception:
-        traceback.print_exc()
+    common.write_json(out, payload)
+    if not args.quick:
+        try:
+            payload["knn_vote"] = payload.get("knn_vote", []) + bench_knn([(3589, 1_000_000, "random")], rates,
+                                                                         max(3, repeats // 4))
+        except Exception:
+            traceback.print_exc()
     md = []
     if payload.get("loss"):
         print("\n## Fused loss forward+backward, D=512, 7 classes (%s)" % info.get("gpu"))
@@ -210,9 +222,6 @@ def main():
             "x_vs_chunked_exact", "dnnrl_ext_mib", "dnnrl_ext_exact_mib", "chunked_torch_mib", "mm_fraction",
             "pred_agreement", "exact_pred_agreement", "exact_pass_queries"]))
     payload["markdown"] = "\n\n".join(md)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    if not out.endswith(".json"):
-        out = os.path.join(out, "%s-%s.json" % (common.card_slug(info), info["date"]))
     common.write_json(out, payload)
 
 
