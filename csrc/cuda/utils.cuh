@@ -178,13 +178,29 @@ inline int64_t resident_slots(Kernel kernel, int threads, size_t smem) {
   return slots;
 }
 
-// Column splits per row tile: as many as fit in one wave of resident blocks (so
-// small problems still fill every SM, and the grid never spills into a mostly empty
-// second wave), at most one per column tile and at most max_splits.
+// Column splits per row tile. A block does ceil(col_tiles / s) tiles and the grid of
+// row_tiles x s blocks runs in ceil(row_tiles s / slots) waves of resident blocks, so
+// the time goes as waves x ceil(col_tiles / s): take the s in [1, min(col_tiles,
+// max_splits)] that minimises it, with 0.2 % per split against the merge work and the
+// partial-result memory that grow with s. (The earlier rule, as many splits as fit one
+// wave, left 16 of 132 SMs idle at FER-2013 scale: 29 row tiles x 4 splits; this picks
+// 9 splits, two full waves, about 12 % less time by the model.)
 inline int64_t pick_splits(int64_t slots, int64_t row_tiles, int64_t col_tiles, int64_t max_splits) {
-  int64_t s = slots / std::max<int64_t>(row_tiles, 1);
-  s = std::min(std::min(s, col_tiles), max_splits);
-  return std::max<int64_t>(s, 1);
+  slots = std::max<int64_t>(slots, 1);
+  row_tiles = std::max<int64_t>(row_tiles, 1);
+  const int64_t hi = std::max<int64_t>(1, std::min(col_tiles, max_splits));
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= hi; ++s) {
+    const int64_t waves = (row_tiles * s + slots - 1) / slots;
+    const int64_t per_block = (col_tiles + s - 1) / s;
+    const double cost = static_cast<double>(waves * per_block) * (1.0 + 0.002 * static_cast<double>(s));
+    if (s == 1 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
