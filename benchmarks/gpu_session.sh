@@ -74,12 +74,16 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   # CPU) under the paper's plateau protocol (cosine and late-cosine schedules did not
   # beat it on the CPU)
   FLAGS=${FER_FLAGS:-"--schedule plateau --flip on --tta crops --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.05 --max-epochs 400"}
+  # hard limits so that even overrunning runs leave time to pack before DEADLINE
+  run_limit=$(( DEADLINE - ($(date +%s) - t0) - 110 )); [ "$run_limit" -gt $((BUDGET + 150)) ] && run_limit=$((BUDGET + 150))
+  [ "$run_limit" -lt 60 ] && run_limit=60
   (
-    timeout $((BUDGET + 150)) python3 -m dnnrl reproduce --data "$FER_ARCHIVE" --out "$WORK/table2" --jobs 3 \
+    timeout $run_limit python3 -m dnnrl reproduce --data "$FER_ARCHIVE" --out "$WORK/table2" --jobs 3 \
       --no-progress --time-budget "$BUDGET" $FLAGS $BACKEND_FLAG > "$WORK/reproduce.log" 2>&1
     echo "reproduce exit $?" >> "$WORK/reproduce.log"
-    if [ -f "$WORK/table2/dnnrl/results.json" ]; then
-      timeout ${EXPORT_TIMEOUT:-90} python3 -m dnnrl export --checkpoint "$WORK/table2/dnnrl" --data "$FER_ARCHIVE" \
+    export_limit=$(( DEADLINE - ($(date +%s) - t0) - 25 )); [ "$export_limit" -gt ${EXPORT_TIMEOUT:-90} ] && export_limit=${EXPORT_TIMEOUT:-90}
+    if [ -f "$WORK/table2/dnnrl/results.json" ] && [ "$export_limit" -ge 15 ]; then
+      timeout $export_limit python3 -m dnnrl export --checkpoint "$WORK/table2/dnnrl" --data "$FER_ARCHIVE" \
         --out "$WORK/dnnrl_bundle.pt" --gallery-dim ${GALLERY_DIM:-96} --sweep-dims 64,128 \
         --note "dnnrl reproduce --data fer2013.tar.xz --jobs 3 --time-budget $BUDGET $FLAGS (benchmarks/gpu_session.sh, commit ${DNNRL_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
         > "$WORK/export.log" 2>&1
@@ -94,7 +98,7 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
     # a final anneal pay at full scale? EXTRA_FLAGS="--method dnnrl" gives the dnnrl train
     # defaults instead (the pure exp loss, no flips).
     EXTRA_FLAGS=${EXTRA_FLAGS:-"--method dnnrl ${FLAGS/--schedule plateau/--schedule late_cosine}"}
-    timeout $((BUDGET + 150)) python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" \
+    timeout $run_limit python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" \
       --no-progress --time-budget "$BUDGET" $EXTRA_FLAGS $BACKEND_FLAG > "$WORK/extra.log" 2>&1 &
     lit_pid=$!
   fi
