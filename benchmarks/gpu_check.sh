@@ -16,25 +16,12 @@ cd "$(dirname "$0")/.."
 exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-t0=$(date +%s)
-step() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
-
-step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.version.cuda)"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+source benchmarks/gpu_common.sh
+machine_and_wheels
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-step "build (sm_90)"
-if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DNNRL_PTXAS_VERBOSE=1 \
-     timeout ${BUILD_TIMEOUT:-240} python3 setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1; then
-  tail -n 60 "$OUTDIR/build.log"; echo "BUILD FAILED"; exit 1
-fi
-grep -E "^dnnrl:" "$OUTDIR/build.log"
+  build_inplace "$OUTDIR/build.log" || exit 1
 fi
 python3 -c "import dnnrl_ext as d; print('extension', d.extension_available(), 'cuda kernels', d.has_cuda_kernels())"
 

@@ -32,21 +32,10 @@ FER_ARCHIVE=${FER_ARCHIVE:-.carry/fer2013.tar.xz}
 BUDGET=${FER_BUDGET:-240}
 EXTRA_NAME=${EXTRA_NAME:-dnnrl_late_cosine}
 DEADLINE=${DEADLINE:-570}  # seconds: the benchmarks shrink or give way so the call ends by then
-t0=$(date +%s)
-step() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+source benchmarks/gpu_common.sh
+machine_and_wheels
 
-step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
-python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.version.cuda)"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
-
-step "build (sm_90)"
-if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DNNRL_PTXAS_VERBOSE=1 \
-     timeout ${BUILD_TIMEOUT:-240} python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1; then
-  tail -n 60 "$WORK/build.log"; echo "BUILD FAILED"
+if ! build_inplace "$WORK/build.log"; then
   tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" .; exit 1
 fi
 python3 -c "import dnnrl_ext as d; print('extension', d.extension_available(), 'cuda kernels', d.has_cuda_kernels())"

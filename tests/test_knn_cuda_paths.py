@@ -39,10 +39,11 @@ def _run(q, g, labels, k, C, exact: bool, monkeypatch):
     return d.cpu(), i.cpu(), p.cpu(), v.cpu()
 
 
-def cross64(q, g) -> np.ndarray:
-    """(Q, N) float64 squared distances by the expansion |q|^2 + |g|^2 - 2 q.g (float64
-    leaves ~1e-16 relative error, far below the float32 gaps the tests look at, without
-    the (Q, N, D) temporary of explicit differences)."""
+def dist64(q, g) -> np.ndarray:
+    """(Q, N) float64 squared distances by the expansion |q|^2 + |g|^2 - 2 q.g: unlike
+    ops_testutil.cross64 (explicit differences, exact on grid inputs) no (Q, N, D)
+    temporary, 5 GB at the sizes here; float64 leaves ~1e-16 relative error, far below
+    the float32 gaps these tests look at."""
     a, b = q.double().numpy(), g.double().numpy()
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
 
@@ -70,7 +71,7 @@ def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:
     those neighbours))."""
     if rel is None:
         rel = torch.finfo(torch.float32).eps * (4 * math.sqrt(q.shape[1]) + 16)
-    d = cross64(q, g)
+    d = dist64(q, g)
     order = np.argsort(d, axis=1, kind="stable")[:, :k + 1]
     near = np.take_along_axis(d, order, axis=1)
     qn = (q.double() ** 2).sum(1).numpy()
@@ -144,7 +145,7 @@ def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
     # k-th exact one for every query, so no certificate can hold
     e = 2 * _bound(D) + 2.0 ** -20 * 2
     approx = np.sort(_approx_dist(q, g), axis=1)
-    exact_d = np.sort(cross64(q, g), axis=1)
+    exact_d = np.sort(dist64(q, g), axis=1)
     assert (approx[:, K_CAND - 1] - e < exact_d[:, k - 1] - 1e-6).all()
     assert _exact_pass_count(q, g, k, monkeypatch) == q.shape[0]
     fast = _run(q, g, labels, k, 5, exact=False, monkeypatch=monkeypatch)

@@ -22,7 +22,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 
 #include "tile.cuh"
 
@@ -515,10 +514,7 @@ void knn_exact(const T* qp, const T* gp, const typename Acc<T>::type* qn, const 
 }
 
 // DNNRL_KNN_EXACT=1 turns the float32 candidate path off (every query takes the exact pass).
-bool candidate_path_disabled() {
-  const char* v = std::getenv("DNNRL_KNN_EXACT");
-  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
-}
+bool candidate_path_disabled() { return env_flag("DNNRL_KNN_EXACT", false); }
 
 // Float16 copies cost (Q + N) x D x 2 bytes: beyond this the exact pass runs instead.
 constexpr int64_t kCandMaxCopyElems = int64_t(1) << 25;  // 64 MiB
@@ -580,8 +576,7 @@ void knn_candidates(const float* qp, const float* gp, const float* qn, const flo
   // The uncertified rows (usually none: the blocks of the exact pass return at once).
   knn_exact<float>(qp, gp, qn, gn, flags.data_ptr<int>(), Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr, opts,
                    stream);
-  const char* stats = std::getenv("DNNRL_KNN_STATS");  // diagnostics only: one device sync
-  if (stats != nullptr && stats[0] != '\0' && !(stats[0] == '0' && stats[1] == '\0')) {
+  if (env_flag("DNNRL_KNN_STATS", false)) {  // diagnostics only: one device sync
     const int64_t exact_rows = flags.sum().item<int64_t>();
     TORCH_WARN("dnnrl_ext knn: ", exact_rows, " of ", Q, " queries took the exact pass (candidate path, k=", k,
                ", N=", N, ", D=", D, ")");

@@ -123,13 +123,18 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t clamp0(acc_t d) { return d < acc_t(0) ? acc_t(0) : d; }
 
 // --------------------------------------------------------------------- host helpers
+// A switch from the environment, read on every call (tests and benchmarks flip it):
+// unset or empty -> fallback, "0" -> false, anything else -> true.
+inline bool env_flag(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  return !(v[0] == '0' && v[1] == '\0');
+}
+
 // DNNRL_LOSS_FEWER_LAUNCHES=0: the triplet loss runs its earlier launch sequence (norms,
 // reduction and backward coefficients each in a launch of their own), for A/B timing
 // and as a way back should the fused forms misbehave on some device.
-inline bool loss_fewer_launches() {
-  const char* v = std::getenv("DNNRL_LOSS_FEWER_LAUNCHES");
-  return v == nullptr || !(v[0] == '0' && v[1] == '\0');
-}
+inline bool loss_fewer_launches() { return env_flag("DNNRL_LOSS_FEWER_LAUNCHES", true); }
 
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 inline int max_smem_optin() {
