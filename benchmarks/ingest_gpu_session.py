@@ -1,0 +1,161 @@
+"""File what one `gpu_session.sh` device call brought back, and print the tables.
+
+    python3 benchmarks/ingest_gpu_session.py FILES_AT [--date YYYY-MM-DD] [--ship]
+
+FILES_AT is the folder the device tool copied `$OUT` into (session.log, bench_gpu.json,
+fer_runs.tar.gz, dnnrl_bundle.pt, logs.tar.gz; any of them may be missing). It writes,
+named by card and date (a `-2`, `-3`, ... suffix where the name is taken):
+
+- ``benchmarks/results/<card>-<date>-session.json``  the benchmark JSON;
+- ``benchmarks/results/fer-<card>-<date>/``         the FER-2013 runs (table2/, extra/);
+- ``benchmarks/results/gpu-session-<card>-<date>/``  session.log and the text logs;
+
+prints the smoke status, the benchmark tables and the Table 2 markdown, and with
+``--ship`` copies the DNNRL bundle to ``python/dnnrl/assets/dnnrl_fer2013.pt`` (the
+packaged model), refusing one over the 12 MB limit of issue 5.
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+ASSET = os.path.join(ROOT, "python", "dnnrl", "assets", "dnnrl_fer2013.pt")
+SHIP_LIMIT = 12 * 1000 * 1000
+
+
+def card_slug(files_at: str) -> str:
+    """'nvidia-h200' from bench_gpu.json's machine.gpu, else from session.log's
+    nvidia-smi line, else 'gpu'."""
+    name = None
+    bench = os.path.join(files_at, "bench_gpu.json")
+    if os.path.exists(bench):
+        with open(bench) as f:
+            name = json.load(f).get("machine", {}).get("gpu")
+    log = os.path.join(files_at, "session.log")
+    if not name and os.path.exists(log):
+        with open(log, errors="replace") as f:
+            for line in f:
+                if line.startswith("NVIDIA ") or re.match(r"^(Tesla|Quadro|GeForce|H100|H200|A100)", line):
+                    name = line.split(",")[0]
+                    break
+    if not name:
+        return "gpu"
+    name = name.split("(")[0].strip()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def free_path(path: str) -> str:
+    """path, or path-2, path-3, ... (before any extension) when it exists."""
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path) if not os.path.isdir(path) else (path, "")
+    i = 2
+    while os.path.exists("%s-%d%s" % (stem, i, ext)):
+        i += 1
+    return "%s-%d%s" % (stem, i, ext)
+
+
+def safe_extract(tar_path: str, dest: str, text_only: bool = False) -> list:
+    """Extract regular files of tar_path under dest (no links, no absolute or '..'
+    paths); with text_only, only .log/.json/.jsonl/.md/.txt files. Returns the names."""
+    names = []
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            if not m.isfile() or m.name.startswith("/") or ".." in m.name.split("/"):
+                continue
+            if text_only and not m.name.endswith((".log", ".json", ".jsonl", ".md", ".txt")):
+                continue
+            target = os.path.join(dest, os.path.normpath(m.name))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with tar.extractfile(m) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            names.append(m.name)
+    return names
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files_at", help="the folder holding what $OUT brought back")
+    p.add_argument("--date", default=datetime.date.today().isoformat(), help="date in the names (today)")
+    p.add_argument("--ship", action="store_true",
+                   help="copy dnnrl_bundle.pt to python/dnnrl/assets/dnnrl_fer2013.pt")
+    args = p.parse_args(argv)
+    src = args.files_at
+    if not os.path.isdir(src):
+        p.error("files_at: %r is not a folder" % src)
+    card = card_slug(src)
+    print("card: %s, date: %s" % (card, args.date))
+
+    log = os.path.join(src, "session.log")
+    if os.path.exists(log):
+        with open(log, errors="replace") as f:
+            text = f.read()
+        smoke = re.findall(r"^SMOKE STATUS .*$|^-> .*$|smoke_cuda: status \d+", text, re.M)
+        print("smoke:", "; ".join(smoke) if smoke else "no failure reported")
+        if "BUILD FAILED" in text:
+            print("BUILD FAILED (see session.log)")
+
+    logs_dir = free_path(os.path.join(RESULTS, "gpu-session-%s-%s" % (card, args.date)))
+    os.makedirs(logs_dir)
+    if os.path.exists(log):
+        shutil.copy(log, logs_dir)
+    if os.path.exists(os.path.join(src, "logs.tar.gz")):
+        n = safe_extract(os.path.join(src, "logs.tar.gz"), logs_dir, text_only=True)
+        print("logs: %d text files -> %s" % (len(n), os.path.relpath(logs_dir, ROOT)))
+
+    bench = os.path.join(src, "bench_gpu.json")
+    if os.path.exists(bench):
+        out = free_path(os.path.join(RESULTS, "%s-%s-session.json" % (card, args.date)))
+        shutil.copy(bench, out)
+        with open(bench) as f:
+            payload = json.load(f)
+        print("\nbenchmarks -> %s\n" % os.path.relpath(out, ROOT))
+        print(payload.get("markdown") or json.dumps({k: v for k, v in payload.items() if k != "machine"},
+                                                    indent=1)[:4000])
+
+    fer = os.path.join(src, "fer_runs.tar.gz")
+    if os.path.exists(fer):
+        fer_dir = free_path(os.path.join(RESULTS, "fer-%s-%s" % (card, args.date)))
+        names = safe_extract(fer, fer_dir)
+        print("\nFER-2013 runs: %d files -> %s" % (len(names), os.path.relpath(fer_dir, ROOT)))
+        table = os.path.join(fer_dir, "table2", "table.md")
+        if os.path.exists(table):
+            with open(table) as f:
+                print("\n" + f.read())
+        for extra in sorted(os.listdir(os.path.join(fer_dir, "extra"))) if os.path.isdir(
+                os.path.join(fer_dir, "extra")) else []:
+            res = os.path.join(fer_dir, "extra", extra, "results.json")
+            if os.path.exists(res):
+                with open(res) as f:
+                    r = json.load(f)
+                print("extra run %s: val accuracy %.2f %%, k %s, %s epochs, stopped by %s" % (
+                    extra, 100 * r["val_accuracy"], r.get("k"), r["training"].get("epochs"),
+                    r["training"].get("stopped_by")))
+
+    bundle = os.path.join(src, "dnnrl_bundle.pt")
+    if args.ship:
+        if not os.path.exists(bundle):
+            print("--ship: no dnnrl_bundle.pt came back", file=sys.stderr)
+            return 1
+        size = os.path.getsize(bundle)
+        if size > SHIP_LIMIT:
+            print("--ship: the bundle is %.1f MB, over the %d MB limit" % (size / 1e6, SHIP_LIMIT // 10**6),
+                  file=sys.stderr)
+            return 1
+        os.makedirs(os.path.dirname(ASSET), exist_ok=True)
+        shutil.copy(bundle, ASSET)
+        print("\nshipped the bundle (%.1f MB) -> %s" % (size / 1e6, os.path.relpath(ASSET, ROOT)))
+    elif os.path.exists(bundle):
+        print("\na bundle came back (%.1f MB); --ship puts it in the package" % (os.path.getsize(bundle) / 1e6))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
