@@ -347,9 +347,13 @@ __global__ void __launch_bounds__(256) vote_rows_kernel(const int64_t* __restric
 // non-candidate j has approximate distance >= tau (the kCand-th candidate's), so its
 // float32 distance is >= tau - e with e = 2 c sqrt(||q||^2 max||g||^2) + 2^-20
 // (||q||^2 + max||g||^2) (the roundings of ||q||^2 + ||g||^2 - 2 dot). The query is
-// certified when the k-th re-ranked distance is < tau - e: then the exact top k, ties
-// to the smaller index included, lie among the candidates. Rows with non-finite values
-// or extreme magnitudes are never certified (a gallery one: no query is).
+// certified when the k-th re-ranked distance is < tau - e: then the top k in float32
+// (the re-rank's own arithmetic), ties to the smaller index included, lie among the
+// candidates. The exact pass computes its float32 distances differently (3xTF32), so a
+// certified query's distances can differ from it in the last bits, and so can the
+// order of two rows within that rounding of each other (exact duplicates cannot: both
+// arithmetics give them equal values). Rows with non-finite values or extreme
+// magnitudes are never certified (a gallery one: no query is).
 constexpr int kCand = 32;         // one candidate per lane of the re-rank warp
 constexpr int kCandMaxK = 16;     // the path runs for k <= this (the rest is headroom)
 constexpr int kScaleExpLimit = 48;  // rows with max |x| outside 2^+-48 go to the exact pass
@@ -383,7 +387,8 @@ __global__ void __launch_bounds__(256) to_half_scaled_kernel(const float* __rest
   const bool ok = finite && isfinite(nrm) && (m == 0.f || (E >= -kScaleExpLimit && E <= kScaleExpLimit));
   const float up = ok ? ldexpf(1.f, 15 - E) : 0.f;  // exact power of two
   __half* o = out + static_cast<int64_t>(row) * Dp;
-  for (int e = lane; e < Dp; e += 32) o[e] = __float2half_rn(e < D ? p[e] * up : 0.f);
+  // an invalid row becomes zeros (inf * 0 would give NaN); it is never certified anyway
+  for (int e = lane; e < Dp; e += 32) o[e] = __float2half_rn(ok && e < D ? p[e] * up : 0.f);
   if (lane == 0) {
     scale[row] = ok ? ldexpf(1.f, E - 15) : 0.f;
     if (row_bad != nullptr) row_bad[row] = ok ? 0 : 1;
@@ -518,12 +523,16 @@ bool candidate_path_disabled() { return env_flag("DNNRL_KNN_EXACT", false); }
 
 // Float16 copies cost (Q + N) x D x 2 bytes: beyond this the exact pass runs instead.
 constexpr int64_t kCandMaxCopyElems = int64_t(1) << 25;  // 64 MiB
+// The candidate lists cost Q x 32 x 12 bytes plus Q x 512 bytes per column split of the
+// tile pass; beyond this many queries (about 56 MiB with one split) the exact pass runs.
+constexpr int64_t kCandMaxQueries = int64_t(1) << 16;
 
 bool use_candidate_path(int Q, int N, int D, int k) {
   using HL = Engines<__half>::Large;
   using HS = Engines<__half>::Small;
   const int64_t Dp = ceil_div<int64_t>(D, 8) * 8;
-  return k <= kCandMaxK && N > kCand && (static_cast<int64_t>(Q) + N) * Dp <= kCandMaxCopyElems &&
+  return k <= kCandMaxK && N > kCand && Q <= kCandMaxQueries &&
+         (static_cast<int64_t>(Q) + N) * Dp <= kCandMaxCopyElems &&
          knn_fits<HL>(kCand) && knn_fits<HS>(kCand) && !candidate_path_disabled();
 }
 
