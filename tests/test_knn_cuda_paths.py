@@ -257,3 +257,42 @@ def test_tiny_magnitudes_everywhere(monkeypatch):
     assert torch.equal(fast[1][rows], exact[1][rows])
     want_i = dnnrl_ext.knn(q.double(), g.double(), 10, backend="reference")[1]
     assert torch.equal(fast[1][rows], want_i[rows])
+
+
+@pytest.mark.parametrize("D", [64, 512, 2048])
+def test_float16_tensor_core_accumulation_stays_within_the_bound(D):
+    """The certificate assumes that a float16 tensor-core product with float32
+    accumulation errs by at most D 2^-22 ||q|| ||g|| on exactly representable inputs
+    (the accumulation part of the kernel's c; the rest covers the float16 rounding of
+    the inputs). Measured here through cuBLAS (torch.mm with out_dtype=float32: the same
+    tensor cores, other kernels than ours, so a proxy) on inputs built to cancel: large
+    partial sums that return to about zero, with small terms added while they are large,
+    where a truncating float32 accumulator loses the most. A sanity check, not a proof:
+    a sequential truncating float32 emulation stays 15-30x under the bound on these
+    inputs, and an accumulator of 19 significand bits or fewer fails it."""
+    gen = torch.Generator().manual_seed(D)
+    third = D // 3
+    rows = []
+    for _ in range(64):
+        big = torch.randint(512, 1024, (third,), generator=gen).double()
+        small = torch.randint(1, 1024, (D - 2 * third,), generator=gen).double() * 2.0 ** -10
+        rows.append(torch.cat([big, small, -big]))           # partials rise to ~D 2^8, then cancel
+        rows.append(torch.cat([big, -big, small]))
+        rows.append(torch.cat([big, small, -big])[torch.randperm(D, generator=gen)])
+    g = torch.stack(rows)                                   # exact in float16 (11-bit significands)
+    q = torch.ones(4, D, dtype=torch.float64)
+    q[1, third:] = 2.0                                      # other weights on the small terms
+    q[2] = torch.randint(1, 4, (D,), generator=gen).double()
+    q[3, ::2] = -1.0
+    a, b = q.half(), g.half()
+    assert torch.equal(a.double(), q) and torch.equal(b.double(), g), "inputs must be exact in float16"
+    prev = torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        got = torch.mm(a.cuda(), b.cuda().t(), out_dtype=torch.float32).double().cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = prev
+    exact = q @ g.t()
+    rel = (got - exact).abs() / (q.norm(dim=1)[:, None] * g.norm(dim=1)[None, :])
+    max_rel = rel.max().item()
+    assert max_rel <= D * 2.0 ** -22, "accumulation error %.3g > D 2^-22 = %.3g" % (max_rel, D * 2.0 ** -22)
