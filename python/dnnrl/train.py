@@ -7,9 +7,10 @@ loss. A new lowest validation loss is the new best (weights kept); a loss more t
 reloads the best weights (with fresh momentum); ``patience`` epochs without a new
 best stop the run. Options beyond the paper: ``schedule="cosine"`` (lr from lr to
 lr_min along a cosine, no reloads), ``schedule="late_cosine"`` (the paper's protocol,
-then a cosine to lr_min over the last ``anneal_fraction`` of the run) and ``time_budget`` (no epoch starts that would end
-past that many seconds of training; the run is then evaluated as usual, so a run sized
-for a fixed machine time still ends with its results). Every epoch is checkpointed (model, optimizer, lr, epoch, RNG
+then a cosine to lr_min over the last ``anneal_fraction`` of the run) and
+``time_budget`` (no epoch starts that would end past that many seconds of training;
+the run is then evaluated as usual, so a run sized for a fixed machine time still ends
+with its results). Every epoch is checkpointed (model, optimizer, lr, epoch, RNG
 states, best) so ``resume=True`` continues exactly where the run stopped, and logged
 as one JSON line in log.jsonl. Finally the best weights are evaluated (k-NN gallery =
 training set, k chosen on validation) into results.json.
@@ -26,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import Iterable, Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import torch
@@ -556,8 +557,7 @@ class Trainer:
 
     def _cosine_lr(self) -> float:
         """Cosine from lr to lr_min over the run (see _progress)."""
-        lo, hi = self.cfg.lr_min, self.cfg.lr
-        return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * self._progress()))
+        return _cosine(self.cfg.lr, self.cfg.lr_min, self._progress())
 
     def _late_cosine_lr(self) -> Optional[float]:
         """late_cosine: None during the first (1 - anneal_fraction) of the run (the plateau
@@ -569,8 +569,7 @@ class Trainer:
         if self.anneal_start_lr is None:
             self.anneal_start_lr = self.lr
         q = min(1.0, (p - (1.0 - f)) / f) if f > 0 else 1.0
-        lo, hi = self.cfg.lr_min, self.anneal_start_lr
-        return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * q))
+        return _cosine(self.anneal_start_lr, self.cfg.lr_min, q)
 
     def fit(self, stop_after: Optional[int] = None) -> None:
         """Run epochs until the protocol stops (or ``stop_after`` more epochs: a simulated
@@ -646,6 +645,11 @@ class Trainer:
                               self.cfg.method, self.backend, self.run_dir, k_max=self.cfg.k_max,
                               amp=self.cfg.amp, channels_last=self.channels_last,
                               batch_size=self.cfg.eval_batch_size, extra=extra, dist=self.dist)
+
+
+def _cosine(hi: float, lo: float, progress: float) -> float:
+    """hi at progress 0 down to lo at progress 1 along half a cosine."""
+    return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
 
 
 # What a resumed run may change: how long it goes on (the rest is the run's own config).
