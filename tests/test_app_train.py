@@ -76,12 +76,15 @@ def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
 
 
 def test_cli_help_each_command():
-    for cmd in (["--help"], ["train", "--help"], ["eval", "--help"], ["embed", "--help"]):
+    for cmd in (["--help"], ["train", "--help"], ["eval", "--help"], ["embed", "--help"],
+                ["predict", "--help"], ["export", "--help"], ["reproduce", "--help"]):
         out = subprocess.run([sys.executable, "-m", "dnnrl"] + cmd, capture_output=True, text=True,
                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
                                  [os.path.join(ROOT, "python"), ROOT, os.environ.get("PYTHONPATH", "")])))
         assert out.returncode == 0, out.stderr
         assert "usage: dnnrl" in out.stdout
+        # argparse %-formats help strings a second time: a stray "%" leaks its action dict
+        assert "option_strings" not in out.stdout and "%" not in out.stdout.replace("%%", "")
     assert "--data" in out.stdout
 
 

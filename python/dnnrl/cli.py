@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the paper) or the val k-NN error of the monitor (preset: cpu uses val_knn)")
     g.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="lr schedule: plateau (the paper: lr / 10 and back to the best weights when the "
-                        "val loss rises over 10 %% above its best), cosine (lr to --lr-min over "
+                        "val loss rises more than 10 percent above its best), cosine (lr to --lr-min over "
                         "--max-epochs or the time budget) or late_cosine (plateau, then a cosine to "
                         "--lr-min over the last --anneal-fraction of the run) (%s)" % d.schedule)
     g.add_argument("--anneal-fraction", type=float, default=None,
