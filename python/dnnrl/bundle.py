@@ -419,6 +419,6 @@ def default_bundle_path() -> str:
     if not os.path.exists(path):
         raise BundleError(
             "no default model: %s is not installed with this copy of dnnrl. Pass --bundle FILE "
-            "(made by `dnnrl export`) or --checkpoint RUN_DIR --data DATA (the training data "
+            "(made by `dnnrl export`), or a `dnnrl train` run with --data DATA (the training data "
             "becomes the k-NN gallery)." % path)
     return path

@@ -151,14 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a trained model on data (results.json + confusion matrix)",
                        formatter_class=fmt, description=(
-                           "Embed the data's training split as the k-NN gallery, choose k on its validation "
-                           "split, report val/test accuracy (the softmax head for dnn models)."))
-    e.add_argument("checkpoint", help="a run directory or a best.pt / checkpoint.pt file")
+                           "A training run (a checkpoint): embed the data's training split as the k-NN "
+                           "gallery, choose k on its validation split, report val/test accuracy (the softmax "
+                           "head for dnn models). A bundle (--bundle, a bundle file, or nothing: the packaged "
+                           "model): its own gallery and k, evaluated on the val/test splits of --data."))
+    e.add_argument("checkpoint", nargs="?", default=None,
+                   help="a run directory or a best.pt / checkpoint.pt file, or a bundle file; "
+                        "none: the packaged model ($DNNRL_BUNDLE overrides it)")
+    e.add_argument("--bundle", default=None, help="a model bundle from `dnnrl export` (instead of a checkpoint)")
     _add_data_args(e)
-    e.add_argument("--out", default=None, help="output directory (default: <run dir>/eval)")
-    e.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
+    e.add_argument("--out", default=None,
+                   help="output directory (default: <run dir>/eval; for a bundle runs/eval-<bundle name>)")
+    e.add_argument("--k-max", type=int, default=50, help="largest k tried on validation (checkpoints)")
     e.add_argument("--tta", default=None, choices=TTA_MODES,
-                   help="test-time averaging (default: the run's setting)")
+                   help="test-time averaging of the queries (default: the run's / bundle's setting)")
     _add_runtime_args(e)
 
     m = sub.add_parser("embed", help="write embeddings of a data set to .npz or .pt",
@@ -229,10 +235,15 @@ def _restore(args):
 
 
 def _eval(args) -> int:
+    from .bundle import is_bundle_file
     from .evaluate import evaluate_model
     from .runtime import use_channels_last
     from .train import augment_config, setup_logging
     setup_logging(None)
+    if args.bundle is not None and args.checkpoint is not None:
+        raise ValueError("give a checkpoint or --bundle, not both")
+    if args.bundle is not None or args.checkpoint is None or is_bundle_file(args.checkpoint):
+        return _eval_bundle(args, args.bundle or args.checkpoint)
     path, cfg, model, data, names, device, backend = _restore(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "eval")
     setup_logging(out)
@@ -241,6 +252,40 @@ def _eval(args) -> int:
     res = evaluate_model(model, data, names, augment_config(cfg), device, cfg.method, backend, out,
                          k_max=args.k_max, amp=cfg.amp, channels_last=use_channels_last(cfg.channels_last, device),
                          batch_size=cfg.eval_batch_size, extra={"checkpoint": path, "data": cfg.data})
+    print(json.dumps({k: res.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
+    return 0
+
+
+def _eval_bundle(args, path: Optional[str]) -> int:
+    """``dnnrl eval`` of a bundle (None: the packaged model) on the splits of --data."""
+    from .bundle import default_bundle_path, load_bundle
+    from .evaluate import evaluate_bundle
+    from .runtime import load_data, pick_device, place_data, use_channels_last
+    from .train import augment_config, setup_logging
+    path = path or default_bundle_path()
+    if args.data is None:
+        raise ValueError("evaluating the model bundle %s needs --data: labelled images to score it on "
+                         "(for the packaged model, FER-2013, e.g. --data fer2013.tar.xz)" % path)
+    device = pick_device(args.device or "auto")
+    model, clf, names, cfg, meta = load_bundle(path, device, args.backend or "auto")
+    for k in ("amp", "eval_batch_size", "tta"):
+        if getattr(args, k, None) is not None:
+            setattr(cfg, k, getattr(args, k))
+    cfg.data, cfg.cache_dir, cfg.skip_bad = args.data, args.cache_dir or cfg.cache_dir, bool(args.skip_bad)
+    cfg.train_subset = cfg.val_subset = None
+    out = args.out or os.path.join("runs", "eval-" + os.path.splitext(os.path.basename(path))[0])
+    setup_logging(out)
+    ds = load_data(cfg)
+    if ds.class_names != list(names):
+        raise ValueError("the data's classes %s differ from the bundle's %s" % (ds.class_names, names))
+    scored = [s for s in ("val", "test") if s in ds.splits] or list(ds.splits)
+    ds.splits = {s: ds.splits[s] for s in scored}  # the bundle brings its own gallery: no training split
+    data, _ = place_data(ds, device)
+    res = evaluate_bundle(model, clf, data, names, augment_config(cfg), device, cfg.method, out, amp=cfg.amp,
+                          channels_last=use_channels_last(cfg.channels_last, device),
+                          batch_size=cfg.eval_batch_size,
+                          extra={"bundle": os.path.abspath(path), "data": args.data, "tta": cfg.tta,
+                                 "bundle_meta": meta})
     print(json.dumps({k: res.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
     return 0
 

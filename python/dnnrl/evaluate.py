@@ -106,7 +106,15 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
         results["k"] = clf.k
     if clf.val_accuracy_per_k:
         results["val_accuracy_per_k"] = clf.val_accuracy_per_k
-    for s in ("val", "test"):
+    return _finish(results, preds, labels, class_names, method, out_dir, extra, write)
+
+
+def _finish(results: Dict[str, object], preds: Dict[str, Tensor], labels: Dict[str, Tensor],
+            class_names: List[str], method: str, out_dir: str, extra: Optional[dict],
+            write: bool = True) -> Dict[str, object]:
+    """Accuracy, per-class accuracy and confusion matrix (JSON + PNG) of every split in
+    ``preds`` ((N,) predicted labels against ``labels``), then results.json + report.md."""
+    for s in ["val", "test"] + [s for s in preds if s not in ("val", "test")]:
         results["%s_accuracy" % s] = None
         if s in preds:
             m = split_metrics(preds[s], labels[s], class_names)
@@ -132,6 +140,42 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
     return results
 
 
+def evaluate_bundle(model, classifier, data: Dict[str, tuple], class_names: List[str], aug: AugmentConfig,
+                    device: torch.device, method: str, out_dir: str, amp: str = "auto",
+                    channels_last: bool = False, batch_size: int = 512,
+                    extra: Optional[dict] = None) -> Dict[str, object]:
+    """Evaluate a shipped model (:func:`dnnrl.bundle.load_bundle`) as it is: its own
+    k-NN gallery and k, nothing refitted. Writes the files of :func:`evaluate_model`.
+
+    Args:
+        model: the bundle's network (eval mode) on ``device``.
+        classifier: the bundle's fitted :class:`dnnrl.bundle.ProjectedKNNClassifier`.
+        data: {split: (images uint8 (N, S, S), labels int64 (N,))}; the "val" and "test"
+            splits are evaluated, or every split when the data has neither.
+        method: the bundle's method; "dnn" predicts with the softmax head (its k-NN
+            accuracy is reported alongside), the others with the k-NN vote.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    splits = [s for s in ("val", "test") if s in data] or list(data)
+    kw = dict(aug=aug, device=device, amp=amp, channels_last=channels_last, batch_size=batch_size)
+    labels = {s: data[s][1].to(device) for s in splits}
+    results: Dict[str, object] = {"method": method, "class_names": list(class_names),
+                                  "sizes": {s: int(data[s][1].shape[0]) for s in splits},
+                                  "k": None if method == "dnn" else classifier.k}
+    preds = {}
+    for s in splits:
+        emb = _embed(model, data[s][0], **kw)
+        knn_pred = classifier.predict(emb) if emb.shape[0] else labels[s][:0]
+        if method == "dnn":
+            preds[s] = _embed(model, data[s][0], head=True, **kw).argmax(1)
+            results["knn_k"] = classifier.k
+            results["knn_%s_accuracy" % s] = (float((knn_pred == labels[s]).float().mean())
+                                              if emb.shape[0] else None)
+        else:
+            preds[s] = knn_pred
+    return _finish(results, preds, labels, class_names, method, out_dir, extra)
+
+
 def _pct(v) -> str:
     return "-" if v is None else "%.2f %%" % (100 * v)
 
@@ -141,7 +185,9 @@ def write_report(results: Dict[str, object], path: str) -> None:
     lines = ["# dnnrl run report", "",
              "method: **%s**; k-NN k: %s; sizes: %s" % (results["method"], results.get("k"), results["sizes"]),
              "", "| split | accuracy |", "|---|---|"]
-    for s in ("val", "test"):
+    others = [s for s in results.get("sizes", {}) if s not in ("val", "test")
+              and results.get("%s_accuracy" % s) is not None]
+    for s in ["val", "test"] + others:
         lines.append("| %s | %s |" % (s, _pct(results.get("%s_accuracy" % s))))
     if results["method"] == "dnn" and results.get("knn_k") is not None:
         lines += ["", "k-NN on the softmax network's features (k=%s): val %s, test %s"

@@ -1,0 +1,153 @@
+"""``dnnrl eval`` of a model bundle: the packaged model (or --bundle / a bundle file) is
+scored on the val / test splits of --data with its own stored gallery and k.
+
+The bundle is exported from a randomly initialised small network with a synthetic
+gallery, so the accuracies are near chance; what is checked is that they are exactly
+the accuracies of the bundle's own classifier, split by split.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dnnrl import bundle as B
+from dnnrl.cli import main
+from dnnrl.config import Config
+from dnnrl.evaluate import evaluate_bundle
+from dnnrl.model import DNNRLNet
+from dnnrl.runtime import embed
+from dnnrl.synthetic import make_synthetic
+from dnnrl.train import augment_config, save_model
+
+USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+
+
+def _write_csv(path, ds, splits=("train", "val", "test")):
+    with open(path, "w") as fh:
+        fh.write("emotion,pixels,Usage\n")
+        for s in splits:
+            x, y = ds.splits[s]
+            for img, lab in zip(x, y):
+                fh.write('%d,"%s",%s\n' % (lab, " ".join(map(str, img.ravel())), USAGE[s]))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(workdir, synthetic Dataset, CSV of it, {method: bundle path})."""
+    wd = tmp_path_factory.mktemp("evalbundle")
+    ds = make_synthetic(12, 5, 4, seed=7)
+    csv = _write_csv(wd / "fer.csv", ds)
+    bundles = {}
+    for method in ("dnnrl", "dnn"):
+        torch.manual_seed(1)
+        cfg = Config(image_size=32, width=0.125, method=method, preset="cpu", tta="flip",
+                     out=str(wd / ("run_" + method)))
+        os.makedirs(cfg.out, exist_ok=True)
+        save_model(os.path.join(cfg.out, "best.pt"), DNNRLNet(num_classes=7, width=cfg.width).eval(), cfg,
+                   list(ds.class_names), {"epoch": 1, "val_loss": 1.0})
+        bundles[method] = str(wd / ("%s.pt" % method))
+        B.export_bundle(cfg.out, ds, bundles[method], k_max=7, gallery_dim=24, device="cpu")
+    return wd, ds, csv, bundles
+
+
+def _expected(bundle_path, ds, head=False):
+    """{split: accuracy} of the bundle's own classifier (or softmax head) on val / test."""
+    model, clf, _, cfg, _ = B.load_bundle(bundle_path)
+    out = {}
+    for s in ("val", "test"):
+        x, y = ds.splits[s]
+        e = embed(model, torch.from_numpy(x), augment_config(cfg), torch.device("cpu"), amp="off", head=head)
+        pred = e.argmax(1) if head else clf.predict(e)
+        out[s] = float((pred == torch.from_numpy(y)).float().mean())
+    return out, clf.k
+
+
+def test_eval_bundle_file_scores_val_and_test_with_the_stored_gallery(setup):
+    wd, ds, csv, bundles = setup
+    out = wd / "ev_file"
+    assert main(["eval", bundles["dnnrl"], "--data", csv, "--out", str(out),
+                 "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
+    res = json.load(open(out / "results.json"))
+    want, k = _expected(bundles["dnnrl"], ds)
+    assert res["k"] == k and res["sizes"] == {"val": 35, "test": 28}
+    assert res["val_accuracy"] == pytest.approx(want["val"]) and res["test_accuracy"] == pytest.approx(want["test"])
+    assert res["bundle_meta"]["gallery_dim"] == 24 and res["tta"] == "flip"
+    assert (out / "confusion_val.png").exists() and (out / "confusion_test.json").exists()
+    cm = json.load(open(out / "confusion_test.json"))["matrix"]
+    assert np.trace(cm) / np.sum(cm) == pytest.approx(want["test"])
+    # --bundle FILE is the same thing
+    assert main(["eval", "--bundle", bundles["dnnrl"], "--data", csv, "--out", str(wd / "ev_opt"),
+                 "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
+    assert json.load(open(wd / "ev_opt" / "results.json"))["val_accuracy"] == res["val_accuracy"]
+
+
+def test_eval_without_a_checkpoint_uses_the_packaged_model(setup, monkeypatch, capsys):
+    wd, ds, csv, bundles = setup
+    monkeypatch.setattr(B, "DEFAULT_BUNDLE", bundles["dnnrl"])
+    monkeypatch.delenv("DNNRL_BUNDLE", raising=False)
+    monkeypatch.chdir(wd)
+    assert main(["eval", "--data", csv, "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
+    res = json.load(open(wd / "runs" / "eval-dnnrl" / "results.json"))  # default --out
+    want, _ = _expected(bundles["dnnrl"], ds)
+    assert res["val_accuracy"] == pytest.approx(want["val"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["val_accuracy"] == res["val_accuracy"]
+    # $DNNRL_BUNDLE overrides the packaged file
+    monkeypatch.setattr(B, "DEFAULT_BUNDLE", str(wd / "absent.pt"))
+    monkeypatch.setenv("DNNRL_BUNDLE", bundles["dnn"])
+    assert main(["eval", "--data", csv, "--out", str(wd / "ev_env"), "--cache-dir", str(wd / "cache"),
+                 "--device", "cpu"]) == 0
+    assert json.load(open(wd / "ev_env" / "results.json"))["method"] == "dnn"
+
+
+def test_eval_dnn_bundle_uses_the_softmax_head(setup):
+    wd, ds, csv, bundles = setup
+    assert main(["eval", bundles["dnn"], "--data", csv, "--out", str(wd / "ev_dnn"),
+                 "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
+    res = json.load(open(wd / "ev_dnn" / "results.json"))
+    head, _ = _expected(bundles["dnn"], ds, head=True)
+    knn, k = _expected(bundles["dnn"], ds)
+    assert res["k"] is None and res["knn_k"] == k
+    assert res["val_accuracy"] == pytest.approx(head["val"]) and res["test_accuracy"] == pytest.approx(head["test"])
+    assert res["knn_val_accuracy"] == pytest.approx(knn["val"])
+
+
+def test_eval_bundle_bad_input_is_clear(setup, monkeypatch, capsys):
+    wd, ds, csv, bundles = setup
+    assert main(["eval", bundles["dnnrl"], "--device", "cpu"]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert main(["eval", bundles["dnnrl"], "--bundle", bundles["dnn"], "--data", csv]) == 2
+    assert "not both" in capsys.readouterr().err
+    monkeypatch.delenv("DNNRL_BUNDLE", raising=False)
+    monkeypatch.setattr(B, "DEFAULT_BUNDLE", str(wd / "absent.pt"))
+    assert main(["eval", "--data", csv]) == 2
+    assert "no default model" in capsys.readouterr().err
+    with pytest.raises(B.BundleError, match="--bundle FILE"):
+        B.default_bundle_path()
+    assert main(["eval", "--bundle", str(wd / "absent.pt"), "--data", csv]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # a directory is a training run, not a bundle
+    assert main(["eval", str(wd), "--data", csv]) == 2
+    assert "no best.pt" in capsys.readouterr().err
+
+
+def test_eval_bundle_on_data_without_val_or_test_scores_what_there_is(setup, tmp_path):
+    wd, ds, _, bundles = setup
+    csv = _write_csv(tmp_path / "train_only.csv", ds, splits=("train",))
+    assert main(["eval", bundles["dnnrl"], "--data", csv, "--out", str(tmp_path / "ev"),
+                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    res = json.load(open(tmp_path / "ev" / "results.json"))
+    assert res["sizes"] == {"train": 84} and 0 <= res["train_accuracy"] <= 1
+    assert res["val_accuracy"] is None and "| train |" in open(tmp_path / "ev" / "report.md").read()
+
+
+def test_evaluate_bundle_empty_split(setup, tmp_path):
+    wd, ds, _, bundles = setup
+    model, clf, names, cfg, _ = B.load_bundle(bundles["dnnrl"])
+    empty = {"val": (torch.zeros(0, 48, 48, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))}
+    res = evaluate_bundle(model, clf, empty, names, augment_config(cfg), torch.device("cpu"), "dnnrl",
+                          str(tmp_path), amp="off")
+    assert res["val_accuracy"] is None and res["sizes"] == {"val": 0}
