@@ -151,3 +151,22 @@ def test_evaluate_bundle_empty_split(setup, tmp_path):
     res = evaluate_bundle(model, clf, empty, names, augment_config(cfg), torch.device("cpu"), "dnnrl",
                           str(tmp_path), amp="off")
     assert res["val_accuracy"] is None and res["sizes"] == {"val": 0}
+
+
+def test_export_tta_is_stored_and_used(setup, tmp_path):
+    wd, ds, csv, bundles = setup
+    path = str(tmp_path / "crops.pt")
+    facts = B.export_bundle(str(wd / "run_dnnrl"), ds, path, k_max=7, gallery_dim=24, device="cpu", tta="crops")
+    raw = torch.load(path, weights_only=False)
+    assert raw["config"]["tta"] == "crops"
+    # the gallery was embedded with the 10 views: the stored rows are the PCA of those
+    model, clf, _, cfg, _ = B.load_bundle(path)
+    x = torch.from_numpy(ds.splits["train"][0])
+    e10 = embed(model, x, augment_config(cfg), torch.device("cpu"), amp="off")
+    assert cfg.tta == "crops" and augment_config(cfg).tta_shift > 0
+    assert torch.allclose(clf.project(e10), raw["gallery"].float(), atol=2e-2)
+    assert clf.score(embed(model, torch.from_numpy(ds.splits["val"][0]), augment_config(cfg),
+                           torch.device("cpu"), amp="off"), ds.splits["val"][1]) == pytest.approx(
+        facts["val_accuracy"])
+    with pytest.raises(B.BundleError, match="tta must be one of"):
+        B.export_bundle(str(wd / "run_dnnrl"), ds, str(tmp_path / "bad.pt"), device="cpu", tta="ten")

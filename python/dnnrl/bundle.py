@@ -209,7 +209,8 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
                  gallery_per_class: Optional[int] = None, half: bool = True,
                  device: Union[str, torch.device] = "auto", batch_size: int = 512, seed: int = 0,
                  sweep_dims: Sequence[int] = (), meta: Optional[dict] = None,
-                 cache_dir: Optional[str] = None, backend: str = "auto") -> Tuple[dict, dict]:
+                 cache_dir: Optional[str] = None, backend: str = "auto",
+                 tta: Optional[str] = None) -> Tuple[dict, dict]:
     """Make a bundle in memory from a trained checkpoint and its data.
 
     Args:
@@ -223,6 +224,8 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
         meta: extra facts stored in bundle["meta"] (e.g. the training command).
         backend: dnnrl_ext backend ("auto": the compiled kernels, else the reference
             with a warning; "reference").
+        tta: test-time averaging of the bundle ("none", "flip", "crops"; None: the
+            run's): the gallery is embedded with it and predictions use it.
     Returns:
         (bundle dict, facts dict of measured numbers).
     """
@@ -230,6 +233,11 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
     from .train import augment_config
     t0 = time.time()
     ck_path, cfg, class_names, state = load_checkpoint(checkpoint)
+    if tta is not None:
+        from .config import TTA_MODES
+        if tta not in TTA_MODES:
+            raise BundleError("tta must be one of %s, got %r" % (", ".join(TTA_MODES), tta))
+        cfg.tta = tta
     splits, source, data_names = _load_data(data, cache_dir)
     if "train" not in splits:
         raise BundleError("the data %s has no training split to use as the k-NN gallery" % source)
@@ -352,7 +360,8 @@ def save_bundle(bundle: dict, path: str) -> int:
 def export_bundle(checkpoint: str, data, out_path: str, k_max: int = 50, gallery_dim: Optional[int] = None,
                   gallery_per_class: Optional[int] = None, device: Union[str, torch.device] = "auto",
                   batch_size: int = 512, seed: int = 0, sweep_dims: Sequence[int] = (),
-                  meta: Optional[dict] = None, cache_dir: Optional[str] = None, backend: str = "auto") -> dict:
+                  meta: Optional[dict] = None, cache_dir: Optional[str] = None, backend: str = "auto",
+                  tta: Optional[str] = None) -> dict:
     """Build a float16 bundle (see the module docstring) and write it to ``out_path``.
 
     Returns the measured facts: k, val_accuracy (stored gallery), val_accuracy_float32 /
@@ -362,7 +371,7 @@ def export_bundle(checkpoint: str, data, out_path: str, k_max: int = 50, gallery
     bundle, facts = build_bundle(checkpoint, data, k_max=k_max, gallery_dim=gallery_dim,
                                  gallery_per_class=gallery_per_class, half=True, device=device,
                                  batch_size=batch_size, seed=seed, sweep_dims=sweep_dims, meta=meta,
-                                 cache_dir=cache_dir, backend=backend)
+                                 cache_dir=cache_dir, backend=backend, tta=tta)
     size = save_bundle(bundle, out_path)
     facts.update({"out": out_path, "file_bytes": size, "file_mb": size / 2 ** 20,
                   "under_ship_limit": size / 2 ** 20 < SHIP_LIMIT_MB})

@@ -28,6 +28,7 @@ import torch
 from . import faces as F
 from .bundle import (FORMAT, BundleError, build_bundle, bundle_from_dict, default_bundle_path,
                      export_bundle)
+from .config import TTA_MODES
 from .data import IMAGE_EXTS
 
 log = logging.getLogger("dnnrl")
@@ -556,6 +557,9 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
                    help="keep at most this many gallery images per class (seeded random subset)")
     p.add_argument("--sweep-dims", default="", help="also report val accuracy for these PCA dims, e.g. 32,64,128")
     p.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
+    p.add_argument("--tta", default=None, choices=TTA_MODES,
+                   help="test-time averaging stored in the bundle: the gallery is embedded with it and "
+                        "predictions use it (default: the run's setting)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
                    help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
@@ -580,7 +584,7 @@ def run_export(args) -> int:
                               gallery_dim=args.gallery_dim, gallery_per_class=args.gallery_per_class,
                               device=args.device, batch_size=args.batch_size, seed=args.seed, sweep_dims=dims,
                               meta={"note": args.note} if args.note else None, cache_dir=args.cache_dir,
-                              backend=args.backend)
+                              backend=args.backend, tta=args.tta)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print("dnnrl export: %s" % exc, file=sys.stderr)
         return 2
