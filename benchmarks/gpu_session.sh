@@ -76,7 +76,7 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
     export_limit=$(( DEADLINE - ($(date +%s) - t0) - 25 )); [ "$export_limit" -gt ${EXPORT_TIMEOUT:-90} ] && export_limit=${EXPORT_TIMEOUT:-90}
     if [ -f "$WORK/table2/dnnrl/results.json" ] && [ "$export_limit" -ge 15 ]; then
       timeout $export_limit python3 -m dnnrl export --checkpoint "$WORK/table2/dnnrl" --data "$FER_ARCHIVE" \
-        --out "$WORK/dnnrl_bundle.pt" --gallery-dim ${GALLERY_DIM:-96} --sweep-dims 64,128 \
+        --out "$WORK/dnnrl_bundle.pt" --gallery-dim ${GALLERY_DIM:-auto} --sweep-dims 64,96,128 \
         --note "dnnrl reproduce --data fer2013.tar.xz --jobs 3 --time-budget $BUDGET $FLAGS (benchmarks/gpu_session.sh, commit ${DNNRL_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
         > "$WORK/export.log" 2>&1
       echo "export exit $?" >> "$WORK/export.log"

@@ -170,3 +170,39 @@ def test_export_tta_is_stored_and_used(setup, tmp_path):
         facts["val_accuracy"])
     with pytest.raises(B.BundleError, match="tta must be one of"):
         B.export_bundle(str(wd / "run_dnnrl"), ds, str(tmp_path / "bad.pt"), device="cpu", tta="ten")
+
+
+def test_export_gallery_dim_auto_fills_the_ship_limit(setup, tmp_path, monkeypatch):
+    wd, ds, _, _ = setup
+    rng = np.random.default_rng(0)
+    data = {"train": (rng.integers(0, 256, (600, 48, 48), dtype=np.uint8), np.arange(600) % 7),
+            "val": ds.splits["val"]}
+    full = str(tmp_path / "full.pt")
+    B.export_bundle(str(wd / "run_dnnrl"), data, full, k_max=5, device="cpu", gallery_dim="auto")
+    raw = torch.load(full, weights_only=False)
+    assert raw["projection"] is None and raw["gallery"].shape == (600, 512)  # fits: no PCA
+    limit = os.path.getsize(full) - 250_000
+    monkeypatch.setattr(B, "SHIP_LIMIT_BYTES", limit)
+    path = str(tmp_path / "auto.pt")
+    facts = B.export_bundle(str(wd / "run_dnnrl"), data, path, k_max=5, device="cpu", gallery_dim="auto")
+    d = facts["gallery_dim"]
+    assert torch.load(path, weights_only=False)["gallery"].shape == (600, d) and 1 <= d < 512
+    size = os.path.getsize(path)
+    per_dim = 2 * 600 + 4 * 512
+    assert limit - 64 * 1024 - 2 * per_dim < size < limit  # the most dims that fit, within the slack
+    with pytest.raises(B.BundleError, match="gallery_dim"):
+        B.export_bundle(str(wd / "run_dnnrl"), data, path, device="cpu", gallery_dim="many")
+    monkeypatch.setattr(B, "SHIP_LIMIT_BYTES", 1000)
+    with pytest.raises(B.BundleError, match="no room"):
+        B.export_bundle(str(wd / "run_dnnrl"), data, path, device="cpu", gallery_dim="auto")
+
+
+def test_export_cli_gallery_dim_argument():
+    from dnnrl.cli import build_parser
+    ap = build_parser()
+    base = ["export", "--checkpoint", "r", "--data", "d", "--out", "o"]
+    assert ap.parse_args(base + ["--gallery-dim", "auto"]).gallery_dim == "auto"
+    assert ap.parse_args(base + ["--gallery-dim", "96"]).gallery_dim == 96
+    for bad in ("0", "-3", "ninety"):
+        with pytest.raises(SystemExit):
+            ap.parse_args(base + ["--gallery-dim", bad])

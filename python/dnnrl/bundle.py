@@ -45,6 +45,8 @@ FORMAT = "dnnrl-bundle-1"
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_BUNDLE = os.path.join(ASSETS, "dnnrl_fer2013.pt")
 SHIP_LIMIT_MB = 12.0
+# what "auto" aims under: 12 MB in decimal megabytes, the stricter reading of issue 5's limit
+SHIP_LIMIT_BYTES = 12e6
 
 
 class BundleError(ValueError):
@@ -205,7 +207,26 @@ def is_bundle_file(path: str) -> bool:
 
 
 # --------------------------------------------------------------------------- build / export
-def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[int] = None,
+def _auto_gallery_dim(state: Dict[str, Tensor], rows: int, dim: int, limit_bytes: float) -> Optional[int]:
+    """The largest PCA dimension whose bundle file stays under ``limit_bytes`` (None: the
+    full float16 gallery fits). The file is ~ base + d (2 rows + 4 dim) bytes (float16
+    gallery rows, float32 PCA components); base is measured by saving the weights and
+    labels, plus 64 KB of slack for torch.save's per-tensor records and the meta."""
+    import io
+    buf = io.BytesIO()
+    torch.save({"model": _half_state(state), "labels": torch.zeros(rows, dtype=torch.uint8),
+                "mean": torch.zeros(dim)}, buf)
+    base = buf.tell() + 64 * 1024
+    if base + 2 * rows * dim <= limit_bytes:
+        return None
+    d = int((limit_bytes - base) // (2 * rows + 4 * dim))
+    if d < 1:
+        raise BundleError("the weights alone (%.1f MB) leave no room for a gallery under %.1f MB"
+                          % (base / 2 ** 20, limit_bytes / 2 ** 20))
+    return min(d, dim)
+
+
+def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[Union[int, str]] = None,
                  gallery_per_class: Optional[int] = None, half: bool = True,
                  device: Union[str, torch.device] = "auto", batch_size: int = 512, seed: int = 0,
                  sweep_dims: Sequence[int] = (), meta: Optional[dict] = None,
@@ -217,7 +238,8 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
         checkpoint: a run directory or best.pt / checkpoint.pt.
         data: the training data (path, Dataset or {split: (images, labels)}); needs
             "train" (the gallery); "val" chooses k (else k = 1... k_max is not tried).
-        gallery_dim: PCA dimension d of the stored gallery (None: the full embedding).
+        gallery_dim: PCA dimension d of the stored gallery (None: the full embedding;
+            "auto": the largest d whose file stays under the ship limit, SHIP_LIMIT_MB).
         gallery_per_class: keep at most this many gallery rows per class (None: all).
         half: store weights and gallery in float16 (the shipped format).
         sweep_dims: also measure val accuracy of these PCA dims (facts["pca_sweep"]).
@@ -259,6 +281,11 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[i
     gal32 = emb(np.asarray(xtr)[keep])
     ygal = torch.as_tensor(np.asarray(ytr)[keep]).long()
     t_embed = time.time() - t0
+    if gallery_dim == "auto":
+        gallery_dim = _auto_gallery_dim(state, int(gal32.shape[0]), int(gal32.shape[1]),
+                                        SHIP_LIMIT_BYTES)
+    elif gallery_dim is not None and (not isinstance(gallery_dim, int) or gallery_dim < 1):
+        raise BundleError("gallery_dim must be a positive integer, 'auto' or None, got %r" % (gallery_dim,))
     has_val = "val" in splits and len(splits["val"][1]) > 0
     facts = {"checkpoint": ck_path, "data": source, "gallery_rows": int(gal32.shape[0]),
              "gallery_rows_available": int(len(ytr)), "embed_dim": int(gal32.shape[1]),

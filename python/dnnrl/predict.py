@@ -14,6 +14,7 @@ are the vote shares of every expression among the k neighbours (they sum to 1);
 first, as dnnrl_ext.knn_vote). Folders are searched recursively and their faces
 embedded in batches across images; videos are read with OpenCV, every Nth frame.
 """
+import argparse
 import csv
 import json
 import logging
@@ -419,8 +420,6 @@ class _Annotator:
 
 # --------------------------------------------------------------------------- CLI
 def _help_formatter():
-    import argparse
-
     class Help(argparse.ArgumentDefaultsHelpFormatter):
         """Show a default only where it says something (not None / False / "")."""
 
@@ -541,6 +540,19 @@ def _jsonable(x):
     return str(x)
 
 
+def _gallery_dim(text: str):
+    """argparse type of --gallery-dim: a positive integer or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        d = int(text)
+    except ValueError:
+        d = 0
+    if d < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer or 'auto', got %r" % text)
+    return d
+
+
 def add_export_parser(subparsers) -> "argparse.ArgumentParser":
     """Add ``export`` to an argparse subparsers object; returns the sub-parser."""
     p = subparsers.add_parser(
@@ -551,8 +563,9 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--checkpoint", required=True, help="a `dnnrl train` run directory or best.pt / checkpoint.pt")
     p.add_argument("--data", required=True, help="the training data (CSV, folder or archive)")
     p.add_argument("--out", required=True, help="bundle file to write (.pt)")
-    p.add_argument("--gallery-dim", type=int, default=None,
-                   help="store the gallery in a PCA space of this many dims (default: full embedding)")
+    p.add_argument("--gallery-dim", type=_gallery_dim, default=None,
+                   help="store the gallery in a PCA space of this many dims, or 'auto': the most dims "
+                        "that keep the file under 12 MB (default: full embedding)")
     p.add_argument("--gallery-per-class", type=int, default=None,
                    help="keep at most this many gallery images per class (seeded random subset)")
     p.add_argument("--sweep-dims", default="", help="also report val accuracy for these PCA dims, e.g. 32,64,128")
