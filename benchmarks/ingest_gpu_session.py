@@ -149,12 +149,30 @@ def main(argv=None) -> int:
             print("--ship: the bundle is %.1f MB, over the %d MB limit" % (size / 1e6, SHIP_LIMIT // 10**6),
                   file=sys.stderr)
             return 1
+        problem = _not_shippable(bundle)
+        if problem:
+            print("--ship: %s" % problem, file=sys.stderr)
+            return 1
         os.makedirs(os.path.dirname(ASSET), exist_ok=True)
         shutil.copy(bundle, ASSET)
         print("\nshipped the bundle (%.1f MB) -> %s" % (size / 1e6, os.path.relpath(ASSET, ROOT)))
     elif os.path.exists(bundle):
         print("\na bundle came back (%.1f MB); --ship puts it in the package" % (os.path.getsize(bundle) / 1e6))
     return 0
+
+
+def _not_shippable(path):
+    """Why the bundle at ``path`` must not be packaged (issue 5; the checks of
+    tests/test_app_packaged_model.py), or None."""
+    import torch
+    meta = torch.load(path, map_location="cpu", weights_only=False).get("meta") or {}
+    acc, acc32 = meta.get("val_accuracy"), meta.get("val_accuracy_float32")
+    if acc is None or acc32 is None or meta.get("val_size") != 3589:
+        return "the bundle records no validation accuracy on the whole PublicTest split (3,589 images)"
+    if acc < acc32 - 0.003:
+        return ("the stored gallery scores %.2f %%, more than 0.3 points under the full gallery's %.2f %%: "
+                "export again with more --gallery-dim" % (100 * acc, 100 * acc32))
+    return None
 
 
 if __name__ == "__main__":
