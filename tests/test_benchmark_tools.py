@@ -1,0 +1,80 @@
+"""The helper scripts of benchmarks/: embedding_report.py (effective dimension, k-NN vs
+softmax head) and ingest_gpu_session.py's --ship checks."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dnnrl.config import Config
+from dnnrl.model import DNNRLNet
+from dnnrl.synthetic import make_synthetic
+from dnnrl.train import save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variance_shares_find_the_rank():
+    rep = _load("embedding_report")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g) @ torch.randn(3, 64, generator=g)  # rank 3 in 64 dims
+    share = rep.variance_shares(x)
+    assert share.shape == (64,) and share.sum() == pytest.approx(1.0)
+    assert np.all(np.diff(share) <= 1e-12) and share[2] > 1e-3 and share[3:].sum() < 1e-10
+    assert rep.variance_shares(torch.randn(400, 64, generator=g))[:10].sum() < 0.3  # full rank: spread
+
+
+def test_embedding_report_cli(tmp_path, capsys):
+    rep = _load("embedding_report")
+    ds = make_synthetic(8, 4, 0, seed=5)
+    path = tmp_path / "d.csv"
+    usage = {"train": "Training", "val": "PublicTest"}
+    with open(path, "w") as fh:
+        fh.write("emotion,pixels,Usage\n")
+        for s in ("train", "val"):
+            for img, lab in zip(*ds.splits[s]):
+                fh.write('%d,"%s",%s\n' % (lab, " ".join(map(str, img.ravel())), usage[s]))
+    torch.manual_seed(0)
+    cfg = Config(image_size=32, width=0.125, method="dnnrl", preset="cpu", out=str(tmp_path / "run"))
+    os.makedirs(cfg.out)
+    save_model(os.path.join(cfg.out, "best.pt"), DNNRLNet(num_classes=7, width=cfg.width).eval(), cfg,
+               list(ds.class_names), {"epoch": 1, "val_loss": 1.0})
+    out = tmp_path / "r.json"
+    assert rep.main([cfg.out, "--data", str(path), "--knn", "--k-max", "5", "--out", str(out)]) == 0
+    r = json.load(open(out))[0]
+    assert r["method"] == "dnnrl" and 1 <= r["dims_99"] <= r["dims_999"] <= 28  # 28 val rows: rank <= 27
+    assert 1 <= r["k"] <= 5 and 0 <= r["knn_accuracy"] <= 1 and 0 <= r["knn_head_agreement"] <= 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == r
+
+
+def _bundle_file(path, meta):
+    torch.save({"format": "dnnrl-bundle-1", "meta": meta}, path)
+    return str(path)
+
+
+def test_ingest_refuses_bundles_that_break_the_rules(tmp_path, monkeypatch):
+    ing = _load("ingest_gpu_session")
+    good = {"val_accuracy": 0.712, "val_accuracy_float32": 0.714, "val_size": 3589}
+    assert ing._not_shippable(_bundle_file(tmp_path / "a.pt", good)) is None
+    lossy = dict(good, val_accuracy=0.709)
+    assert "0.3 points" in ing._not_shippable(_bundle_file(tmp_path / "b.pt", lossy))
+    subset = dict(good, val_size=1000)
+    assert "3,589" in ing._not_shippable(_bundle_file(tmp_path / "c.pt", subset))
+    # --ship end to end, into a scratch results folder and asset path
+    src = tmp_path / "files"
+    src.mkdir()
+    monkeypatch.setattr(ing, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(ing, "ASSET", str(tmp_path / "assets" / "m.pt"))
+    _bundle_file(src / "dnnrl_bundle.pt", lossy)
+    assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 1 and not os.path.exists(ing.ASSET)
+    _bundle_file(src / "dnnrl_bundle.pt", good)
+    assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 0 and os.path.exists(ing.ASSET)
