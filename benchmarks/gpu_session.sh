@@ -13,7 +13,7 @@
 # Environment: FER_BUDGET (training seconds per run, 240), FER_FLAGS (the recipe, below),
 # DEADLINE (570: seconds after which nothing new starts; the benchmarks shrink to fit),
 # SKIP_FER=1, SKIP_EXTRA=1 (no fourth run; EXTRA_NAME / EXTRA_FLAGS choose it),
-# SKIP_CHECKS=1 (no tests / sanitizers),
+# SKIP_CHECKS=1 (no tests / sanitizers), REPORT_DEVICE (embedding_report.py, cuda),
 # SKIP_BENCH=1.
 # OUTDIR gets at most 8 files: session.log, bench_gpu.json, fer_runs.tar.gz,
 # dnnrl_bundle.pt, logs.tar.gz (everything else).
@@ -107,6 +107,13 @@ if [ -n "$fer_pid" ]; then
   tail -n 12 "$WORK/reproduce.log"; grep -E "val accuracy|finished" "$WORK/extra.log" 2>/dev/null | tail -n 2
   tail -n 3 "$WORK/export.log" 2>/dev/null
   mkdir -p "$WORK/fer"
+  # how many dimensions the embeddings use (weight decay collapsed them onto the 6 of the
+  # class means at CPU scale: docs/app.md, fifth CPU study); seconds on the card
+  runs=$(ls -d "$WORK"/table2/*/ "$WORK"/extra/*/ 2>/dev/null | while read -r d; do [ -f "$d/best.pt" ] && echo "$d"; done)
+  if [ -n "$runs" ] && [ "$(( DEADLINE - ($(date +%s) - t0) ))" -gt 120 ]; then
+    timeout 60 python3 benchmarks/embedding_report.py $runs --data "$FER_ARCHIVE" --device "${REPORT_DEVICE:-cuda}" \
+      --out "$WORK/fer/embedding_report.json" 2>&1 | tail -n 6
+  fi
   for d in "$WORK/table2" "$WORK/extra"; do
     [ -d "$d" ] && (cd "$(dirname "$d")" && find "$(basename "$d")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
       -o -name '*.png' -o -name 'run.log' \) -print0 | xargs -0 -r cp --parents -t "$WORK/fer")

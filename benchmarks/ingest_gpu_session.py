@@ -129,6 +129,12 @@ def main(argv=None) -> int:
         if os.path.exists(table):
             with open(table) as f:
                 print("\n" + f.read())
+        report = os.path.join(fer_dir, "embedding_report.json")
+        if os.path.exists(report):
+            with open(report) as f:
+                for r in json.load(f):
+                    print("embeddings of %s: %d / %d PCA dims hold 99 / 99.9 %% of the variance; top shares %s"
+                          % (r["run"].rstrip("/").split("/")[-1], r["dims_99"], r["dims_999"], r["top_shares"][:8]))
         for extra in sorted(os.listdir(os.path.join(fer_dir, "extra"))) if os.path.isdir(
                 os.path.join(fer_dir, "extra")) else []:
             res = os.path.join(fer_dir, "extra", extra, "results.json")
