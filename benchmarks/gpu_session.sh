@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 FER_ARCHIVE=${FER_ARCHIVE:-.carry/fer2013.tar.xz}
 BUDGET=${FER_BUDGET:-240}
-EXTRA_NAME=${EXTRA_NAME:-dnnrl_plateau}
+EXTRA_NAME=${EXTRA_NAME:-dnn_wd0.001}
 DEADLINE=${DEADLINE:-570}  # seconds: the benchmarks shrink or give way so the call ends by then
 source benchmarks/gpu_common.sh
 machine_and_wheels
@@ -63,9 +63,10 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   # CPU), annealed by a cosine over the time budget: at 40 CPU epochs (about what the
   # budget holds here) the cosine beat the paper's plateau protocol by 4 points at k = 10,
   # and that protocol's 10 % rule cut the softmax run's lr at epoch 4 on one noisy
-  # validation loss at lr 0.05; weight decay 1e-3 (5e-4 -> 1e-3: +0.8 points for DNNRL,
-  # +1.1 for DNN on the CPU)
-  FLAGS=${FER_FLAGS:-"--schedule cosine --flip on --tta crops --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.05 --weight-decay 0.001 --max-epochs 400"}
+  # validation loss at lr 0.05; weight decay 2e-3, the best of 1e-4 .. 4e-3 for DNNRL on
+  # the CPU (62.5 / 63.0 % with two seeds; 1e-3: 62.4 %), where it also collapses the
+  # embeddings onto the 6 dimensions of the class means (fifth CPU study)
+  FLAGS=${FER_FLAGS:-"--schedule cosine --flip on --tta crops --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.05 --weight-decay 0.002 --max-epochs 400"}
   # hard limits so that even overrunning runs leave time to pack before DEADLINE
   run_limit=$(( DEADLINE - ($(date +%s) - t0) - 110 )); [ "$run_limit" -gt $((BUDGET + 150)) ] && run_limit=$((BUDGET + 150))
   [ "$run_limit" -lt 60 ] && run_limit=60
@@ -84,11 +85,13 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   ) &
   fer_pid=$!
   if [ "${SKIP_EXTRA:-0}" != 1 ]; then
-    # a fourth run beside them, same time budget. Default: DNNRL with the same recipe under
-    # the paper's own plateau protocol (lr / 10 on a 10 % rise of the validation loss), to
-    # measure what the cosine changes at full scale. EXTRA_FLAGS="--method dnnrl" gives the
-    # dnnrl train defaults instead (the pure exp loss, no flips).
-    EXTRA_FLAGS=${EXTRA_FLAGS:-"--method dnnrl ${FLAGS/--schedule cosine/--schedule plateau}"}
+    # a fourth run beside them, same time budget. Default: the fairness control, DNN at
+    # the weight decay that was best for it on the CPU (1e-3: 62.3 % against 61.4 % at 2e-3),
+    # so that DNNRL is not compared only with a baseline at DNNRL's own best setting.
+    # EXTRA_NAME=dnnrl_plateau EXTRA_FLAGS="--method dnnrl ${FLAGS/--schedule cosine/--schedule plateau}"
+    # measures the paper's plateau protocol instead; EXTRA_FLAGS="--method dnnrl" the dnnrl
+    # train defaults (the pure exp loss, no flips).
+    EXTRA_FLAGS=${EXTRA_FLAGS:-"--method dnn ${FLAGS/--weight-decay 0.002/--weight-decay 0.001}"}
     timeout $run_limit python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" \
       --no-progress --time-budget "$BUDGET" $EXTRA_FLAGS $BACKEND_FLAG > "$WORK/extra.log" 2>&1 &
     lit_pid=$!
