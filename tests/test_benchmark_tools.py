@@ -69,6 +69,10 @@ def test_ingest_refuses_bundles_that_break_the_rules(tmp_path, monkeypatch):
     assert "0.3 points" in ing._not_shippable(_bundle_file(tmp_path / "b.pt", lossy))
     subset = dict(good, val_size=1000)
     assert "3,589" in ing._not_shippable(_bundle_file(tmp_path / "c.pt", subset))
+    from dnnrl import bundle as B
+    monkeypatch.setattr(B, "SHIP_LIMIT_BYTES", 100)  # the limit is the package's own
+    assert "over the" in ing._not_shippable(str(tmp_path / "a.pt"))
+    monkeypatch.undo()
     # --ship end to end, into a scratch results folder and asset path
     src = tmp_path / "files"
     src.mkdir()

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dnnrl_ext import KNNClassifier, knn_vote
 
-from .config import Config
+from .config import TTA_MODES, Config
 
 log = logging.getLogger("dnnrl")
 
@@ -239,7 +239,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
         data: the training data (path, Dataset or {split: (images, labels)}); needs
             "train" (the gallery); "val" chooses k (else k = 1... k_max is not tried).
         gallery_dim: PCA dimension d of the stored gallery (None: the full embedding;
-            "auto": the largest d whose file stays under the ship limit, SHIP_LIMIT_MB).
+            "auto": the largest d whose file stays under the ship limit, SHIP_LIMIT_BYTES).
         gallery_per_class: keep at most this many gallery rows per class (None: all).
         half: store weights and gallery in float16 (the shipped format).
         sweep_dims: also measure val accuracy of these PCA dims (facts["pca_sweep"]).
@@ -256,7 +256,6 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
     t0 = time.time()
     ck_path, cfg, class_names, state = load_checkpoint(checkpoint)
     if tta is not None:
-        from .config import TTA_MODES
         if tta not in TTA_MODES:
             raise BundleError("tta must be one of %s, got %r" % (", ".join(TTA_MODES), tta))
         cfg.tta = tta
