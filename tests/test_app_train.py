@@ -29,7 +29,7 @@ def test_tiny_run_writes_results(tmp_path, method):
     res = train(_cfg(tmp_path / method, method=method))
     run = tmp_path / method
     for f in ("results.json", "config.json", "log.jsonl", "checkpoint.pt", "best.pt", "report.md",
-              "confusion_test.png", "confusion_test.json", "confusion_val.json"):
+              "confusion_test.png", "confusion_test.json", "confusion_val.json", "curves.png"):
         assert (run / f).exists(), f
     saved = json.load(open(run / "results.json"))
     assert set(("val_accuracy", "test_accuracy", "k")) <= set(saved)
@@ -76,8 +76,12 @@ def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
 
 
 def test_cli_help_each_command():
-    for cmd in (["--help"], ["train", "--help"], ["eval", "--help"], ["embed", "--help"],
-                ["predict", "--help"], ["export", "--help"], ["reproduce", "--help"]):
+    import argparse
+    from dnnrl.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = sorted(sub.choices)
+    assert {"train", "eval", "embed", "predict", "export", "reproduce", "plot"} <= set(commands)
+    for cmd in [["--help"]] + [[c, "--help"] for c in commands]:
         out = subprocess.run([sys.executable, "-m", "dnnrl"] + cmd, capture_output=True, text=True,
                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(
                                  [os.path.join(ROOT, "python"), ROOT, os.environ.get("PYTHONPATH", "")])))

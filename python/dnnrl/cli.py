@@ -174,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(m)
     m.add_argument("--out", default="embeddings.npz", help="output file: .npz (numpy) or .pt (torch)")
     _add_runtime_args(m)
+    c = sub.add_parser("plot", help="training curves of runs (loss, validation accuracy, lr) as a PNG",
+                       formatter_class=fmt, description=(
+                           "Draws the training curves of one run or several overlaid (run directories or "
+                           "their log.jsonl files): training and validation loss, validation accuracy "
+                           "(softmax head or k-NN monitor), learning rate, each run's best epoch marked. "
+                           "Training writes the same plot as curves.png in its run directory."))
+    c.add_argument("runs", nargs="+", help="run directories or log.jsonl files")
+    c.add_argument("--out", default=None,
+                   help="PNG to write (default: curves.png in the run directory when one run directory "
+                        "is given; required otherwise)")
+    c.add_argument("--label", action="append", default=None,
+                   help="legend name of each run, in order (repeat once per run; default: directory names)")
+    c.add_argument("--title", default=None, help="figure title")
     from .predict import add_export_parser, add_predict_parser
     add_predict_parser(sub)
     add_export_parser(sub)
@@ -313,6 +326,17 @@ def _embed(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from .curves import plot_run_dirs
+    out = args.out
+    if out is None:
+        if len(args.runs) != 1 or not os.path.isdir(args.runs[0]):
+            raise ValueError("--out is required unless a single run directory is given")
+        out = os.path.join(args.runs[0], "curves.png")
+    print(plot_run_dirs(args.runs, out, labels=args.label, title=args.title))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -331,7 +355,7 @@ def _run(args) -> int:
     if args.command in ("predict", "export"):
         from .predict import run_export, run_predict
         return run_predict(args) if args.command == "predict" else run_export(args)
-    return {"train": _train, "eval": _eval, "embed": _embed}[args.command](args)
+    return {"train": _train, "eval": _eval, "embed": _embed, "plot": _plot}[args.command](args)
 
 
 if __name__ == "__main__":

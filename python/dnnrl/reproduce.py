@@ -134,6 +134,21 @@ def _train_job(job) -> float:
     return time.time() - t0
 
 
+def _write_curves(out: str, methods: List[str]) -> Optional[str]:
+    """curves.png: the methods' training curves overlaid (dnnrl.curves); None where no
+    method has a log or the plot fails (a warning: the table matters more)."""
+    from .curves import plot_run_dirs
+    runs = [m for m in methods if os.path.exists(os.path.join(out, m, "log.jsonl"))]
+    if not runs:
+        return None
+    try:
+        return plot_run_dirs([os.path.join(out, m) for m in runs], os.path.join(out, "curves.png"),
+                             labels=[NAMES[m].split(" (")[0] for m in runs], title="Table 2 runs")
+    except Exception as exc:  # noqa: BLE001 - the table is written whatever happens to the plot
+        print("warning: could not draw %s: %s" % (os.path.join(out, "curves.png"), exc), flush=True)
+        return None
+
+
 def run_reproduce(args) -> int:
     from .config import resolve
     methods = [m for m in METHOD_ORDER if m in (args.method or METHOD_ORDER)]
@@ -173,11 +188,13 @@ def run_reproduce(args) -> int:
         with open(results_path) as f:
             rows.append(_row(method, json.load(f), wall, run_cfg))
     table = format_table(rows)
+    curves = _write_curves(args.out, methods)
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump({"rows": rows, "paper": PAPER_TEST_ACCURACY}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("# Table 2, reproduced\n\nFER-2013 test accuracy of the paper (Guo et al., 2016, Table 2) "
                 "beside ours. Validation = PublicTest; test = PrivateTest where the data has it.\n\n"
-                + table + "\n")
+                + table + "\n"
+                + ("\nTraining curves: ![curves](curves.png)\n" if curves else ""))
     print(table, flush=True)
     return 0

@@ -647,6 +647,18 @@ class Trainer:
                               batch_size=self.cfg.eval_batch_size, extra=extra, dist=self.dist)
 
 
+def write_curves(run_dir: str) -> Optional[str]:
+    """curves.png from the run's log.jsonl (dnnrl.curves); a failed plot is a warning,
+    never the end of a run that has results to write."""
+    from .curves import plot_run_dirs
+    try:
+        return plot_run_dirs([run_dir], os.path.join(run_dir, "curves.png"), title=os.path.basename(
+            os.path.abspath(run_dir)))
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the run
+        log.warning("could not draw %s: %s", os.path.join(run_dir, "curves.png"), exc)
+        return None
+
+
 def _cosine(hi: float, lo: float, progress: float) -> float:
     """hi at progress 0 down to lo at progress 1 along half a cosine."""
     return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
@@ -695,6 +707,8 @@ def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int]) -> Optiona
         log.info("distributed: %d processes (%s), mining scope %s, global batch %d",
                  ctx.world_size, torch.distributed.get_backend(), cfg.mining_scope, cfg.batch_size)
     trainer.fit(stop_after=stop_after)
+    if ctx.is_main:
+        write_curves(cfg.out)
     if not trainer.finished():
         return None
     results = trainer.evaluate()
