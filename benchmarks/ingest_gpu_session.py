@@ -140,9 +140,12 @@ def main(argv=None) -> int:
             if os.path.exists(res):
                 with open(res) as f:
                     r = json.load(f)
-                print("extra run %s: val accuracy %.2f %%, k %s, %s epochs, stopped by %s" % (
-                    extra, 100 * r["val_accuracy"], r.get("k"), r["training"].get("epochs"),
-                    r["training"].get("stopped_by")))
+                ph = r["training"].get("phases") or {}
+                print("extra run %s: val accuracy %.2f %%, k %s, %s epochs, stopped by %s, %.0f images/s; "
+                      "seconds per phase %s" % (
+                          extra, 100 * r["val_accuracy"], r.get("k"), r["training"].get("epochs"),
+                          r["training"].get("stopped_by"), r["training"].get("images_per_s") or 0,
+                          ", ".join("%s %.1f" % (k[:-2], v) for k, v in ph.items()) or "-"))
 
     bundle = os.path.join(src, "dnnrl_bundle.pt")
     if args.ship:

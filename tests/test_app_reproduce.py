@@ -20,6 +20,14 @@ def test_reproduce_writes_table_and_skips_finished_methods(tmp_path, capsys):
         assert r["paper_test_accuracy"] == {"dnn": 0.6922, "dnnrl": 0.7060}[r["method"]]
     md = open(os.path.join(out, "table.md")).read()
     assert "DNNRL" in md and "70.60 %" in md
+    from dnnrl.reproduce import _secs
+    for r in table["rows"]:  # the seconds per phase and the device, as the run recorded them
+        res = json.load(open(os.path.join(out, r["method"], "results.json")))
+        assert r["phases"] == res["training"]["phases"] and r["device_name"] == res["training"]["device_name"]
+        ph = r["phases"]
+        row = "| %s | %s | %s |" % ({"dnn": "DNN", "dnnrl": "DNNRL"}[r["method"]], r["device_name"], " | ".join(
+            _secs(ph[k]) for k in ("setup_s", "train_s", "validate_s", "evaluate_s", "total_s")))
+        assert row in md
     stamp = os.path.getmtime(os.path.join(out, "dnn", "results.json"))
     capsys.readouterr()
     assert main(["reproduce", "--out", out, "--method", "dnn"] + TINY) == 0

@@ -464,3 +464,23 @@ def test_cli_resume_keeps_the_run_length_and_writes_where_resumed(tmp_path):
     # an explicit --max-epochs extends the run
     assert cli_main(argv + ["--max-epochs", "4"]) == 0
     assert [json.loads(x)["epoch"] for x in open(moved / "log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_results_record_the_device_and_seconds_per_phase(tmp_path):
+    """results.json: the device's name and the seconds of every phase, the training and
+    validation ones summed over all epochs (also across a resume)."""
+    from dnnrl.runtime import device_name
+    cfg = _cfg(tmp_path / "ph", max_epochs=3, method="dnnrl")
+    assert train(cfg, stop_after=1) is None
+    train(_cfg(tmp_path / "ph", max_epochs=3, method="dnnrl"), resume=True)
+    tr = json.load(open(tmp_path / "ph" / "results.json"))["training"]
+    log = [json.loads(x) for x in open(tmp_path / "ph" / "log.jsonl")]
+    ph = tr["phases"]
+    assert list(ph) == ["setup_s", "train_s", "validate_s", "evaluate_s", "total_s"]
+    assert ph["train_s"] == pytest.approx(sum(r["train_seconds"] for r in log))
+    assert ph["validate_s"] == pytest.approx(sum(r["epoch_seconds"] - r["train_seconds"] for r in log))
+    assert all(v > 0 for v in ph.values())
+    assert ph["total_s"] == pytest.approx(ph["setup_s"] + ph["train_s"] + ph["validate_s"] + ph["evaluate_s"])
+    assert tr["device_name"] == device_name(torch.device("cpu"))
+    report = open(tmp_path / "ph" / "report.md").read()
+    assert "Seconds per phase: setup " in report and "evaluate %.1f" % ph["evaluate_s"] in report

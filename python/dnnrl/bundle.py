@@ -24,7 +24,6 @@ accuracy, and :func:`export_bundle` measures that trade on the validation split
 """
 import logging
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -102,12 +101,6 @@ def _git_commit() -> Optional[str]:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu (%s, %d threads)" % (platform.processor() or platform.machine(), torch.get_num_threads())
 
 
 def fit_pca(x: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
@@ -251,7 +244,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
     Returns:
         (bundle dict, facts dict of measured numbers).
     """
-    from .runtime import embed, pick_device, resolve_backend
+    from .runtime import device_name, embed, pick_device, resolve_backend
     from .train import augment_config
     t0 = time.time()
     ck_path, cfg, class_names, state = load_checkpoint(checkpoint)
@@ -289,7 +282,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
     facts = {"checkpoint": ck_path, "data": source, "gallery_rows": int(gal32.shape[0]),
              "gallery_rows_available": int(len(ytr)), "embed_dim": int(gal32.shape[1]),
              "gallery_dim": int(gallery_dim or gal32.shape[1]), "gallery_per_class": gallery_per_class,
-             "device": _device_name(dev)}
+             "device": device_name(dev)}
     if has_val:
         xv, yv = splits["val"]
         val = emb(np.asarray(xv))

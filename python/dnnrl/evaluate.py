@@ -209,6 +209,11 @@ def write_report(results: Dict[str, object], path: str) -> None:
                   % (tr.get("epochs"), tr.get("best_epoch"),
                      "val k-NN error" if tr.get("select_by") == "val_knn" else "val loss",
                      tr.get("best_metric") if tr.get("best_metric") is not None else float("nan"),
-                     tr.get("seconds", 0), tr.get("images_per_s", 0))]
+                     tr.get("seconds", 0), tr.get("images_per_s", 0))
+                  + (" on %s" % tr["device_name"] if tr.get("device_name") else "")]
+        ph = tr.get("phases")
+        if ph:
+            lines += ["", "Seconds per phase: " + ", ".join(
+                "%s %.1f" % (k[:-2], v) for k, v in ph.items() if isinstance(v, (int, float)))]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -1,6 +1,7 @@
 """Device, backend, precision and data placement helpers shared by train / eval / embed."""
 import contextlib
 import logging
+import platform
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -48,6 +49,13 @@ def amp_context(mode: str, device: torch.device):
     if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def device_name(device: torch.device) -> str:
+    """What ran the work, for the records: the card's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu (%s, %d threads)" % (platform.processor() or platform.machine(), torch.get_num_threads())
 
 
 def use_channels_last(mode, device: torch.device) -> bool:

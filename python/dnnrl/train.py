@@ -38,10 +38,10 @@ from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_lo
 
 from . import distributed
 from .config import Config
-from .evaluate import evaluate_model
+from .evaluate import evaluate_model, write_report
 from .model import DNNRLNet
 from .runtime import (amp_context, embed, load_data, pick_device, place_data, resolve_backend,
-                      seed_everything, use_channels_last)
+                      device_name, seed_everything, use_channels_last)
 from .samplers import make_sampler
 from .transforms import AugmentConfig, augment, evaluate_transform
 from dnnrl_ext.knn import accuracy_per_k
@@ -240,6 +240,7 @@ class Trainer:
     """Holds the run's state; ``fit()`` runs the protocol, ``evaluate()`` the final test."""
 
     def __init__(self, cfg: Config, resume: bool = False):
+        t_setup = time.time()
         self.cfg = cfg
         self.run_dir = cfg.out
         os.makedirs(self.run_dir, exist_ok=True)
@@ -296,6 +297,7 @@ class Trainer:
             self._load_checkpoint()
         elif self.dist.is_main:  # a fresh run in an old run directory must not append to the old log
             open(os.path.join(self.run_dir, "log.jsonl"), "w").close()
+        self.setup_seconds = time.time() - t_setup  # data loading and placement, model, resume
 
     # ------------------------------------------------------------------ setup helpers
     def _init_weights(self, path: str) -> None:
@@ -626,7 +628,23 @@ class Trainer:
                      rec["images_per_s"], rec["lr"], (" [%s]" % event) if event else "")
             done += 1
 
+    def phases(self) -> Dict[str, float]:
+        """Seconds per phase of the run: setup (this process: data, model, resume), training
+        steps and per-epoch validation (every epoch, also those before a resume), the
+        final evaluation once it ran, and their sum."""
+        train_s = sum(r.get("train_seconds", 0.0) for r in self.history)
+        validate_s = sum(max(r.get("epoch_seconds", 0.0) - r.get("train_seconds", 0.0), 0.0)
+                         for r in self.history)
+        out = {"setup_s": self.setup_seconds, "train_s": train_s, "validate_s": validate_s}
+        if getattr(self, "evaluate_seconds", None) is not None:
+            out["evaluate_s"] = self.evaluate_seconds
+        out["total_s"] = sum(out.values())
+        return out
+
     def evaluate(self) -> dict:
+        """The final evaluation (evaluate_model) of the best weights; results.json gets the
+        training facts, the device's name and the seconds of every phase."""
+        t_eval = time.time()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         epochs = self.history
@@ -638,13 +656,27 @@ class Trainer:
                               "wall_seconds": self._spent_seconds(),
                               "best_metric": None if math.isinf(self.best_val) else self.best_val,
                               "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
-                              "device": str(self.device), "backend": self.backend,
-                              "world_size": self.dist.world_size},
+                              "device": str(self.device), "device_name": device_name(self.device),
+                              "backend": self.backend, "world_size": self.dist.world_size},
                  "data": self.data_summary}
-        return evaluate_model(self.model, self.data, self.class_names, self.aug, self.device,
-                              self.cfg.method, self.backend, self.run_dir, k_max=self.cfg.k_max,
-                              amp=self.cfg.amp, channels_last=self.channels_last,
-                              batch_size=self.cfg.eval_batch_size, extra=extra, dist=self.dist)
+        results = evaluate_model(self.model, self.data, self.class_names, self.aug, self.device,
+                                 self.cfg.method, self.backend, self.run_dir, k_max=self.cfg.k_max,
+                                 amp=self.cfg.amp, channels_last=self.channels_last,
+                                 batch_size=self.cfg.eval_batch_size, extra=extra, dist=self.dist)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.evaluate_seconds = time.time() - t_eval
+        results["training"]["phases"] = self.phases()
+        if self.dist.is_main:  # results.json was written before the evaluation's time was known
+            rewrite_results(results, self.run_dir)
+        return results
+
+
+def rewrite_results(results: dict, run_dir: str) -> None:
+    """results.json and report.md of ``run_dir`` again, from ``results``."""
+    with open(os.path.join(run_dir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    write_report(results, os.path.join(run_dir, "report.md"))
 
 
 def write_curves(run_dir: str) -> Optional[str]:
