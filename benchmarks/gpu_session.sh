@@ -108,7 +108,7 @@ fi
 if [ -n "$fer_pid" ]; then
   step "waiting for the FER runs"
   wait $fer_pid $lit_pid  # (a bare `wait` would also wait for the tee of this log)
-  tail -n 12 "$WORK/reproduce.log"; grep -E "val accuracy|finished" "$WORK/extra.log" 2>/dev/null | tail -n 2
+  tail -n 20 "$WORK/reproduce.log"; grep -E "val accuracy|finished" "$WORK/extra.log" 2>/dev/null | tail -n 2
   tail -n 3 "$WORK/export.log" 2>/dev/null
   mkdir -p "$WORK/fer"
   # how many dimensions the embeddings use (weight decay collapsed them onto the 6 of the

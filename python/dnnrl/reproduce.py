@@ -221,5 +221,5 @@ def run_reproduce(args) -> int:
                 "validation; evaluate: the final gallery embedding, k choice and scoring):\n\n"
                 + format_phases(rows) + "\n"
                 + ("\nTraining curves: ![curves](curves.png)\n" if curves else ""))
-    print(table, flush=True)
+    print(table + "\n\n" + format_phases(rows), flush=True)
     return 0
