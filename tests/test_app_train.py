@@ -42,11 +42,14 @@ def test_tiny_run_writes_results(tmp_path, method):
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    full = train(_cfg(tmp_path / "full", max_epochs=3, method="dnnrl"))
-    cfg = _cfg(tmp_path / "cut", max_epochs=3, method="dnnrl")
+    # on the CPU, where every run of the same config is bitwise the same (cuDNN's
+    # algorithm choice and atomics make two GPU runs differ in the last bits)
+    kw = dict(max_epochs=3, method="dnnrl", device="cpu")
+    full = train(_cfg(tmp_path / "full", **kw))
+    cfg = _cfg(tmp_path / "cut", **kw)
     assert train(cfg, stop_after=1) is None            # "interrupted" after epoch 1
     assert not (tmp_path / "cut" / "results.json").exists()
-    resumed = train(_cfg(tmp_path / "cut", max_epochs=3, method="dnnrl"), resume=True)
+    resumed = train(_cfg(tmp_path / "cut", **kw), resume=True)
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     for k in a["model"]:
@@ -143,7 +146,7 @@ def test_random_triplets_are_valid_and_resume_exactly(tmp_path):
     assert a.tolist() == [0, 1, 2, 3, 4]
     assert bool((y[a] == y[p]).all()) and bool((a != p).all()) and bool((y[a] != y[n]).all())
     # the paper's literal sampling through the CLI option, interrupted and resumed
-    kw = dict(max_epochs=2, method="dnnrl", mining="random_triplets", sampler="random")
+    kw = dict(max_epochs=2, method="dnnrl", mining="random_triplets", sampler="random", device="cpu")
     train(_cfg(tmp_path / "full", **kw))
     assert train(_cfg(tmp_path / "cut", **kw), stop_after=1) is None
     train(_cfg(tmp_path / "cut", **kw), resume=True)
@@ -484,3 +487,20 @@ def test_results_record_the_device_and_seconds_per_phase(tmp_path):
     assert tr["device_name"] == device_name(torch.device("cpu"))
     report = open(tmp_path / "ph" / "report.md").read()
     assert "Seconds per phase: setup " in report and "evaluate %.1f" % ph["evaluate_s"] in report
+
+
+@pytest.mark.parametrize("mode, expected", [("on", True), ("off", False), ("auto", False)])
+def test_cudnn_benchmark_follows_the_option(tmp_path, monkeypatch, mode, expected):
+    """--cudnn-benchmark sets cuDNN's algorithm search for the run ("auto": on CUDA only;
+    these runs are on the CPU)."""
+    from dnnrl.train import Trainer
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)  # restored afterwards
+    Trainer(_cfg(tmp_path / mode, cudnn_benchmark=mode, device="cpu"))
+    assert torch.backends.cudnn.benchmark is expected
+
+
+def test_cudnn_benchmark_option_is_checked():
+    with pytest.raises(ValueError, match="cudnn_benchmark must be one of"):
+        resolve(dict(TINY, out="x", cudnn_benchmark="yes"))
+    from dnnrl.runtime import use_cudnn_benchmark
+    assert use_cudnn_benchmark("auto", torch.device("cuda")) and not use_cudnn_benchmark("auto", torch.device("cpu"))

@@ -82,3 +82,33 @@ def test_ingest_refuses_bundles_that_break_the_rules(tmp_path, monkeypatch):
     assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 1 and not os.path.exists(ing.ASSET)
     _bundle_file(src / "dnnrl_bundle.pt", good)
     assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 0 and os.path.exists(ing.ASSET)
+
+
+def test_bench_train_times_each_method_and_cudnn_setting(tmp_path, capsys):
+    """bench_train.py on the CPU with the synthetic set: a row per (method, setting), the
+    session recipe among the training options, ms/step = batch / (images/s)."""
+    bt = _load("bench_train")
+    out = tmp_path / "bt.json"
+    assert bt.main(["--method", "dnnrl", "--method", "dnn", "--batches", "2", "--repeats", "2", "--out", str(out),
+                    "--image-size", "32", "--width", "0.125", "--batch-size", "28", "--device", "cpu",
+                    "--seed", "3"]) == 0
+    res = json.load(open(out))
+    rows = res["rows"]
+    assert [(r["method"], r["cudnn_benchmark"]) for r in rows] == [
+        ("dnnrl", "on"), ("dnnrl", "off"), ("dnn", "on"), ("dnn", "off")]
+    for r in rows:
+        assert len(r["images_per_s_all"]) == 2 and all(v > 0 for v in r["images_per_s_all"])
+        assert r["images_per_s"] == pytest.approx(float(np.median(r["images_per_s_all"])))
+        assert r["ms_per_step"] == pytest.approx(1000 * 28 / r["images_per_s"])
+        assert (r["batch_size"], r["image_size"], r["steps_per_epoch"]) == (28, 32, 2)
+    assert res["train_options"][:8] == bt.RECIPE and "--seed" in res["train_options"]
+    assert res["device_name"].startswith("cpu")
+    assert "dnnrl  cudnn benchmark off batch 28" in capsys.readouterr().out
+
+
+def test_bench_train_rejects_bad_settings():
+    bt = _load("bench_train")
+    for argv in (["--cudnn", "maybe"], ["--batches", "0"], ["--cudnn", ","]):
+        with pytest.raises(SystemExit) as e:
+            bt.parse(argv)
+        assert e.value.code == 2

@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="(%d)" % d.seed)
     _add_runtime_args(g)
     g.add_argument("--channels-last", default=None, choices=["auto", "on", "off"], help="(auto: on CUDA)")
+    g.add_argument("--cudnn-benchmark", default=None, choices=["auto", "on", "off"],
+                   help="let cuDNN time its convolution algorithms on the first batches and keep the "
+                        "fastest (auto: on CUDA; off: its heuristic choice, fewer surprises in run-to-run "
+                        "reproducibility)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--compile-mode", default=None,
                    choices=COMPILE_MODES,

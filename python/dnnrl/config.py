@@ -8,6 +8,7 @@ METHODS = ("dnnrl", "tdnn", "dnn")
 TTA_MODES = ("none", "flip", "crops")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("plateau", "cosine", "late_cosine")
+SWITCHES = ("auto", "on", "off")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Config:
     backend: str = "auto"             # dnnrl_ext backend: "auto" (compiled) or "reference"
     amp: str = "auto"                 # "auto" = bf16 autocast on cuda; "bf16"; "off"
     channels_last: str = "auto"       # "auto" = on cuda
+    cudnn_benchmark: str = "auto"     # cuDNN picks its convolution algorithms by timing them
+                                      # ("auto" = on cuda: the input shape is fixed); "on" / "off"
     compile: bool = False             # torch.compile the model
     compile_mode: str = "default"     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
                                       # "max-autotune", "max-autotune-no-cudagraphs"
@@ -134,6 +137,8 @@ def resolve(overrides: Dict[str, Any]) -> Config:
         raise ValueError("anneal_fraction must be in (0, 1], got %r" % (cfg.anneal_fraction,))
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise ValueError("time_budget must be a positive number of seconds, got %r" % (cfg.time_budget,))
+    if cfg.cudnn_benchmark not in SWITCHES:
+        raise ValueError("cudnn_benchmark must be one of %s, got %r" % (SWITCHES, cfg.cudnn_benchmark))
     if cfg.tta not in TTA_MODES:
         raise ValueError("tta must be one of %s, got %r" % (TTA_MODES, cfg.tta))
     return cfg

@@ -64,6 +64,12 @@ def use_channels_last(mode, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
+def use_cudnn_benchmark(mode: str, device: torch.device) -> bool:
+    """Whether cuDNN should time its convolution algorithms ("auto": on CUDA, where a run
+    feeds the network one fixed input shape)."""
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
 def load_data(cfg) -> Dataset:
     """The configured data set (synthetic without ``cfg.data``), subsets applied."""
     if cfg.data:

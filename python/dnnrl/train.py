@@ -41,7 +41,7 @@ from .config import Config
 from .evaluate import evaluate_model, write_report
 from .model import DNNRLNet
 from .runtime import (amp_context, embed, load_data, pick_device, place_data, resolve_backend,
-                      device_name, seed_everything, use_channels_last)
+                      device_name, seed_everything, use_channels_last, use_cudnn_benchmark)
 from .samplers import make_sampler
 from .transforms import AugmentConfig, augment, evaluate_transform
 from dnnrl_ext.knn import accuracy_per_k
@@ -264,6 +264,7 @@ class Trainer:
                  time.time() - t0, self.data_device)
         self.aug = augment_config(cfg)
         self.channels_last = use_channels_last(cfg.channels_last, self.device)
+        torch.backends.cudnn.benchmark = use_cudnn_benchmark(cfg.cudnn_benchmark, self.device)
         self.model = build(cfg, len(self.class_names), self.device)
         self._joint = cfg.method != "dnn" and cfg.softmax_weight > 0  # triplet + softmax head
         if cfg.init_from and not resume:  # (a resumed run restores its own weights)

@@ -1,0 +1,131 @@
+"""Training throughput of one run with the device to itself: images/s of `dnnrl train`'s
+own loop (data already on the device, on-device augmentation, forward under autocast,
+mining + loss, backward, SGD step), for each method and setting asked for.
+
+Each method gets one Trainer (dnnrl.train, the configuration `dnnrl train` would
+resolve from the same options); every setting is then timed over --repeats epochs of
+--batches batches after one warm-up epoch in that setting (the warm-up takes cuDNN's
+algorithm search and the allocator's growth out of the timing). The median epoch gives
+images/s and ms per step; the peak is the allocator's during the timed epochs. Settings:
+cuDNN benchmark mode on and off (`--cudnn`), so that the default is a measured choice.
+
+Usage (GPU):  python3 benchmarks/bench_train.py --data fer2013.tar.xz --method dnnrl \\
+                  --method dnn --out bench_train.json [dnnrl train options, e.g. --batch-size 256]
+Any option after the benchmark's own is passed to `dnnrl train`'s parser (the recipe);
+without --data it trains on the built-in synthetic set (a CPU check of the script).
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "python")]
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+# the recipe of benchmarks/gpu_session.sh (docs/app.md): what the timed runs train with
+RECIPE = ["--flip", "on", "--mining", "easy_positive", "--softmax-weight", "1", "--reduction", "mean"]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", action="append", choices=("dnn", "tdnn", "dnnrl"), default=None,
+                   help="methods to time (repeatable; default dnnrl)")
+    p.add_argument("--cudnn", default="on,off",
+                   help="cuDNN benchmark settings to time, comma-separated from on / off")
+    p.add_argument("--batches", type=int, default=40, help="batches per timed epoch")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per setting")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--no-recipe", action="store_true",
+                   help="leave out the session recipe's training options (%s)" % " ".join(RECIPE))
+    args, train_argv = p.parse_known_args(argv)
+    if args.batches < 1 or args.repeats < 1:
+        p.error("--batches and --repeats must be >= 1")
+    settings = [s.strip() for s in args.cudnn.split(",") if s.strip()]
+    if not settings or any(s not in ("on", "off") for s in settings):
+        p.error("--cudnn: comma-separated values from on / off, got %r" % args.cudnn)
+    args.cudnn = settings
+    return args, train_argv
+
+
+def trainer_for(method: str, train_argv, batches: int):
+    """A Trainer as `dnnrl train --method METHOD TRAIN_ARGV` would build it, without a
+    k-NN monitor and with a small validation subset (neither is timed)."""
+    import tempfile
+    from dnnrl.cli import build_parser
+    from dnnrl.config import Config, resolve
+    from dnnrl.train import Trainer
+    import dataclasses
+    out = tempfile.mkdtemp(prefix="bench_train_")
+    args = build_parser().parse_args(["train", "--out", out, "--method", method, "--no-progress"]
+                                     + list(train_argv))
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    over.update(out=out, epoch_batches=batches, monitor_gallery=0,
+                val_subset=over.get("val_subset") or 256, progress=False)
+    return Trainer(resolve(over))
+
+
+def time_setting(trainer, cudnn: str, repeats: int) -> dict:
+    """Warm-up epoch, then ``repeats`` timed epochs with cuDNN benchmark mode ``cudnn``."""
+    torch.backends.cudnn.benchmark = cudnn == "on"
+    cuda = trainer.device.type == "cuda"
+    t0 = time.time()
+    trainer.train_epoch()  # warm-up in this setting
+    warm_s = time.time() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    epochs = [trainer.train_epoch() for _ in range(repeats)]
+    ips = [e["images_per_s"] for e in epochs]
+    steps = epochs[0]["steps"]
+    med = statistics.median(ips)
+    return {"cudnn_benchmark": cudnn, "images_per_s": med, "images_per_s_all": ips,
+            "ms_per_step": 1000.0 * trainer.cfg.batch_size / med if med else None,
+            "steps_per_epoch": steps, "warmup_seconds": warm_s,
+            "peak_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else None}
+
+
+def main(argv=None) -> int:
+    args, train_argv = parse(argv)
+    if not args.no_recipe:
+        train_argv = RECIPE + list(train_argv)
+    methods = args.method or ["dnnrl"]
+    rows = []
+    device = None
+    for method in methods:
+        t0 = time.time()
+        trainer = trainer_for(method, train_argv, args.batches)
+        setup_s = time.time() - t0
+        device = trainer.device
+        cfg = trainer.cfg
+        for cudnn in args.cudnn:
+            r = time_setting(trainer, cudnn, args.repeats)
+            r.update(method=method, batch_size=cfg.batch_size, image_size=cfg.image_size, width=cfg.width,
+                     amp=cfg.amp, channels_last=trainer.channels_last, compile=cfg.compile,
+                     backend=trainer.backend, setup_seconds=setup_s)
+            rows.append(r)
+            print("%-6s cudnn benchmark %-3s batch %d: %8.0f images/s, %6.2f ms/step (epochs: %s)%s" % (
+                method, cudnn, cfg.batch_size, r["images_per_s"], r["ms_per_step"] or 0,
+                ", ".join("%.0f" % v for v in r["images_per_s_all"]),
+                ", peak %.0f MiB" % r["peak_mib"] if r["peak_mib"] is not None else ""), flush=True)
+        shutil.rmtree(cfg.out, ignore_errors=True)  # the throwaway run directory
+        del trainer
+    from dnnrl.runtime import device_name
+    payload = {"machine": common.machine("cuda" if device is not None and device.type == "cuda" else "cpu"),
+               "device_name": device_name(device), "train_options": list(train_argv),
+               "batches": args.batches, "repeats": args.repeats, "rows": rows}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(payload, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
