@@ -14,7 +14,8 @@
 # Environment: FER_BUDGET (training seconds per run, 240), FER_FLAGS (the recipe, below),
 # DEADLINE (570: seconds after which nothing new starts; the benchmarks shrink to fit),
 # SKIP_FER=1, SKIP_EXTRA=1 (no fourth run; EXTRA_NAME / EXTRA_FLAGS choose it),
-# SKIP_TRAIN_BENCH=1 (no solo training-throughput benchmark before the runs),
+# SKIP_TRAIN_BENCH=1 (no solo training-throughput benchmark before the runs; TRAIN_BENCH_FLAGS
+# adds dnnrl train options to it),
 # SKIP_CHECKS=1 (no tests / sanitizers), REPORT_DEVICE (embedding_report.py, cuda),
 # SKIP_BENCH=1.
 # OUTDIR gets at most 8 files: session.log, bench_gpu.json, fer_runs.tar.gz,
@@ -65,9 +66,9 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
     # and whether cuDNN's benchmark mode (the default on CUDA) pays: about 30 s
     step "training throughput, one run alone (benchmarks/bench_train.py)"
     timeout ${TRAIN_BENCH_TIMEOUT:-75} python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnnrl \
-      --batches 40 --repeats 3 --out "$WORK/bench_train.json" $BACKEND_FLAG 2>&1 | grep -v "^[0-9:]* INFO"
+      --batches 40 --repeats 3 --out "$WORK/bench_train.json" $BACKEND_FLAG ${TRAIN_BENCH_FLAGS:-} 2>&1 | grep -v "^[0-9:]* INFO"
     timeout 30 python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnn --cudnn on \
-      --batches 40 --repeats 3 --out "$WORK/bench_train_dnn.json" $BACKEND_FLAG 2>&1 | grep -v "^[0-9:]* INFO"
+      --batches 40 --repeats 3 --out "$WORK/bench_train_dnn.json" $BACKEND_FLAG ${TRAIN_BENCH_FLAGS:-} 2>&1 | grep -v "^[0-9:]* INFO"
   fi
   # the recipe (docs/app.md): joint triplet + softmax with easy-positive mining, random
   # flips + 10-view test-time averaging (--tta crops), lr 0.05 (best of 0.005-0.1 on the
