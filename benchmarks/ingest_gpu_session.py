@@ -118,6 +118,12 @@ def main(argv=None) -> int:
         print("\nbenchmarks -> %s\n" % os.path.relpath(out, ROOT))
         print(payload.get("markdown") or json.dumps({k: v for k, v in payload.items() if k != "machine"},
                                                     indent=1)[:4000])
+        try:  # the same numbers as a picture (plot_bench.py), beside the JSON
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import plot_bench
+            print("plot -> %s" % os.path.relpath(plot_bench.plot_file(out), ROOT))
+        except Exception as exc:  # noqa: BLE001 - the JSON is what counts
+            print("no plot of %s: %s" % (out, exc))
 
     fer = os.path.join(src, "fer_runs.tar.gz")
     if os.path.exists(fer):

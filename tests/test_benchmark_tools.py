@@ -112,3 +112,55 @@ def test_bench_train_rejects_bad_settings():
         with pytest.raises(SystemExit) as e:
             bt.parse(argv)
         assert e.value.code == 2
+
+
+def _gpu_payload():
+    return {"machine": {"gpu": "Card X", "torch": "2.x", "date": "2026-11-28"},
+            "loss": [{"dtype": "float32", "B": 1024, "dnnrl_ext_ms": 0.5, "plain_pytorch_ms": 2.5,
+                      "pml_ms": "error: no bf16", "dnnrl_ext_mib": 2.0, "plain_pytorch_mib": 26.0},
+                     {"dtype": "float32", "B": 128, "dnnrl_ext_ms": 0.6, "plain_pytorch_ms": 2.7, "pml_ms": 3.9},
+                     {"dtype": "bfloat16", "B": 128, "dnnrl_ext_ms": 0.4}],
+            "knn_vote": [{"Q": 3589, "N": 28709, "data": "random", "dnnrl_ext_ms": 2.0, "dnnrl_ext_exact_ms": 5.0,
+                          "chunked_torch_ms": 6.0},
+                         {"Q": 3589, "N": 1000000, "dnnrl_ext_ms": 100.0, "chunked_torch_ms": "error: oom"}]}
+
+
+def test_plot_bench_reads_both_result_formats(tmp_path):
+    pb = _load("plot_bench")
+    lines = pb.loss_lines(_gpu_payload()["loss"])
+    assert lines[("dnnrl_ext", "float32")] == ([128, 1024], [0.6, 0.5])  # sorted by B
+    assert lines[("pml", "float32")] == ([128], [3.9])                    # the error left out
+    assert lines[("dnnrl_ext", "bfloat16")] == ([128], [0.4]) and ("pml", "bfloat16") not in lines
+    assert pb.loss_lines(_gpu_payload()["loss"], "mib") == {("dnnrl_ext", "float32"): ([1024], [2.0]),
+                                                            ("plain_pytorch", "float32"): ([1024], [26.0])}
+    groups, bars, unit = pb.knn_bars(_gpu_payload())
+    assert groups == ["3,589 x 28,709, random", "3,589 x 1,000,000"] and unit == "ms"
+    assert bars == {"dnnrl_ext": [2.0, 100.0], "dnnrl_ext, exact pass": [5.0, None],
+                    "chunked torch (cdist + topk)": [6.0, None]}
+    cpu = json.load(open(os.path.join(ROOT, "benchmarks", "results", "cpu-2core-2026-11-28-onednn.json")))
+    groups, bars, unit = pb.knn_bars(cpu)
+    assert unit == "s" and len(groups) == 1 and list(bars)[0] == "dnnrl_ext"
+    assert bars["dnnrl_ext"] == [pytest.approx(0.2481139)] and "faiss-cpu IndexFlatL2 + vote" in bars
+    assert pb.knn_bars(cpu, memory=True)[1]["dnnrl_ext"] == [pytest.approx(25.72265625)]
+
+
+def test_plot_bench_draws_the_numbers(tmp_path):
+    pb = _load("plot_bench")
+    fig = pb.draw(_gpu_payload())
+    try:
+        ax_t, ax_m, ax_k = fig.axes
+        ours = next(ln for ln in ax_t.lines if ln.get_label() == "dnnrl_ext (float32)")
+        np.testing.assert_allclose(ours.get_ydata(), [0.6, 0.5])
+        heights = sorted(round(p.get_height(), 6) for p in ax_k.patches)
+        assert heights == [2.0, 5.0, 6.0, 100.0]
+        assert sorted(t.get_text() for t in ax_k.texts) == ["2.5x", "3.0x"]  # exact pass, chunked vs ours
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(_gpu_payload()))
+    out = pb.plot_file(str(src))
+    assert out == str(tmp_path / "r.png") and open(out, "rb").read(4) == b"\x89PNG"
+    with pytest.raises(ValueError, match="neither a 'loss' nor a 'knn_vote'"):
+        pb.draw({"machine": {}})
+    assert pb.main([str(tmp_path / "missing.json")]) == 2
