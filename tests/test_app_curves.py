@@ -169,3 +169,12 @@ def test_training_and_reproduce_write_curves(tmp_path):
     _is_png(os.path.join(out, "curves.png"))
     assert "![curves](curves.png)" in open(os.path.join(out, "table.md")).read()
     assert not math.isnan(json.load(open(os.path.join(out, "table.json")))["rows"][0]["val_accuracy"])
+
+
+def test_k_curve_png(tmp_path):
+    from dnnrl.evaluate import plot_k_curve
+    acc = {1: 0.5, 2: 0.55, 3: 0.6}
+    plot_k_curve(acc, 3, "t", str(tmp_path / "k.png"))
+    assert _is_png(str(tmp_path / "k.png"))[0] > 300
+    plot_k_curve({"1": 0.5, "2": 0.4}, None, "no choice", str(tmp_path / "k2.png"))  # JSON keys are strings
+    _is_png(str(tmp_path / "k2.png"))

@@ -29,7 +29,7 @@ def test_tiny_run_writes_results(tmp_path, method):
     res = train(_cfg(tmp_path / method, method=method))
     run = tmp_path / method
     for f in ("results.json", "config.json", "log.jsonl", "checkpoint.pt", "best.pt", "report.md",
-              "confusion_test.png", "confusion_test.json", "confusion_val.json", "curves.png"):
+              "confusion_test.png", "confusion_test.json", "confusion_val.json", "curves.png", "k_curve.png"):
         assert (run / f).exists(), f
     saved = json.load(open(run / "results.json"))
     assert set(("val_accuracy", "test_accuracy", "k")) <= set(saved)
@@ -39,6 +39,8 @@ def test_tiny_run_writes_results(tmp_path, method):
     lines = [json.loads(x) for x in open(run / "log.jsonl")]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert res["val_accuracy"] == saved["val_accuracy"]
+    assert "![k curve](k_curve.png)" in open(run / "report.md").read()
+    assert sorted(map(int, saved["val_accuracy_per_k"])) == list(range(1, 6))  # k_max 5
 
 
 def test_resume_matches_uninterrupted(tmp_path):

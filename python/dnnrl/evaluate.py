@@ -55,6 +55,29 @@ def plot_confusion(cm: np.ndarray, class_names: List[str], title: str, path: str
     plt.close(fig)
 
 
+def plot_k_curve(acc_per_k: Dict[int, float], chosen_k: Optional[int], title: str, path: str) -> None:
+    """Validation accuracy (%) against k, the chosen k marked: how sharp the choice was."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    acc_per_k = {int(k): float(v) for k, v in acc_per_k.items()}  # (JSON turns the keys to strings)
+    ks = sorted(acc_per_k)
+    acc = [100 * acc_per_k[k] for k in ks]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(ks, acc, "-", marker=".", color="C0")
+    if chosen_k in acc_per_k:
+        ax.plot([chosen_k], [100 * acc_per_k[chosen_k]], "o", color="C3", ms=8,
+                label="chosen k = %d (%.2f %%)" % (chosen_k, 100 * acc_per_k[chosen_k]))
+        ax.legend(fontsize=8)
+    ax.set_xlabel("k (neighbours voting)")
+    ax.set_ylabel("validation accuracy, %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: AugmentConfig,
                    device: torch.device, method: str, backend: str, out_dir: str,
                    k_max: int = 50, amp: str = "auto", channels_last: bool = False,
@@ -106,6 +129,9 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
         results["k"] = clf.k
     if clf.val_accuracy_per_k:
         results["val_accuracy_per_k"] = clf.val_accuracy_per_k
+        if write:
+            plot_k_curve(clf.val_accuracy_per_k, clf.k, "%s: k-NN validation accuracy against k%s" % (
+                method, " (softmax features)" if method == "dnn" else ""), os.path.join(out_dir, "k_curve.png"))
     return _finish(results, preds, labels, class_names, method, out_dir, extra, write)
 
 
@@ -203,6 +229,8 @@ def write_report(results: Dict[str, object], path: str) -> None:
             lines += ["", "Confusion matrix (%s): ![confusion](confusion_%s.png) (counts in confusion_%s.json)"
                       % (s, s, s)]
             break
+    if results.get("val_accuracy_per_k"):
+        lines += ["", "Validation accuracy against k: ![k curve](k_curve.png)"]
     if results.get("training"):
         tr = results["training"]
         lines += ["", "Training: %s epochs, best epoch %s (%s %.4g), %.0f s, %.0f images/s"
