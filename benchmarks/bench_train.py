@@ -21,6 +21,7 @@ import shutil
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -84,11 +85,21 @@ def time_setting(trainer, cudnn: str, repeats: int) -> dict:
     epochs = [trainer.train_epoch() for _ in range(repeats)]
     ips = [e["images_per_s"] for e in epochs]
     steps = epochs[0]["steps"]
-    med = statistics.median(ips)
-    return {"cudnn_benchmark": cudnn, "images_per_s": med, "images_per_s_all": ips,
-            "ms_per_step": 1000.0 * trainer.cfg.batch_size / med if med else None,
-            "steps_per_epoch": steps, "warmup_seconds": warm_s,
+    # images per step from the epoch itself: P x K batches hold P * (B // P) images
+    # (126 of 128 with 7 classes), not --batch-size
+    per_step = round(epochs[0]["images_per_s"] * epochs[0]["train_seconds"] / steps)
+    return {"cudnn_benchmark": cudnn, "images_per_s": statistics.median(ips), "images_per_s_all": ips,
+            "ms_per_step": 1000.0 * statistics.median(e["train_seconds"] / e["steps"] for e in epochs),
+            "images_per_step": per_step, "steps_per_epoch": steps, "warmup_seconds": warm_s,
             "peak_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else None}
+
+
+def write(path: Optional[str], payload: dict) -> None:
+    """The results so far (after every row: a run stopped by a time limit keeps them)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(payload, fh, indent=2)
 
 
 def main(argv=None) -> int:
@@ -96,34 +107,29 @@ def main(argv=None) -> int:
     if not args.no_recipe:
         train_argv = RECIPE + list(train_argv)
     methods = args.method or ["dnnrl"]
+    from dnnrl.runtime import device_name
     rows = []
-    device = None
+    payload = {"train_options": list(train_argv), "batches": args.batches, "repeats": args.repeats, "rows": rows}
     for method in methods:
         t0 = time.time()
         trainer = trainer_for(method, train_argv, args.batches)
         setup_s = time.time() - t0
         device = trainer.device
         cfg = trainer.cfg
+        payload.update(machine=common.machine(device.type), device_name=device_name(device))
         for cudnn in args.cudnn:
             r = time_setting(trainer, cudnn, args.repeats)
             r.update(method=method, batch_size=cfg.batch_size, image_size=cfg.image_size, width=cfg.width,
                      amp=cfg.amp, channels_last=trainer.channels_last, compile=cfg.compile,
                      backend=trainer.backend, setup_seconds=setup_s)
             rows.append(r)
-            print("%-6s cudnn benchmark %-3s batch %d: %8.0f images/s, %6.2f ms/step (epochs: %s)%s" % (
-                method, cudnn, cfg.batch_size, r["images_per_s"], r["ms_per_step"] or 0,
+            write(args.out, payload)
+            print("%-6s cudnn benchmark %-3s batch %d (%d images): %8.0f images/s, %6.2f ms/step (epochs: %s)%s" % (
+                method, cudnn, cfg.batch_size, r["images_per_step"], r["images_per_s"], r["ms_per_step"],
                 ", ".join("%.0f" % v for v in r["images_per_s_all"]),
                 ", peak %.0f MiB" % r["peak_mib"] if r["peak_mib"] is not None else ""), flush=True)
         shutil.rmtree(cfg.out, ignore_errors=True)  # the throwaway run directory
         del trainer
-    from dnnrl.runtime import device_name
-    payload = {"machine": common.machine("cuda" if device is not None and device.type == "cuda" else "cpu"),
-               "device_name": device_name(device), "train_options": list(train_argv),
-               "batches": args.batches, "repeats": args.repeats, "rows": rows}
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(payload, fh, indent=2)
     return 0
 
 

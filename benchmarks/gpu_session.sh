@@ -4,17 +4,17 @@
 #   2. a smoke check of the CUDA paths the runs use (benchmarks/smoke_cuda.py; where one
 #      fails, the runs fall back: DNNRL_KNN_EXACT=1, DNNRL_LOSS_FEWER_LAUNCHES=0 or
 #      --backend reference, so that their results still stand)
-#   3. one training run's throughput alone on the card (benchmarks/bench_train.py, ~30 s)
-#   4. in the background: `dnnrl reproduce` (DNN, T-DNN, DNNRL at once, each with a time
+#   3. in the background: `dnnrl reproduce` (DNN, T-DNN, DNNRL at once, each with a time
 #      budget) plus a fourth run beside it (EXTRA_FLAGS), then the DNNRL model exported
 #      as a bundle; meanwhile the GPU tests and compute-sanitizer (gpu_check.sh parts)
-#   5. once the card is free again: the GPU benchmarks and the small-batch profile
+#   4. once the card is free again: one training run's throughput alone
+#      (benchmarks/bench_train.py, up to 60 s), the GPU benchmarks and the small-batch profile
 # usage: FER_ARCHIVE=.carry/fer2013.tar.xz DNNRL_COMMIT=<hash> bash benchmarks/gpu_session.sh OUTDIR
 #   carry [".carry", ".whl"] (the data archive, the pytorch-metric-learning wheel)
 # Environment: FER_BUDGET (training seconds per run, 240), FER_FLAGS (the recipe, below),
 # DEADLINE (570: seconds after which nothing new starts; the benchmarks shrink to fit),
 # SKIP_FER=1, SKIP_EXTRA=1 (no fourth run; EXTRA_NAME / EXTRA_FLAGS choose it),
-# SKIP_TRAIN_BENCH=1 (no solo training-throughput benchmark before the runs; TRAIN_BENCH_FLAGS
+# SKIP_TRAIN_BENCH=1 (no solo training-throughput benchmark after the runs; TRAIN_BENCH_FLAGS
 # adds dnnrl train options to it),
 # SKIP_CHECKS=1 (no tests / sanitizers), REPORT_DEVICE (embedding_report.py, cuda),
 # SKIP_BENCH=1.
@@ -61,15 +61,6 @@ fer_pid=""; lit_pid=""
 if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013: reproduce (3 methods at once, ${BUDGET} s of training each) + a fourth run ($EXTRA_NAME), background"
   timeout 120 python3 -c "import sys; from dnnrl.data import load_dataset; load_dataset(sys.argv[1])" "$FER_ARCHIVE"
-  if [ "${SKIP_TRAIN_BENCH:-0}" != 1 ]; then
-    # one run's throughput with the card to itself (the runs below share it four ways),
-    # and whether cuDNN's benchmark mode (the default on CUDA) pays: about 30 s
-    step "training throughput, one run alone (benchmarks/bench_train.py)"
-    timeout ${TRAIN_BENCH_TIMEOUT:-75} python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnnrl \
-      --batches 40 --repeats 3 --out "$WORK/bench_train.json" $BACKEND_FLAG ${TRAIN_BENCH_FLAGS:-} 2>&1 | grep -v "^[0-9:]* INFO"
-    timeout 30 python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnn --cudnn on \
-      --batches 40 --repeats 3 --out "$WORK/bench_train_dnn.json" $BACKEND_FLAG ${TRAIN_BENCH_FLAGS:-} 2>&1 | grep -v "^[0-9:]* INFO"
-  fi
   # the recipe (docs/app.md): joint triplet + softmax with easy-positive mining, random
   # flips + 10-view test-time averaging (--tta crops), lr 0.05 (best of 0.005-0.1 on the
   # CPU), annealed by a cosine over the time budget: at 40 CPU epochs (about what the
@@ -129,6 +120,16 @@ if [ -n "$fer_pid" ]; then
   if [ -n "$runs" ] && [ "$(( DEADLINE - ($(date +%s) - t0) ))" -gt 120 ]; then
     timeout 60 python3 benchmarks/embedding_report.py $runs --data "$FER_ARCHIVE" --device "${REPORT_DEVICE:-cuda}" \
       --out "$WORK/fer/embedding_report.json" 2>&1 | tail -n 6
+  fi
+  # one run's training throughput with the card to itself (the runs above shared it four
+  # ways), cuDNN's benchmark mode on and off: up to 60 s, only where >= 100 s stay for the
+  # kernel benchmarks
+  if [ "${SKIP_TRAIN_BENCH:-0}" != 1 ] && [ "$(( DEADLINE - ($(date +%s) - t0) ))" -ge 150 ]; then
+    step "training throughput, one run alone (benchmarks/bench_train.py)"
+    tb=$(( DEADLINE - ($(date +%s) - t0) - 100 )); [ "$tb" -gt 60 ] && tb=60
+    timeout $tb python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnnrl --batches 40 --repeats 3 \
+      --out "$WORK/bench_train.json" $BACKEND_FLAG ${TRAIN_BENCH_FLAGS:-}
+    echo "bench_train exit $?"
   fi
   for d in "$WORK/table2" "$WORK/extra"; do
     [ -d "$d" ] && (cd "$(dirname "$d")" && find "$(basename "$d")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \

@@ -44,6 +44,19 @@ def test_read_history_orders_epochs_and_keeps_the_last_record_of_each(tmp_path):
     assert hist[1]["val_loss"] == 1.25
 
 
+def test_a_record_still_being_written_is_left_out(tmp_path):
+    """A plot taken while training appends its next record: a last line without its
+    newline is not yet a record; the same text in the middle of the log is an error."""
+    path = _write_log(str(tmp_path), [_rec(1), _rec(2)])
+    with open(path, "a") as fh:
+        fh.write('{"epoch": 3, "lr": 0.0')
+    assert [r["epoch"] for r in read_history(path)] == [1, 2]
+    with open(path, "a") as fh:
+        fh.write("\n")
+    with pytest.raises(ValueError, match="line 3 is not JSON"):
+        read_history(path)
+
+
 @pytest.mark.parametrize("line, words", [("{not json", "line 2 is not JSON"),
                                           ('{"lr": 0.1}', "line 2 is not an epoch record"),
                                           ('[1, 2]', "line 2 is not an epoch record"),

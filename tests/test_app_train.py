@@ -475,9 +475,9 @@ def test_results_record_the_device_and_seconds_per_phase(tmp_path):
     """results.json: the device's name and the seconds of every phase, the training and
     validation ones summed over all epochs (also across a resume)."""
     from dnnrl.runtime import device_name
-    cfg = _cfg(tmp_path / "ph", max_epochs=3, method="dnnrl")
+    cfg = _cfg(tmp_path / "ph", max_epochs=3, method="dnnrl", device="cpu")
     assert train(cfg, stop_after=1) is None
-    train(_cfg(tmp_path / "ph", max_epochs=3, method="dnnrl"), resume=True)
+    train(_cfg(tmp_path / "ph", max_epochs=3, method="dnnrl", device="cpu"), resume=True)
     tr = json.load(open(tmp_path / "ph" / "results.json"))["training"]
     log = [json.loads(x) for x in open(tmp_path / "ph" / "log.jsonl")]
     ph = tr["phases"]
@@ -488,7 +488,8 @@ def test_results_record_the_device_and_seconds_per_phase(tmp_path):
     assert ph["total_s"] == pytest.approx(ph["setup_s"] + ph["train_s"] + ph["validate_s"] + ph["evaluate_s"])
     assert tr["device_name"] == device_name(torch.device("cpu"))
     report = open(tmp_path / "ph" / "report.md").read()
-    assert "Seconds per phase: setup " in report and "evaluate %.1f" % ph["evaluate_s"] in report
+    assert "Seconds per phase (total = their sum" in report and "): setup %.1f" % ph["setup_s"] in report
+    assert "evaluate %.1f" % ph["evaluate_s"] in report
 
 
 @pytest.mark.parametrize("mode, expected", [("on", True), ("off", False), ("auto", False)])

@@ -45,21 +45,25 @@ def read_history(path: str) -> List[dict]:
     """Epoch records of a run (a run directory or its log.jsonl), in epoch order.
 
     Raises FileNotFoundError without a log, ValueError on a line that is not a JSON
-    object with an "epoch"."""
+    object with an "epoch" (a last line without its newline is a record still being
+    written by a running training, and is left out)."""
     path = log_path(path)
     history = []
     with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError("%s line %d is not JSON (%s)" % (path, n, e)) from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
-                raise ValueError("%s line %d is not an epoch record (a JSON object with an integer "
-                                 "\"epoch\")" % (path, n))
-            history.append(rec)
+        lines = fh.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            if n == len(lines) and not line.endswith("\n"):
+                break  # the record a running training is writing right now: not there yet
+            raise ValueError("%s line %d is not JSON (%s)" % (path, n, e)) from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+            raise ValueError("%s line %d is not an epoch record (a JSON object with an integer "
+                             "\"epoch\")" % (path, n))
+        history.append(rec)
     # a resumed run rewrites its log from the checkpoint, but a log pieced together by
     # hand may repeat an epoch: the last record of an epoch wins
     by_epoch = {rec["epoch"]: rec for rec in history}

@@ -130,8 +130,11 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
     if clf.val_accuracy_per_k:
         results["val_accuracy_per_k"] = clf.val_accuracy_per_k
         if write:
-            plot_k_curve(clf.val_accuracy_per_k, clf.k, "%s: k-NN validation accuracy against k%s" % (
-                method, " (softmax features)" if method == "dnn" else ""), os.path.join(out_dir, "k_curve.png"))
+            try:
+                plot_k_curve(clf.val_accuracy_per_k, clf.k, "%s: k-NN validation accuracy against k%s" % (
+                    method, " (softmax features)" if method == "dnn" else ""), os.path.join(out_dir, "k_curve.png"))
+            except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the evaluation
+                log.warning("could not draw %s: %s", os.path.join(out_dir, "k_curve.png"), exc)
     return _finish(results, preds, labels, class_names, method, out_dir, extra, write)
 
 
@@ -241,7 +244,8 @@ def write_report(results: Dict[str, object], path: str) -> None:
                   + (" on %s" % tr["device_name"] if tr.get("device_name") else "")]
         ph = tr.get("phases")
         if ph:
-            lines += ["", "Seconds per phase: " + ", ".join(
+            lines += ["", "Seconds per phase (total = their sum; setup is this process's, training and "
+                      "validation cover every epoch, also those before a resume): " + ", ".join(
                 "%s %.1f" % (k[:-2], v) for k, v in ph.items() if isinstance(v, (int, float)))]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
