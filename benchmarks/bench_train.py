@@ -10,7 +10,7 @@ images/s and ms per step; the peak is the allocator's during the timed epochs. S
 cuDNN benchmark mode on and off (`--cudnn`), so that the default is a measured choice.
 
 Usage (GPU):  python3 benchmarks/bench_train.py --data fer2013.tar.xz --method dnnrl \\
-                  --method dnn --out bench_train.json [dnnrl train options, e.g. --batch-size 256]
+                  --batch-sizes 128,256 --out bench_train.json [dnnrl train options]
 Any option after the benchmark's own is passed to `dnnrl train`'s parser (the recipe);
 without --data it trains on the built-in synthetic set (a CPU check of the script).
 """
@@ -35,12 +35,17 @@ RECIPE = ["--flip", "on", "--mining", "easy_positive", "--softmax-weight", "1", 
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: `dnnrl train`'s --batch-size must reach the train options, not be
+    # taken for an abbreviation of --batch-sizes
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", action="append", choices=("dnn", "tdnn", "dnnrl"), default=None,
                    help="methods to time (repeatable; default dnnrl)")
     p.add_argument("--cudnn", default="on,off",
                    help="cuDNN benchmark settings to time, comma-separated from on / off")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated batch sizes to time, each in a Trainer of its own (default: the "
+                        "training options' --batch-size, 128 unless given)")
     p.add_argument("--batches", type=int, default=40, help="batches per timed epoch")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per setting")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -53,6 +58,15 @@ def parse(argv=None):
     if not settings or any(s not in ("on", "off") for s in settings):
         p.error("--cudnn: comma-separated values from on / off, got %r" % args.cudnn)
     args.cudnn = settings
+    sizes = [None]
+    if args.batch_sizes is not None:
+        try:
+            sizes = [int(v) for v in args.batch_sizes.split(",") if v.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or any(b < 1 for b in sizes):
+            p.error("--batch-sizes: comma-separated positive integers, got %r" % args.batch_sizes)
+    args.batch_sizes = sizes
     return args, train_argv
 
 
@@ -110,9 +124,10 @@ def main(argv=None) -> int:
     from dnnrl.runtime import device_name
     rows = []
     payload = {"train_options": list(train_argv), "batches": args.batches, "repeats": args.repeats, "rows": rows}
-    for method in methods:
+    for method, batch in [(m, b) for m in methods for b in args.batch_sizes]:
         t0 = time.time()
-        trainer = trainer_for(method, train_argv, args.batches)
+        trainer = trainer_for(method, list(train_argv) + (["--batch-size", str(batch)] if batch else []),
+                              args.batches)
         setup_s = time.time() - t0
         device = trainer.device
         cfg = trainer.cfg
@@ -130,6 +145,8 @@ def main(argv=None) -> int:
                 ", peak %.0f MiB" % r["peak_mib"] if r["peak_mib"] is not None else ""), flush=True)
         shutil.rmtree(cfg.out, ignore_errors=True)  # the throwaway run directory
         del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next Trainer starts from an empty cache
     return 0
 
 

@@ -109,9 +109,20 @@ def test_bench_train_times_each_method_and_cudnn_setting(tmp_path, capsys):
     assert "dnnrl  cudnn benchmark off batch 30 (28 images)" in capsys.readouterr().out
 
 
+def test_bench_train_times_each_batch_size_in_its_own_trainer(tmp_path):
+    bt = _load("bench_train")
+    out = tmp_path / "bt.json"
+    assert bt.main(["--batch-sizes", "14,21", "--cudnn", "off", "--batches", "2", "--repeats", "1", "--out", str(out),
+                    "--image-size", "32", "--width", "0.125", "--batch-size", "700", "--device", "cpu"]) == 0
+    rows = json.load(open(out))["rows"]
+    assert [(r["method"], r["batch_size"], r["images_per_step"]) for r in rows] == [("dnnrl", 14, 14),
+                                                                                    ("dnnrl", 21, 21)]
+
+
 def test_bench_train_rejects_bad_settings():
     bt = _load("bench_train")
-    for argv in (["--cudnn", "maybe"], ["--batches", "0"], ["--cudnn", ","]):
+    for argv in (["--cudnn", "maybe"], ["--batches", "0"], ["--cudnn", ","], ["--batch-sizes", "128,x"],
+                 ["--batch-sizes", "0"], ["--batch-sizes", ","]):
         with pytest.raises(SystemExit) as e:
             bt.parse(argv)
         assert e.value.code == 2
