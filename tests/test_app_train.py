@@ -94,6 +94,8 @@ def test_cli_help_each_command():
         assert "usage: dnnrl" in out.stdout
         # argparse %-formats help strings a second time: a stray "%" leaks its action dict
         assert "option_strings" not in out.stdout and "%" not in out.stdout.replace("%%", "")
+        if cmd == ["--help"]:  # the top-level usage names every subcommand
+            assert all(c in out.stdout.splitlines()[0] for c in commands), out.stdout.splitlines()[0]
     assert "--data" in out.stdout
 
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dnnrl", description="DNNRL facial expression recognition: train, evaluate, embed.",
         formatter_class=_Formatter)
-    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed,predict,export,reproduce}")
+    sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed,plot,predict,export,reproduce}")
     sub.required = True
     fmt = _Formatter
 

@@ -161,9 +161,7 @@ def _finish(results: Dict[str, object], preds: Dict[str, Tensor], labels: Dict[s
     if extra:
         results.update(extra)
     if write:
-        with open(os.path.join(out_dir, "results.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
-        write_report(results, os.path.join(out_dir, "report.md"))
+        write_results(results, out_dir)
     log.info("val accuracy %s, test accuracy %s, k %s", _pct(results["val_accuracy"]),
              _pct(results["test_accuracy"]), results["k"])
     return results
@@ -207,6 +205,13 @@ def evaluate_bundle(model, classifier, data: Dict[str, tuple], class_names: List
 
 def _pct(v) -> str:
     return "-" if v is None else "%.2f %%" % (100 * v)
+
+
+def write_results(results: Dict[str, object], out_dir: str) -> None:
+    """results.json and report.md of ``out_dir`` from ``results``."""
+    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    write_report(results, os.path.join(out_dir, "report.md"))
 
 
 def write_report(results: Dict[str, object], path: str) -> None:

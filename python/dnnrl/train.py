@@ -38,7 +38,7 @@ from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_lo
 
 from . import distributed
 from .config import Config
-from .evaluate import evaluate_model, write_report
+from .evaluate import evaluate_model, write_results
 from .model import DNNRLNet
 from .runtime import (amp_context, embed, load_data, pick_device, place_data, resolve_backend,
                       device_name, seed_everything, use_channels_last, use_cudnn_benchmark)
@@ -669,15 +669,8 @@ class Trainer:
         self.evaluate_seconds = time.time() - t_eval
         results["training"]["phases"] = self.phases()
         if self.dist.is_main:  # results.json was written before the evaluation's time was known
-            rewrite_results(results, self.run_dir)
+            write_results(results, self.run_dir)
         return results
-
-
-def rewrite_results(results: dict, run_dir: str) -> None:
-    """results.json and report.md of ``run_dir`` again, from ``results``."""
-    with open(os.path.join(run_dir, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=2)
-    write_report(results, os.path.join(run_dir, "report.md"))
 
 
 def write_curves(run_dir: str) -> Optional[str]:
