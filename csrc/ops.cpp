@@ -39,7 +39,25 @@ TORCH_LIBRARY(dnnrl_ext, m) {
       "-> (Tensor, Tensor)");
 }
 
+#ifdef DNNRL_WITH_CUDA
+namespace dnnrl {
+namespace cuda {
+std::pair<int64_t, int64_t> knn_candidate_stats();  // cuda/knn_cuda.cu
+}  // namespace cuda
+}  // namespace dnnrl
+#endif
+
 namespace {
+// (queries left to the exact pass, queries) of the last CUDA knn / knn_vote call when it
+// ran with DNNRL_KNN_STATS=1 and took the candidate path; (-1, -1) otherwise.
+std::pair<int64_t, int64_t> knn_candidate_stats() {
+#ifdef DNNRL_WITH_CUDA
+  return dnnrl::cuda::knn_candidate_stats();
+#else
+  return {-1, -1};
+#endif
+}
+
 bool compiled_with_cuda() {
 #ifdef DNNRL_WITH_CUDA
   return true;
@@ -53,4 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Compiled kernels of dnnrl_ext (ops are registered under torch.ops.dnnrl_ext)";
   module.def("compiled_with_cuda", &compiled_with_cuda,
              "True when the CUDA kernels were compiled into this build");
+  module.def("knn_candidate_stats", &knn_candidate_stats,
+             "(exact-pass queries, queries) of the last CUDA knn call under DNNRL_KNN_STATS=1, "
+             "(-1, -1) when the candidate path did not run");
 }

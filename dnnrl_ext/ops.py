@@ -6,6 +6,8 @@ Every public function takes ``backend``: ``"auto"`` / ``"compiled"`` run the fus
 kernels (an error says how to rebuild if they are missing), ``"reference"`` runs the
 pure-PyTorch version in :mod:`dnnrl_ext.reference`.
 """
+import os
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -189,7 +191,23 @@ def knn(query: Tensor, gallery: Tensor, k: int, *, backend: str = "auto") -> Tup
     _check_knn(query, gallery, k)
     if _use_reference(backend, query.device):
         return ref.knn(query, gallery, k)
-    return torch.ops.dnnrl_ext.knn(query, gallery, k)
+    out = torch.ops.dnnrl_ext.knn(query, gallery, k)
+    _warn_knn_stats(query, gallery, k)
+    return out
+
+
+def _warn_knn_stats(query: Tensor, gallery: Tensor, k: int) -> None:
+    """DNNRL_KNN_STATS=1 (diagnostics): warn how many queries the CUDA candidate path
+    left to the exact pass. The kernel only records the count; the warning is raised
+    here, in Python, because a TORCH_WARN inside the op crashed the process on the H200."""
+    if query.device.type != "cuda" or os.environ.get("DNNRL_KNN_STATS", "0") in ("", "0"):
+        return
+    if not _eager():
+        return
+    exact_rows, queries = _extension._C.knn_candidate_stats()
+    if exact_rows >= 0:
+        warnings.warn("dnnrl_ext knn: %d of %d queries took the exact pass (candidate path, k=%d, N=%d, D=%d)"
+                      % (exact_rows, queries, k, gallery.shape[0], query.shape[1]), stacklevel=3)
 
 
 def knn_vote(query: Tensor, gallery: Tensor, gallery_labels: Tensor, k: int, num_classes: int,
@@ -218,6 +236,7 @@ def knn_vote(query: Tensor, gallery: Tensor, gallery_labels: Tensor, k: int, num
         pred, votes = ref.knn_vote(query, gallery, gallery_labels, k, num_classes)
     else:
         pred, votes = torch.ops.dnnrl_ext.knn_vote(query, gallery, gallery_labels.long(), k, num_classes)
+        _warn_knn_stats(query, gallery, k)
     return (pred, votes) if return_votes else pred
 
 

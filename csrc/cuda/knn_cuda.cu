@@ -12,7 +12,8 @@
 // float32, k <= 16, N > 32 (and float16 copies under 64 MiB): the candidate path below
 // (a float16 pass for 32 candidates, exact float32 re-rank, a proven certificate; the
 // fast path above runs only for the uncertified queries). DNNRL_KNN_EXACT=1 turns it off;
-// DNNRL_KNN_STATS=1 warns how many queries took the exact pass (a device sync per call).
+// DNNRL_KNN_STATS=1 records how many queries took the exact pass (a device sync per call;
+// read by dnnrl_ext._C.knn_candidate_stats, which dnnrl_ext.ops turns into a warning).
 // Large k: knn_large, block per query (grid-stride): distances of a 1024-row gallery
 // tile, bitonic sort in shared memory, merge-path merge with the running top-k
 // list (ping-pong between the output and one (Q, k) workspace); then knn_vote runs
@@ -21,12 +22,27 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <utility>
 
 #include "tile.cuh"
 
 namespace dnnrl {
 namespace cuda {
+
+// DNNRL_KNN_STATS diagnostics of the last knn / knn_vote call of this process: queries
+// left to the exact pass and queries in all, -1 when the candidate path did not run.
+// A plain counter read from Python afterwards, not a TORCH_WARN inside the op: on the
+// H200 (torch 2.11) a TORCH_WARN from this op, called through torch.ops, crashed the
+// process (SIGSEGV in the op call; the same inputs ran clean without the warning).
+std::atomic<int64_t> g_stats_exact_rows{-1};
+std::atomic<int64_t> g_stats_queries{-1};
+
+std::pair<int64_t, int64_t> knn_candidate_stats() {
+  return {g_stats_exact_rows.load(), g_stats_queries.load()};
+}
+
 namespace {
 
 constexpr int kListsPerLane = 4;  // knn_merge handles up to 128 lists per query
@@ -586,9 +602,8 @@ void knn_candidates(const float* qp, const float* gp, const float* qn, const flo
   knn_exact<float>(qp, gp, qn, gn, flags.data_ptr<int>(), Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr, opts,
                    stream);
   if (env_flag("DNNRL_KNN_STATS", false)) {  // diagnostics only: one device sync
-    const int64_t exact_rows = flags.sum().item<int64_t>();
-    TORCH_WARN("dnnrl_ext knn: ", exact_rows, " of ", Q, " queries took the exact pass (candidate path, k=", k,
-               ", N=", N, ", D=", D, ")");
+    g_stats_exact_rows.store(flags.sum().item<int64_t>());
+    g_stats_queries.store(Q);
   }
 }
 
@@ -599,6 +614,8 @@ void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Ten
   using T = typename Native<scalar_t>::type;
   using acc_t = typename Acc<scalar_t>::type;
   using Small = typename Engines<T>::Small;
+  g_stats_exact_rows.store(-1);
+  g_stats_queries.store(-1);
   const int Q = static_cast<int>(query.size(0)), N = static_cast<int>(gallery.size(0));
   const int D = static_cast<int>(query.size(1));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
