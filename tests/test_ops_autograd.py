@@ -162,3 +162,34 @@ def test_compiled_training_step_matches_eager(compiled_device):
     # a second call with other labels reuses the graph and stays equal
     y2 = torch.randint(0, 3, (32,), generator=g)
     torch.testing.assert_close(compiled(comp_model, x, y2), step(eager_model, x, y2), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- backward host work
+@pytest.mark.parametrize("form", ["mined", "indexed"])
+def test_backward_fills_no_zero_gradients_for_the_index_outputs(compiled_device, form):
+    """Only the loss output is differentiable. The backward must not build zeros_like
+    gradients for pos / neg / r / valid (set_materialize_grads(false) in csrc/autograd.cpp):
+    on the H200, B = 128, those four allocations and fill launches were most of the
+    backward's host time. The gradient itself is still the reference's."""
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.nn.functional.normalize(torch.randn(24, 8, generator=g), dim=1)
+    y = torch.randint(0, 3, (24,), generator=g)
+    a, p, n = (torch.randint(0, 24, (10,), generator=g) for _ in range(3))
+    grads = {}
+    for backend in ("compiled", "reference"):
+        x = x0.to(compiled_device).requires_grad_(True)
+        if form == "mined":
+            loss = dnnrl_ext.triplet_loss(x, y.to(compiled_device), gamma=-3.0, backend=backend)
+        else:
+            loss = dnnrl_ext.triplet_loss_from_triplets(x, a.to(x.device), p.to(x.device), n.to(x.device),
+                                                        gamma=-3.0, backend=backend)
+        if backend == "compiled":
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                loss.backward()
+            names = {e.key for e in prof.key_averages()}
+            assert "dnnrl_ext::triplet_loss_backward" in names, sorted(names)
+            assert not names & {"aten::zeros", "aten::zeros_like"}, sorted(names)
+        else:
+            loss.backward()
+        grads[backend] = x.grad.cpu()
+    torch.testing.assert_close(grads["compiled"], grads["reference"], rtol=1e-4, atol=1e-6)
