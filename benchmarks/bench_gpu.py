@@ -107,10 +107,12 @@ def _knn_inputs(Q, N, kind, g):
 
 
 def _exact_pass_queries(q, gal, lab):
-    """How many queries the candidate path could not certify (DNNRL_KNN_STATS warning)."""
+    """How many queries the opt-in candidate path could not certify (DNNRL_KNN_STATS
+    warning); None where the path does not apply (shape / dtype outside it)."""
     import re
     import warnings
     os.environ["DNNRL_KNN_STATS"] = "1"
+    os.environ["DNNRL_KNN_CANDIDATES"] = "1"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -118,16 +120,17 @@ def _exact_pass_queries(q, gal, lab):
             torch.cuda.synchronize()
     finally:
         os.environ.pop("DNNRL_KNN_STATS", None)
+        os.environ.pop("DNNRL_KNN_CANDIDATES", None)
     for w in caught:
         m = re.search(r"(\d+) of (\d+) queries took the exact pass", str(w.message))
         if m:
             return int(m.group(1))
-    return None  # the path did not run (shape / dtype outside it)
+    return None
 
 
 def bench_knn(shapes, rates, repeats):
-    """knn_vote, ours (float32 candidate path where it applies; and with DNNRL_KNN_EXACT=1
-    the exact 3xTF32 pass alone) vs chunked torch."""
+    """knn_vote, ours (the default exact 3xTF32 pass; and with DNNRL_KNN_CANDIDATES=1 the
+    float32 candidate path where it applies) vs chunked torch."""
     rows = []
     for Q, N, kind in shapes:
         g = torch.Generator(device=DEV).manual_seed(N)
@@ -135,30 +138,31 @@ def bench_knn(shapes, rates, repeats):
         lab = torch.randint(0, 7, (N,), device=DEV, generator=g)
         row = {"Q": Q, "N": N, "k": 10, "data": kind}
         ours = alt = None
-        for name, exact in (("dnnrl_ext", False), ("dnnrl_ext_exact", True)):
-            os.environ.pop("DNNRL_KNN_EXACT", None)
-            if exact:
-                os.environ["DNNRL_KNN_EXACT"] = "1"
+        for name, candidates in (("dnnrl_ext", False), ("dnnrl_ext_candidates", True)):
+            os.environ.pop("DNNRL_KNN_CANDIDATES", None)
+            if candidates:
+                os.environ["DNNRL_KNN_CANDIDATES"] = "1"
             try:
                 t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
                 row.update({name + "_ms": t * 1e3, name + "_mib": mem})
                 pred = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
-                if exact:
-                    row["exact_pred_agreement"] = float((pred == ours).double().mean()) if ours is not None else None
+                if candidates:
+                    row["candidates_pred_agreement"] = (float((pred == ours).double().mean())
+                                                        if ours is not None else None)
                 else:
                     ours = pred
                     row["mm_fraction"] = 2 * Q * N * 512 / t / rates[torch.float32]
             except Exception as exc:
                 row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
             finally:
-                os.environ.pop("DNNRL_KNN_EXACT", None)
+                os.environ.pop("DNNRL_KNN_CANDIDATES", None)
         try:
             t, mem = measure(lambda: alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7), repeats)
             row.update(chunked_torch_ms=t * 1e3, chunked_torch_mib=mem)
             alt = alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7)
         except Exception as exc:
             row["chunked_torch_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
-        for name in ("dnnrl_ext", "dnnrl_ext_exact"):
+        for name in ("dnnrl_ext", "dnnrl_ext_candidates"):
             if isinstance(row.get(name + "_ms"), float) and isinstance(row.get("chunked_torch_ms"), float):
                 row["x_vs_chunked" + name[9:]] = row["chunked_torch_ms"] / row[name + "_ms"]
         if ours is not None and alt is not None:
@@ -218,9 +222,9 @@ def main():
     if payload.get("knn_vote"):
         print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["knn_vote"], [
-            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_exact_ms", "chunked_torch_ms", "x_vs_chunked",
-            "x_vs_chunked_exact", "dnnrl_ext_mib", "dnnrl_ext_exact_mib", "chunked_torch_mib", "mm_fraction",
-            "pred_agreement", "exact_pred_agreement", "exact_pass_queries"]))
+            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_candidates_ms", "chunked_torch_ms", "x_vs_chunked",
+            "x_vs_chunked_candidates", "dnnrl_ext_mib", "dnnrl_ext_candidates_mib", "chunked_torch_mib",
+            "mm_fraction", "pred_agreement", "candidates_pred_agreement", "exact_pass_queries"]))
     payload["markdown"] = "\n\n".join(md)
     common.write_json(out, payload)
 

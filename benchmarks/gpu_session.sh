@@ -2,8 +2,8 @@
 # Everything one GPU session needs, in one device call of under 10 minutes:
 #   1. build in place (sm_90)
 #   2. a smoke check of the CUDA paths the runs use (benchmarks/smoke_cuda.py; where one
-#      fails, the runs fall back: DNNRL_KNN_EXACT=1, DNNRL_LOSS_FEWER_LAUNCHES=0 or
-#      --backend reference, so that their results still stand)
+#      fails, the runs fall back: DNNRL_LOSS_FEWER_LAUNCHES=0 or --backend reference, so
+#      that their results still stand; a crash, as on 2026-11-28, also means the reference)
 #   3. in the background: `dnnrl reproduce` (DNN, T-DNN, DNNRL at once, each with a time
 #      budget) plus a fourth run beside it (EXTRA_FLAGS), then the DNNRL model exported
 #      as a bundle; meanwhile the GPU tests and compute-sanitizer (gpu_check.sh parts)
@@ -48,11 +48,10 @@ BACKEND_FLAG=""
 timeout 180 python3 benchmarks/smoke_cuda.py; smoke=$?
 if [ "$smoke" -ne 0 ]; then
   echo "SMOKE STATUS $smoke"
-  [ $((smoke & 1)) -ne 0 ] && { echo "-> DNNRL_KNN_EXACT=1 for the runs"; export DNNRL_KNN_EXACT=1; }
   if [ $((smoke & 2)) -ne 0 ] && [ $((smoke & 4)) -eq 0 ]; then
     echo "-> DNNRL_LOSS_FEWER_LAUNCHES=0 for the runs"; export DNNRL_LOSS_FEWER_LAUNCHES=0
   fi
-  if [ $((smoke & 4)) -ne 0 ] || [ "$smoke" -ge 124 ]; then
+  if [ $((smoke & 1)) -ne 0 ] || [ $((smoke & 4)) -ne 0 ] || [ "$smoke" -ge 124 ]; then
     echo "-> --backend reference for the runs"; BACKEND_FLAG="--backend reference"
   fi
 fi

@@ -5,7 +5,7 @@
         python3 benchmarks/kernels_once.py
 
 knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) with the float32 candidate
-path and with DNNRL_KNN_EXACT=1 (the 3xTF32 pass), then the fused loss forward at
+path (DNNRL_KNN_CANDIDATES=1) and without it (the 3xTF32 pass, the default), then the fused loss forward at
 B = 8192 in float32 and bfloat16.
 """
 import os
@@ -20,13 +20,13 @@ def main():
     q = torch.nn.functional.normalize(torch.randn(3589, 512, device="cuda", generator=g), dim=1)
     gal = torch.nn.functional.normalize(torch.randn(28709, 512, device="cuda", generator=g), dim=1)
     lab = torch.randint(0, 7, (28709,), device="cuda", generator=g)
-    for exact in (False, True):
-        os.environ.pop("DNNRL_KNN_EXACT", None)
-        if exact:
-            os.environ["DNNRL_KNN_EXACT"] = "1"
+    for candidates in (True, False):
+        os.environ.pop("DNNRL_KNN_CANDIDATES", None)
+        if candidates:
+            os.environ["DNNRL_KNN_CANDIDATES"] = "1"
         for _ in range(2):
             dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
-    os.environ.pop("DNNRL_KNN_EXACT", None)
+    os.environ.pop("DNNRL_KNN_CANDIDATES", None)
     x = torch.nn.functional.normalize(torch.randn(8192, 512, device="cuda", generator=g), dim=1)
     y = torch.randint(0, 7, (8192,), device="cuda", generator=g)
     with torch.no_grad():

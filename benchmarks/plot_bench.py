@@ -20,7 +20,10 @@ from typing import Dict, List, Optional, Tuple
 LOSS_IMPLS = (("dnnrl_ext", "dnnrl_ext"), ("dnnrl_ext_6_launches", "dnnrl_ext, 6 launches"),
               ("plain_pytorch", "plain PyTorch"), ("pml", "pytorch-metric-learning"),
               ("pytorch_metric_learning", "pytorch-metric-learning"))
+# (before 2026-11-28 s7 "dnnrl_ext" was the candidate path and "dnnrl_ext_exact" the
+# exact pass; since then "dnnrl_ext" is the default exact pass, "dnnrl_ext_candidates" opt-in)
 KNN_IMPLS = (("dnnrl_ext", "dnnrl_ext"), ("dnnrl_ext_exact", "dnnrl_ext, exact pass"),
+             ("dnnrl_ext_candidates", "dnnrl_ext, candidate path"),
              ("chunked_torch", "chunked torch (cdist + topk)"))
 STYLES = {"float32": "-", "bfloat16": "--", None: "-"}
 

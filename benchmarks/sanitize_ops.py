@@ -69,17 +69,22 @@ def main():
                     check("knn %s B=%d k=%d" % (dtype, B, k), d, dr, tol * 10, tol * 10)
                     pred = dnnrl_ext.knn_vote(x, x.flip(0).contiguous(), y, k, 5)
                     assert pred.shape == (B,)
-    # float32 k-NN with a neighbourhood denser than the candidate path's error bound:
-    # query 0 takes the exact fallback pass (flagged rows only), the others are certified
+    # float32 k-NN through the opt-in candidate path (DNNRL_KNN_CANDIDATES=1) with a
+    # neighbourhood denser than its error bound: query 0 takes the exact fallback pass
+    # (flagged rows only), the others are certified
     q = torch.randn(20, 64, device=DEV)
     g = torch.cat([q[:1] + 1e-2 * torch.randn(60, 64, device=DEV), torch.randn(200, 64, device=DEV)])
     lab = torch.randint(0, 5, (g.shape[0],), device=DEV)
-    for k in (1, 10, 16):
-        d, i = dnnrl_ext.knn(q, g, k)
-        dr, _ = ref.knn(q.cpu(), g.cpu(), k)
-        check("knn float32 dense k=%d" % k, d, dr, 1e-3, 1e-3)
-        pred = dnnrl_ext.knn_vote(q, g, lab, k, 5)
-        assert pred.shape == (20,)
+    os.environ["DNNRL_KNN_CANDIDATES"] = "1"
+    try:
+        for k in (1, 10, 16):
+            d, i = dnnrl_ext.knn(q, g, k)
+            dr, _ = ref.knn(q.cpu(), g.cpu(), k)
+            check("knn float32 dense, candidate path, k=%d" % k, d, dr, 1e-3, 1e-3)
+            pred = dnnrl_ext.knn_vote(q, g, lab, k, 5)
+            assert pred.shape == (20,)
+    finally:
+        os.environ.pop("DNNRL_KNN_CANDIDATES", None)
     if DEV == "cuda":
         torch.cuda.synchronize()
     print("sanitize_ops: %d mismatches" % len(failures))

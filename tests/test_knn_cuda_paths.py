@@ -1,5 +1,6 @@
-"""CUDA knn / knn_vote, float32: the candidate path (a float16 pass, an exact float32
-re-rank of 32 candidates and an error-bound certificate; csrc/cuda/knn_cuda.cu) against
+"""CUDA knn / knn_vote, float32: the candidate path (opt-in, DNNRL_KNN_CANDIDATES=1: a
+float16 pass, an exact float32 re-rank of 32 candidates and an error-bound certificate;
+csrc/cuda/knn_cuda.cu) against
 the exact 3xTF32 path (DNNRL_KNN_EXACT=1) and the reference, on inputs that take
 either branch of the certificate: clear neighbourhoods (certified), neighbourhoods
 denser than the bound (every row falls back), duplicates, NaN / inf and extreme
@@ -30,8 +31,10 @@ def _run(q, g, labels, k, C, exact: bool, monkeypatch):
     """(dist, idx, pred, votes) from the compiled CUDA kernels, on the chosen path."""
     if exact:
         monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
+        monkeypatch.delenv("DNNRL_KNN_CANDIDATES", raising=False)
     else:
         monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
+        monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")  # opt-in (slower on the H200)
     qd, gd, ld = q.cuda(), g.cuda(), labels.cuda()
     d, i = dnnrl_ext.knn(qd, gd, k, backend="compiled")
     p, v = dnnrl_ext.knn_vote(qd, gd, ld, k, C, return_votes=True, backend="compiled")
@@ -50,19 +53,41 @@ def dist64(q, g) -> np.ndarray:
 
 def _exact_pass_count(q, g, k, monkeypatch) -> int:
     """Queries the candidate path left to the exact pass (its DNNRL_KNN_STATS warning)."""
+    monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
+    monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")
+    counts = _stats_counts(q, g, k, monkeypatch)
+    assert len(counts) == 1, "the candidate path did not run"
+    return counts[0]
+
+
+def _stats_counts(q, g, k, monkeypatch) -> list:
+    """The exact-pass counts that one knn call under DNNRL_KNN_STATS=1 warned about."""
     import re
     import warnings
-    monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
     monkeypatch.setenv("DNNRL_KNN_STATS", "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dnnrl_ext.knn(q.cuda(), g.cuda(), k, backend="compiled")
         torch.cuda.synchronize()
     monkeypatch.delenv("DNNRL_KNN_STATS")
-    counts = [int(m.group(1)) for w in caught
-              for m in [re.search(r"(\d+) of \d+ queries took the exact pass", str(w.message))] if m]
-    assert len(counts) == 1, "the candidate path did not run"
-    return counts[0]
+    return [int(m.group(1)) for w in caught
+            for m in [re.search(r"(\d+) of \d+ queries took the exact pass", str(w.message))] if m]
+
+
+def test_candidate_path_is_opt_in(monkeypatch):
+    """Without DNNRL_KNN_CANDIDATES=1 every query takes the exact pass (the candidate path
+    was slower on the H200); with it, and DNNRL_KNN_EXACT=1 beside it, too."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(3)
+    q, g = torch.randn(50, 64, generator=gen), torch.randn(1000, 64, generator=gen)
+    monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
+    monkeypatch.delenv("DNNRL_KNN_CANDIDATES", raising=False)
+    assert _stats_counts(q, g, 5, monkeypatch) == []
+    monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")
+    monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
+    assert _stats_counts(q, g, 5, monkeypatch) == []
+    monkeypatch.delenv("DNNRL_KNN_EXACT")
+    assert len(_stats_counts(q, g, 5, monkeypatch)) == 1
 
 
 def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:

@@ -9,9 +9,11 @@
 //                                                           grid (query tiles, splits)
 //   knn_merge   warp per query: k-way merge of the splits x TPR sorted lists
 //               (<= 128, 4 per lane) into dist/idx; knn_vote also votes here
-// float32, k <= 16, N > 32 (and float16 copies under 64 MiB): the candidate path below
-// (a float16 pass for 32 candidates, exact float32 re-rank, a proven certificate; the
-// fast path above runs only for the uncertified queries). DNNRL_KNN_EXACT=1 turns it off;
+// float32, k <= 16, N > 32 (and float16 copies under 64 MiB), opt-in with
+// DNNRL_KNN_CANDIDATES=1: the candidate path below (a float16 pass for 32 candidates,
+// exact float32 re-rank, a proven certificate; the fast path above runs only for the
+// uncertified queries). Off by default: measured on the H200 it was slower than the exact
+// pass it was meant to beat (below). DNNRL_KNN_EXACT=1 keeps it off in any case;
 // DNNRL_KNN_STATS=1 records how many queries took the exact pass (a device sync per call;
 // read by dnnrl_ext._C.knn_candidate_stats, which dnnrl_ext.ops turns into a warning).
 // Large k: knn_large, block per query (grid-stride): distances of a 1024-row gallery
@@ -534,8 +536,15 @@ void knn_exact(const T* qp, const T* gp, const typename Acc<T>::type* qn, const 
   }
 }
 
-// DNNRL_KNN_EXACT=1 turns the float32 candidate path off (every query takes the exact pass).
-bool candidate_path_disabled() { return env_flag("DNNRL_KNN_EXACT", false); }
+// The float32 candidate path is opt-in: DNNRL_KNN_CANDIDATES=1 (and DNNRL_KNN_EXACT unset
+// or 0). On the H200 (2026-11-28, benchmarks/results/nvidia-h200-2026-11-28-s7.json) it
+// took 6.7 ms for knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) against 4.8 ms
+// for the exact 3xTF32 pass: its float16 pass keeps 32 candidates per query, and that
+// selection, not the distance products, is what costs (Nsight Compute: 6.4 ms for the
+// float16 tile pass, 4.7 ms for the float32 one). Kept, tested, for a faster selection.
+bool candidate_path_enabled() {
+  return env_flag("DNNRL_KNN_CANDIDATES", false) && !env_flag("DNNRL_KNN_EXACT", false);
+}
 
 // Float16 copies cost (Q + N) x D x 2 bytes: beyond this the exact pass runs instead.
 constexpr int64_t kCandMaxCopyElems = int64_t(1) << 25;  // 64 MiB
@@ -549,7 +558,7 @@ bool use_candidate_path(int Q, int N, int D, int k) {
   const int64_t Dp = ceil_div<int64_t>(D, 8) * 8;
   return k <= kCandMaxK && N > kCand && Q <= kCandMaxQueries &&
          (static_cast<int64_t>(Q) + N) * Dp <= kCandMaxCopyElems &&
-         knn_fits<HL>(kCand) && knn_fits<HS>(kCand) && !candidate_path_disabled();
+         knn_fits<HL>(kCand) && knn_fits<HS>(kCand) && candidate_path_enabled();
 }
 
 void knn_candidates(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D,
