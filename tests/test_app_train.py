@@ -142,6 +142,24 @@ def test_select_by_val_knn_uses_the_monitor(tmp_path):
         assert r["protocol_metric"] == pytest.approx(1 - r["val_knn_accuracy"])
 
 
+@pytest.mark.parametrize("method,key", [("dnn", "val_accuracy"), ("dnnrl", "val_knn_accuracy")])
+def test_select_by_val_accuracy_scores_each_method_by_its_own_accuracy(tmp_path, method, key):
+    """val_accuracy: the softmax head's error for dnn, the k-NN monitor's for the others;
+    the best epoch is the one with the highest of that accuracy."""
+    train(_cfg(tmp_path / method, method=method, select_by="val_accuracy", max_epochs=3))
+    hist = [json.loads(x) for x in open(tmp_path / method / "log.jsonl")]
+    for r in hist:
+        assert r["protocol_metric"] == pytest.approx(1 - r[key])
+    best = max(hist, key=lambda r: (r[key], -r["epoch"]))
+    assert hist[-1]["best_epoch"] == best["epoch"]
+    assert "val error" in open(tmp_path / method / "report.md").read()
+
+
+def test_select_by_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        _cfg(tmp_path / "x", select_by="val_acc")
+
+
 def test_random_triplets_are_valid_and_resume_exactly(tmp_path):
     from dnnrl.train import random_triplets
     y = torch.tensor([0, 0, 1, 1, 1, 2, 3])  # classes 2 and 3 have no positive

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import COMPILE_MODES, METHODS, PRESETS, SCHEDULES, TTA_MODES, Config
+from .config import COMPILE_MODES, METHODS, PRESETS, SCHEDULES, SELECT_BY, TTA_MODES, Config
 
 log = logging.getLogger("dnnrl")
 
@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-min", type=float, default=None, help="lr floor (%g)" % d.lr_min)
     g.add_argument("--momentum", type=float, default=None, help="(%g)" % d.momentum)
     g.add_argument("--weight-decay", type=float, default=None, help="(%g)" % d.weight_decay)
-    g.add_argument("--select-by", default=None, choices=["val_loss", "val_knn"],
+    g.add_argument("--select-by", default=None, choices=SELECT_BY,
                    help="metric of the protocol (best weights, lr drops, stopping): the validation loss "
-                        "(the paper) or the val k-NN error of the monitor (preset: cpu uses val_knn)")
+                        "(the paper), the val k-NN error of the monitor, or val_accuracy: the error of "
+                        "the accuracy the method is scored by (softmax head for dnn, k-NN monitor "
+                        "else) (preset: cpu uses val_knn)")
     g.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="lr schedule: plateau (the paper: lr / 10 and back to the best weights when the "
                         "val loss rises more than 10 percent above its best), cosine (lr to --lr-min over "

@@ -8,6 +8,9 @@ METHODS = ("dnnrl", "tdnn", "dnn")
 TTA_MODES = ("none", "flip", "crops")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("plateau", "cosine", "late_cosine")
+# protocol metrics: the validation loss (the paper), the k-NN error of the per-epoch monitor,
+# or the error of the accuracy the method is scored by (softmax head for dnn, k-NN monitor else)
+SELECT_BY = ("val_loss", "val_knn", "val_accuracy")
 SWITCHES = ("auto", "on", "off")
 
 
@@ -47,7 +50,7 @@ class Config:
     lr_min: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    select_by: str = "val_loss"       # protocol metric: "val_loss" (the paper) or "val_knn" (k-NN error)
+    select_by: str = "val_loss"       # protocol metric, one of SELECT_BY: "val_loss" (the paper), ...
     schedule: str = "plateau"         # "plateau": the paper's lr / 10 + reload best on a rise;
                                       # "cosine": lr -> lr_min along a cosine over max_epochs;
                                       # "late_cosine": plateau, then a cosine over the last part
@@ -133,6 +136,8 @@ def resolve(overrides: Dict[str, Any]) -> Config:
         raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
     if cfg.schedule not in SCHEDULES:
         raise ValueError("schedule must be one of %s, got %r" % (SCHEDULES, cfg.schedule))
+    if cfg.select_by not in SELECT_BY:
+        raise ValueError("select_by must be one of %s, got %r" % (SELECT_BY, cfg.select_by))
     if not 0.0 < cfg.anneal_fraction <= 1.0:
         raise ValueError("anneal_fraction must be in (0, 1], got %r" % (cfg.anneal_fraction,))
     if cfg.time_budget is not None and not cfg.time_budget > 0:

@@ -243,7 +243,7 @@ def write_report(results: Dict[str, object], path: str) -> None:
         tr = results["training"]
         lines += ["", "Training: %s epochs, best epoch %s (%s %.4g), %.0f s, %.0f images/s"
                   % (tr.get("epochs"), tr.get("best_epoch"),
-                     "val k-NN error" if tr.get("select_by") == "val_knn" else "val loss",
+                     {"val_knn": "val k-NN error", "val_accuracy": "val error"}.get(tr.get("select_by"), "val loss"),
                      tr.get("best_metric") if tr.get("best_metric") is not None else float("nan"),
                      tr.get("seconds", 0), tr.get("images_per_s", 0))
                   + (" on %s" % tr["device_name"] if tr.get("device_name") else "")]

@@ -22,12 +22,12 @@ NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl"
 _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
                 "batch_size", "seed", "device", "backend", "amp", "compile", "cudnn_benchmark", "skip_bad", "cache_dir",
                 "lr", "lr_min", "weight_decay", "schedule", "anneal_fraction", "time_budget", "flip", "tta", "sampler",
-                "mining", "gamma", "alpha", "reduction", "softmax_weight")
+                "mining", "gamma", "alpha", "reduction", "softmax_weight", "select_by")
 
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     from .cli import _bool
-    from .config import SCHEDULES, TTA_MODES
+    from .config import SCHEDULES, SELECT_BY, TTA_MODES
     p = sub.add_parser(
         "reproduce", help="train DNN, T-DNN and DNNRL and write a Table 2-style table",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -49,6 +49,9 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="initial lr of every method (preset)")
     p.add_argument("--lr-min", type=float, default=None, help="lr floor (dnnrl train's)")
     p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay (dnnrl train's)")
+    p.add_argument("--select-by", default=None, choices=SELECT_BY,
+                   help="protocol metric of every run (best weights, lr drops, stopping); val_accuracy "
+                        "scores each method by its own accuracy (dnnrl train --help)")
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="lr schedule: plateau (the paper's) or cosine (dnnrl train --help)")
     p.add_argument("--anneal-fraction", type=float, default=None,

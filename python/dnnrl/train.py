@@ -37,7 +37,7 @@ from torch import Tensor
 from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_loss_from_triplets
 
 from . import distributed
-from .config import Config
+from .config import SELECT_BY, Config
 from .evaluate import evaluate_model, write_results
 from .model import DNNRLNet
 from .runtime import (amp_context, embed, load_data, pick_device, place_data, resolve_backend,
@@ -518,12 +518,17 @@ class Trainer:
             group["lr"] = lr
 
     def _metric(self, rec: dict) -> float:
-        """The number the protocol minimises: the validation loss (the paper), or with
-        select_by="val_knn" the k-NN validation error of the monitor."""
-        if self.cfg.select_by == "val_knn" and "val_knn_accuracy" in rec:
-            return 1.0 - rec["val_knn_accuracy"]
-        if self.cfg.select_by not in ("val_loss", "val_knn"):
-            raise ValueError("select_by must be 'val_loss' or 'val_knn', got %r" % self.cfg.select_by)
+        """The number the protocol minimises: the validation loss (the paper); with
+        select_by="val_knn" the k-NN validation error of the monitor; with "val_accuracy"
+        the error of the accuracy the method is scored by (the softmax head for dnn, the
+        k-NN monitor for the others). Where that accuracy is missing, the validation loss."""
+        sb = self.cfg.select_by
+        if sb not in SELECT_BY:
+            raise ValueError("select_by must be one of %s, got %r" % (SELECT_BY, sb))
+        key = {"val_knn": "val_knn_accuracy",
+               "val_accuracy": "val_accuracy" if self.cfg.method == "dnn" else "val_knn_accuracy"}.get(sb)
+        if key is not None and key in rec:
+            return 1.0 - rec[key]
         return rec["val_loss"]
 
     def _spent_seconds(self) -> float:
