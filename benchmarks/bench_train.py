@@ -46,6 +46,9 @@ def parse(argv=None):
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated batch sizes to time, each in a Trainer of its own (default: the "
                         "training options' --batch-size, 128 unless given)")
+    p.add_argument("--cuda-graphs", default="off",
+                   help="comma-separated `--cuda-graph` settings to time (off / on), each in a Trainer of "
+                        "its own (on: the network's training forward and backward replayed as CUDA graphs)")
     p.add_argument("--batches", type=int, default=40, help="batches per timed epoch")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per setting")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -58,6 +61,10 @@ def parse(argv=None):
     if not settings or any(s not in ("on", "off") for s in settings):
         p.error("--cudnn: comma-separated values from on / off, got %r" % args.cudnn)
     args.cudnn = settings
+    graphs = [s.strip() for s in args.cuda_graphs.split(",") if s.strip()]
+    if not graphs or any(s not in ("on", "off") for s in graphs):
+        p.error("--cuda-graphs: comma-separated values from off / on, got %r" % args.cuda_graphs)
+    args.cuda_graphs = graphs
     sizes = [None]
     if args.batch_sizes is not None:
         try:
@@ -124,10 +131,10 @@ def main(argv=None) -> int:
     from dnnrl.runtime import device_name
     rows = []
     payload = {"train_options": list(train_argv), "batches": args.batches, "repeats": args.repeats, "rows": rows}
-    for method, batch in [(m, b) for m in methods for b in args.batch_sizes]:
+    for method, batch, graph in [(m, b, g) for m in methods for b in args.batch_sizes for g in args.cuda_graphs]:
         t0 = time.time()
-        trainer = trainer_for(method, list(train_argv) + (["--batch-size", str(batch)] if batch else []),
-                              args.batches)
+        trainer = trainer_for(method, list(train_argv) + (["--batch-size", str(batch)] if batch else [])
+                              + ["--cuda-graph", graph], args.batches)
         setup_s = time.time() - t0
         device = trainer.device
         cfg = trainer.cfg
@@ -136,11 +143,13 @@ def main(argv=None) -> int:
             r = time_setting(trainer, cudnn, args.repeats)
             r.update(method=method, batch_size=cfg.batch_size, image_size=cfg.image_size, width=cfg.width,
                      amp=cfg.amp, channels_last=trainer.channels_last, compile=cfg.compile,
-                     backend=trainer.backend, setup_seconds=setup_s)
+                     backend=trainer.backend, setup_seconds=setup_s, cuda_graph=cfg.cuda_graph,
+                     graph_replays=trainer._graph.replays if trainer._graph is not None else 0)
             rows.append(r)
             write(args.out, payload)
-            print("%-6s cudnn benchmark %-3s batch %d (%d images): %8.0f images/s, %6.2f ms/step (epochs: %s)%s" % (
-                method, cudnn, cfg.batch_size, r["images_per_step"], r["images_per_s"], r["ms_per_step"],
+            print("%-6s cudnn benchmark %-3s cuda graph %-3s batch %d (%d images): %8.0f images/s, %6.2f ms/step "
+                  "(epochs: %s)%s" % (
+                method, cudnn, cfg.cuda_graph, cfg.batch_size, r["images_per_step"], r["images_per_s"], r["ms_per_step"],
                 ", ".join("%.0f" % v for v in r["images_per_s_all"]),
                 ", peak %.0f MiB" % r["peak_mib"] if r["peak_mib"] is not None else ""), flush=True)
         shutil.rmtree(cfg.out, ignore_errors=True)  # the throwaway run directory

@@ -138,10 +138,11 @@ def main(argv=None) -> int:
             with open(os.path.join(fer_dir, name)) as f:
                 bt = json.load(f)
             for r in bt.get("rows", []):
-                print("training throughput alone (%s, %s): %s, batch %s, cuDNN benchmark %s: %.0f images/s, "
-                      "%.2f ms/step, peak %s MiB" % (name, bt.get("device_name"), r["method"], r["batch_size"],
-                                                     r["cudnn_benchmark"], r["images_per_s"], r["ms_per_step"] or 0,
-                                                     "%.0f" % r["peak_mib"] if r.get("peak_mib") else "-"))
+                print("training throughput alone (%s, %s): %s, batch %s, cuDNN benchmark %s, CUDA graph %s: "
+                      "%.0f images/s, %.2f ms/step, peak %s MiB"
+                      % (name, bt.get("device_name"), r["method"], r["batch_size"], r["cudnn_benchmark"],
+                         r.get("cuda_graph", "off"), r["images_per_s"], r["ms_per_step"] or 0,
+                         "%.0f" % r["peak_mib"] if r.get("peak_mib") else "-"))
         report = os.path.join(fer_dir, "embedding_report.json")
         if os.path.exists(report):
             with open(report) as f:

@@ -106,7 +106,8 @@ def test_bench_train_times_each_method_and_cudnn_setting(tmp_path, capsys):
         assert (r["batch_size"], r["image_size"], r["steps_per_epoch"]) == (30, 32, 2)
     assert res["train_options"][:8] == bt.RECIPE and "--seed" in res["train_options"]
     assert res["device_name"].startswith("cpu") and res["machine"]["cores"] >= 1
-    assert "dnnrl  cudnn benchmark off batch 30 (28 images)" in capsys.readouterr().out
+    assert all(r["cuda_graph"] == "off" and r["graph_replays"] == 0 for r in rows)
+    assert "dnnrl  cudnn benchmark off cuda graph off batch 30 (28 images)" in capsys.readouterr().out
 
 
 def test_bench_train_times_each_batch_size_in_its_own_trainer(tmp_path):
@@ -122,6 +123,7 @@ def test_bench_train_times_each_batch_size_in_its_own_trainer(tmp_path):
 def test_bench_train_rejects_bad_settings():
     bt = _load("bench_train")
     for argv in (["--cudnn", "maybe"], ["--batches", "0"], ["--cudnn", ","], ["--batch-sizes", "128,x"],
+                 ["--cuda-graphs", "yes"], ["--cuda-graphs", ","],
                  ["--batch-sizes", "0"], ["--batch-sizes", ","]):
         with pytest.raises(SystemExit) as e:
             bt.parse(argv)

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let cuDNN time its convolution algorithms on the first batches and keep the "
                         "fastest (auto: on CUDA; off: its heuristic choice, fewer surprises in run-to-run "
                         "reproducibility)")
+    g.add_argument("--cuda-graph", default=None, choices=["on", "off"],
+                   help="replay the network's training forward and backward as CUDA graphs, recorded "
+                        "on the first batch (CUDA only, one process; fewer host launches per step; "
+                        "off by default until measured)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--compile-mode", default=None,
                    choices=COMPILE_MODES,

@@ -78,6 +78,7 @@ class Config:
     amp: str = "auto"                 # "auto" = bf16 autocast on cuda; "bf16"; "off"
     channels_last: str = "auto"       # "auto" = on cuda
     cudnn_benchmark: str = "auto"     # cuDNN picks its convolution algorithms by timing them
+    cuda_graph: str = "off"           # "on": the network's training fwd + bwd replayed as CUDA graphs
                                       # ("auto" = on cuda: the input shape is fixed); "on" / "off"
     compile: bool = False             # torch.compile the model
     compile_mode: str = "default"     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
@@ -142,6 +143,11 @@ def resolve(overrides: Dict[str, Any]) -> Config:
         raise ValueError("anneal_fraction must be in (0, 1], got %r" % (cfg.anneal_fraction,))
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise ValueError("time_budget must be a positive number of seconds, got %r" % (cfg.time_budget,))
+    if cfg.cuda_graph not in ("on", "off"):
+        raise ValueError("cuda_graph must be 'on' or 'off', got %r" % (cfg.cuda_graph,))
+    if cfg.cuda_graph == "on" and cfg.compile:
+        raise ValueError("cuda_graph 'on' does not combine with compile (torch.compile with "
+                         "compile_mode='reduce-overhead' records its own CUDA graphs)")
     if cfg.cudnn_benchmark not in SWITCHES:
         raise ValueError("cudnn_benchmark must be one of %s, got %r" % (SWITCHES, cfg.cudnn_benchmark))
     if cfg.tta not in TTA_MODES:

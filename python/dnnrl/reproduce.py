@@ -20,7 +20,8 @@ NAMES = {"dnn": "DNN (softmax)", "tdnn": "T-DNN (hinge triplet + k-NN)", "dnnrl"
 
 # Training options passed through to `dnnrl train` (None = the preset's value).
 _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "train_subset", "val_subset",
-                "batch_size", "seed", "device", "backend", "amp", "compile", "cudnn_benchmark", "skip_bad", "cache_dir",
+                "batch_size", "seed", "device", "backend", "amp", "compile", "cudnn_benchmark", "cuda_graph",
+                "skip_bad", "cache_dir",
                 "lr", "lr_min", "weight_decay", "schedule", "anneal_fraction", "time_budget", "flip", "tta", "sampler",
                 "mining", "gamma", "alpha", "reduction", "softmax_weight", "select_by")
 
@@ -81,6 +82,8 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
     p.add_argument("--cudnn-benchmark", default=None, choices=("auto", "on", "off"),
                    help="cuDNN times its convolution algorithms (auto: on CUDA; dnnrl train's)")
+    p.add_argument("--cuda-graph", default=None, choices=("on", "off"),
+                   help="the network's training forward and backward as CUDA graphs (dnnrl train's)")
     p.add_argument("--skip-bad", action="store_true", default=None, help="skip corrupt images / CSV rows")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,

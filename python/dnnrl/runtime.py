@@ -44,9 +44,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "reference"
 
 
+def amp_enabled(mode: str, device: torch.device) -> bool:
+    """Whether `mode` ("auto", "bf16", ...) means bf16 autocast on `device`."""
+    return mode == "bf16" or (mode == "auto" and device.type == "cuda")
+
+
 def amp_context(mode: str, device: torch.device):
     """bf16 autocast on CUDA ("auto"), or as requested; a null context otherwise."""
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+    if amp_enabled(mode, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -40,7 +40,8 @@ from . import distributed
 from .config import SELECT_BY, Config
 from .evaluate import evaluate_model, write_results
 from .model import DNNRLNet
-from .runtime import (amp_context, embed, load_data, pick_device, place_data, resolve_backend,
+from .graphs import GraphedForward
+from .runtime import (amp_context, amp_enabled, embed, load_data, pick_device, place_data, resolve_backend,
                       device_name, seed_everything, use_channels_last, use_cudnn_benchmark)
 from .samplers import make_sampler
 from .transforms import AugmentConfig, augment, evaluate_transform
@@ -271,6 +272,13 @@ class Trainer:
             self._init_weights(cfg.init_from)
         self.fwd_model = distributed.wrap_model(self.model, self.dist, uses_head=cfg.method == "dnn" or self._joint,
                                                 compile=cfg.compile, compile_mode=cfg.compile_mode)
+        self._graph = None  # --cuda-graph on: the training fwd + bwd replayed (dnnrl.graphs)
+        if cfg.cuda_graph == "on":
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graph 'on' needs a CUDA device; this run is on %s" % self.device)
+            if self.dist.enabled:
+                raise ValueError("cuda_graph 'on' runs in one process; under torchrun (DDP) leave it off")
+            self._graph = GraphedForward(self.model, cfg.method, self._joint, amp_enabled(cfg.amp, self.device))
         # random_triplets draws its triplets from these (the validation one is re-seeded
         # every validation so the val loss compares the same triplets epoch to epoch)
         self.triplet_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 11)
@@ -349,15 +357,21 @@ class Trainer:
     # ------------------------------------------------------------------ one epoch
     def _loss(self, x, y, criterion=None):
         """Loss of one batch of images x (B, 1, S, S) and labels y; (loss, active fraction or None)."""
-        with self._amp():
+        if self._graph is not None and self.model.training:
+            outs = self._graph(x)  # (logits,) / (emb, logits) / (emb,), float32
             if self.cfg.method == "dnn":
-                logits = (self.fwd_model.logits(x) if not self.cfg.compile or self.dist.enabled
-                          else self.model.logits(x))
-                return F.cross_entropy(logits.float(), y), None
-            if self._joint:
-                emb, logits = self.fwd_model.embed_and_logits(x)
-            else:
-                emb = self.fwd_model(x)
+                return F.cross_entropy(outs[0], y), None
+            emb, logits = outs[0], (outs[1] if self._joint else None)
+        else:
+            with self._amp():
+                if self.cfg.method == "dnn":
+                    logits = (self.fwd_model.logits(x) if not self.cfg.compile or self.dist.enabled
+                              else self.model.logits(x))
+                    return F.cross_entropy(logits.float(), y), None
+                if self._joint:
+                    emb, logits = self.fwd_model.embed_and_logits(x)
+                else:
+                    emb = self.fwd_model(x)
         out = (criterion or self.criterion)(emb.float(), y, return_details=True)
         gamma = self.cfg.gamma
         # "active": triplets with a non-zero gradient (exp: r > gamma; hinge: r < margin)
@@ -663,7 +677,9 @@ class Trainer:
                               "best_metric": None if math.isinf(self.best_val) else self.best_val,
                               "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
                               "device": str(self.device), "device_name": device_name(self.device),
-                              "backend": self.backend, "world_size": self.dist.world_size},
+                              "backend": self.backend, "world_size": self.dist.world_size,
+                              "cuda_graph": self.cfg.cuda_graph,
+                              "graph_replays": self._graph.replays if self._graph is not None else 0},
                  "data": self.data_summary}
         results = evaluate_model(self.model, self.data, self.class_names, self.aug, self.device,
                                  self.cfg.method, self.backend, self.run_dir, k_max=self.cfg.k_max,
