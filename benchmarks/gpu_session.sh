@@ -11,7 +11,8 @@
 #      (benchmarks/bench_train.py, up to 60 s), the GPU benchmarks and the small-batch profile
 # usage: FER_ARCHIVE=.carry/fer2013.tar.xz DNNRL_COMMIT=<hash> bash benchmarks/gpu_session.sh OUTDIR
 #   carry [".carry", ".whl"] (the data archive, the pytorch-metric-learning wheel)
-# Environment: FER_BUDGET (training seconds per run, 320), FER_FLAGS (the recipe, below),
+# Environment: FER_BUDGET (training seconds per run, 290), FER_FLAGS (the recipe, below),
+# SKIP_GRAPH_PROBE=1 (no CUDA-graph probe: the runs take eager steps),
 # DEADLINE (570: seconds after which nothing new starts; the benchmarks shrink to fit),
 # SKIP_FER=1, SKIP_EXTRA=1 (no fourth run; EXTRA_NAME / EXTRA_FLAGS choose it),
 # SKIP_TRAIN_BENCH=1 (no solo training-throughput benchmark after the runs; TRAIN_BENCH_FLAGS
@@ -32,9 +33,10 @@ export PYTHONUNBUFFERED=1 DNNRL_CACHE=/tmp/dnnrl-cache
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 FER_ARCHIVE=${FER_ARCHIVE:-.carry/fer2013.tar.xz}
-# 320 s: the session of 2026-11-28 (240 s) left ~140 s unused at the end; its runs were still
-# improving when the cosine ended (docs/app.md, first full GPU session)
-BUDGET=${FER_BUDGET:-320}
+# 290 s: the session of 2026-11-28 (240 s) left ~140 s unused at the end, and its runs were
+# still improving when the cosine ended (docs/app.md, first full GPU session); the CUDA-graph
+# probe before the runs takes ~40 s of that
+BUDGET=${FER_BUDGET:-290}
 EXTRA_NAME=${EXTRA_NAME:-dnn_wd0.001}
 DEADLINE=${DEADLINE:-570}  # seconds: the benchmarks shrink or give way so the call ends by then
 source benchmarks/gpu_common.sh
@@ -62,6 +64,29 @@ fer_pid=""; lit_pid=""
 if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013: reproduce (3 methods at once, ${BUDGET} s of training each) + a fourth run ($EXTRA_NAME), background"
   timeout 120 python3 -c "import sys; from dnnrl.data import load_dataset; load_dataset(sys.argv[1])" "$FER_ARCHIVE"
+  # --cuda-graph on for the runs only where the graphed step follows the eager one (the GPU
+  # test) and is at least 15 % faster (bench_train, DNNRL alone, 30-step epochs); ~40 s
+  GRAPH_FLAG=""
+  if [ "${SKIP_GRAPH_PROBE:-0}" != 1 ] && [ -z "$BACKEND_FLAG" ]; then
+    step "CUDA-graph probe (tests/test_app_graphs.py -k cuda, bench_train.py --cuda-graphs off,on)"
+    timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_app_graphs.py -k cuda > "$WORK/graph_test.log" 2>&1
+    gt=$?; tail -n 2 "$WORK/graph_test.log"
+    if [ "$gt" -eq 0 ]; then
+      timeout 60 python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnnrl --cudnn on \
+        --cuda-graphs off,on --batches 30 --repeats 2 --out "$WORK/bench_train_graph.json"
+      GRAPH_FLAG=$(python3 - "$WORK/bench_train_graph.json" <<'PY'
+import json, sys
+try:
+    rows = {r["cuda_graph"]: r["images_per_s"] for r in json.load(open(sys.argv[1]))["rows"]}
+except Exception:
+    rows = {}
+if rows.get("on", 0) >= 1.15 * rows.get("off", float("inf")):
+    print("--cuda-graph on")
+PY
+)
+    fi
+    echo "-> runs with: ${GRAPH_FLAG:-eager steps (no --cuda-graph)}"
+  fi
   # the recipe (docs/app.md): joint triplet + softmax with easy-positive mining, random
   # flips + 10-view test-time averaging (--tta crops), lr 0.05 (best of 0.005-0.1 on the
   # CPU), annealed by a cosine over the time budget: at 40 CPU epochs (about what the
@@ -79,13 +104,13 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   [ "$run_limit" -lt 60 ] && run_limit=60
   (
     timeout $run_limit python3 -m dnnrl reproduce --data "$FER_ARCHIVE" --out "$WORK/table2" --jobs 3 \
-      --no-progress --time-budget "$BUDGET" $FLAGS $BACKEND_FLAG > "$WORK/reproduce.log" 2>&1
+      --no-progress --time-budget "$BUDGET" $FLAGS $BACKEND_FLAG $GRAPH_FLAG > "$WORK/reproduce.log" 2>&1
     echo "reproduce exit $?" >> "$WORK/reproduce.log"
     export_limit=$(( DEADLINE - ($(date +%s) - t0) - 25 )); [ "$export_limit" -gt ${EXPORT_TIMEOUT:-90} ] && export_limit=${EXPORT_TIMEOUT:-90}
     if [ -f "$WORK/table2/dnnrl/results.json" ] && [ "$export_limit" -ge 15 ]; then
       timeout $export_limit python3 -m dnnrl export --checkpoint "$WORK/table2/dnnrl" --data "$FER_ARCHIVE" \
         --out "$WORK/dnnrl_bundle.pt" --gallery-dim ${GALLERY_DIM:-auto} --sweep-dims 64,96,128 \
-        --note "dnnrl reproduce --data fer2013.tar.xz --jobs 3 --time-budget $BUDGET $FLAGS (benchmarks/gpu_session.sh, commit ${DNNRL_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
+        --note "dnnrl reproduce --data fer2013.tar.xz --jobs 3 --time-budget $BUDGET $FLAGS $GRAPH_FLAG (benchmarks/gpu_session.sh, commit ${DNNRL_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))" \
         > "$WORK/export.log" 2>&1
       echo "export exit $?" >> "$WORK/export.log"
     fi
@@ -100,7 +125,7 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
     # train defaults (the pure exp loss, no flips).
     EXTRA_FLAGS=${EXTRA_FLAGS:-"--method dnn ${FLAGS/--weight-decay 0.002/--weight-decay 0.001}"}
     timeout $run_limit python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" \
-      --no-progress --time-budget "$BUDGET" $EXTRA_FLAGS $BACKEND_FLAG > "$WORK/extra.log" 2>&1 &
+      --no-progress --time-budget "$BUDGET" $EXTRA_FLAGS $BACKEND_FLAG $GRAPH_FLAG > "$WORK/extra.log" 2>&1 &
     lit_pid=$!
   fi
 fi
@@ -139,7 +164,7 @@ if [ -n "$fer_pid" ]; then
     [ -d "$d" ] && (cd "$(dirname "$d")" && find "$(basename "$d")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
       -o -name '*.png' -o -name 'run.log' \) -print0 | xargs -0 -r cp --parents -t "$WORK/fer")
   done
-  cp "$WORK/reproduce.log" "$WORK/extra.log" "$WORK"/bench_train*.json "$WORK/fer/" 2>/dev/null
+  cp "$WORK/reproduce.log" "$WORK/extra.log" "$WORK"/bench_train*.json "$WORK"/graph_test.log "$WORK/fer/" 2>/dev/null
   tar -czf "$OUTDIR/fer_runs.tar.gz" -C "$WORK/fer" .
   [ -f "$WORK/dnnrl_bundle.pt" ] && cp "$WORK/dnnrl_bundle.pt" "$OUTDIR/"
 fi
