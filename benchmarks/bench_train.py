@@ -65,6 +65,10 @@ def parse(argv=None):
     if not graphs or any(s not in ("on", "off") for s in graphs):
         p.error("--cuda-graphs: comma-separated values from off / on, got %r" % args.cuda_graphs)
     args.cuda_graphs = graphs
+    if "on" in graphs and len(settings) > 1:
+        # the graph is recorded in the first setting's warm-up and replayed in the next:
+        # that row would time the first setting's cuDNN algorithms
+        p.error("--cuda-graphs on times one --cudnn setting per run; pass --cudnn on or --cudnn off")
     sizes = [None]
     if args.batch_sizes is not None:
         try:

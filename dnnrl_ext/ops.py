@@ -205,7 +205,7 @@ def _warn_knn_stats(query: Tensor, gallery: Tensor, k: int) -> None:
     if not _eager():
         return
     exact_rows, queries = _extension._C.knn_candidate_stats()
-    if exact_rows >= 0:
+    if exact_rows >= 0 and queries == query.shape[0]:  # (an empty query never reaches the kernel)
         warnings.warn("dnnrl_ext knn: %d of %d queries took the exact pass (candidate path, k=%d, N=%d, D=%d)"
                       % (exact_rows, queries, k, gallery.shape[0], query.shape[1]), stacklevel=3)
 

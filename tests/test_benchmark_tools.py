@@ -123,7 +123,7 @@ def test_bench_train_times_each_batch_size_in_its_own_trainer(tmp_path):
 def test_bench_train_rejects_bad_settings():
     bt = _load("bench_train")
     for argv in (["--cudnn", "maybe"], ["--batches", "0"], ["--cudnn", ","], ["--batch-sizes", "128,x"],
-                 ["--cuda-graphs", "yes"], ["--cuda-graphs", ","],
+                 ["--cuda-graphs", "yes"], ["--cuda-graphs", ","], ["--cuda-graphs", "off,on"],
                  ["--batch-sizes", "0"], ["--batch-sizes", ","]):
         with pytest.raises(SystemExit) as e:
             bt.parse(argv)

@@ -78,8 +78,8 @@ class Config:
     amp: str = "auto"                 # "auto" = bf16 autocast on cuda; "bf16"; "off"
     channels_last: str = "auto"       # "auto" = on cuda
     cudnn_benchmark: str = "auto"     # cuDNN picks its convolution algorithms by timing them
-    cuda_graph: str = "off"           # "on": the network's training fwd + bwd replayed as CUDA graphs
                                       # ("auto" = on cuda: the input shape is fixed); "on" / "off"
+    cuda_graph: str = "off"           # "on": the network's training fwd + bwd replayed as CUDA graphs
     compile: bool = False             # torch.compile the model
     compile_mode: str = "default"     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
                                       # "max-autotune", "max-autotune-no-cudagraphs"

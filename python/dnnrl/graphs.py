@@ -12,7 +12,10 @@ optimiser, checkpoints and best-weight reloads work unchanged), evaluation (eval
 the network eagerly), and any batch of another shape than the captured one (eager too).
 What differs: the capture's warm-up passes would move BatchNorm's running statistics, so
 they are saved before and put back after; the replayed kernels are those cuDNN picked at
-capture time, so a graphed run matches an eager one to rounding, not bit for bit.
+capture time, so a graphed run matches an eager one to rounding, not bit for bit. The
+gradients the replayed backward hands to the parameters live in the graph's memory: the
+trainer clears them with ``zero_grad(set_to_none=True)`` before every backward, which keeps
+one step's gradients from being added to the next's.
 """
 from typing import Callable, Optional, Tuple
 
