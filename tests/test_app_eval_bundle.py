@@ -206,3 +206,31 @@ def test_export_cli_gallery_dim_argument():
     for bad in ("0", "-3", "ninety"):
         with pytest.raises(SystemExit):
             ap.parse_args(base + ["--gallery-dim", bad])
+
+
+def test_reduce_gallery_dim_equals_an_export_at_that_dim(setup, tmp_path):
+    """Cutting a 24-dim PCA gallery to 10 gives what an export at 10 writes (same
+    components, same float16 gallery), and the cut bundle classifies like it; bad dims
+    and a bundle without a projection are refused by name."""
+    wd, ds, _, bundles = setup
+    at10 = str(tmp_path / "at10.pt")
+    B.export_bundle(str(wd / "run_dnnrl"), ds, at10, k_max=7, gallery_dim=10, device="cpu")
+    raw24 = torch.load(bundles["dnnrl"], map_location="cpu", weights_only=False)
+    raw10 = torch.load(at10, map_location="cpu", weights_only=False)
+    cut = B.reduce_gallery_dim(raw24, 10)
+    assert cut["gallery"].shape == (raw24["gallery"].shape[0], 10) and cut["meta"]["gallery_dim"] == 10
+    torch.testing.assert_close(cut["projection"]["components"], raw10["projection"]["components"],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(cut["gallery"].float(), raw10["gallery"].float(), rtol=0, atol=2e-3)
+    assert raw24["gallery"].shape[1] == 24  # the input is left as it was
+    cut["k"] = raw10["k"]
+    path = str(tmp_path / "cut.pt")
+    B.save_bundle(cut, path)
+    got, _ = _expected(path, ds)
+    want, _ = _expected(at10, ds)
+    assert got == want
+    for bad in (0, 25, 2.0, True):
+        with pytest.raises(B.BundleError, match="dim must be an int"):
+            B.reduce_gallery_dim(raw24, bad)
+    with pytest.raises(B.BundleError, match="no PCA projection"):
+        B.reduce_gallery_dim(dict(raw24, projection=None), 5)

@@ -367,6 +367,36 @@ def _meta(ck_path: str, cfg: Config, facts: dict, extra: Optional[dict]) -> dict
     return meta
 
 
+def reduce_gallery_dim(bundle: dict, dim: int) -> dict:
+    """The bundle with its PCA gallery cut to the first ``dim`` components.
+
+    fit_pca's components are the covariance's eigenvectors in order of variance (signs
+    fixed per column), so the first ``dim`` of them are what a fit to ``dim`` gives, and each
+    stored coordinate was rounded to float16 on its own: the result is the gallery an
+    export with ``gallery_dim=dim`` writes from the same checkpoint, without the checkpoint.
+    k and the meta's accuracies are left as they were: measure the reduced bundle (``dnnrl
+    eval``) and record what it scores.
+
+    Args:
+        bundle: a bundle dict (torch.load of a bundle file) with a projection.
+        dim: 1 <= dim <= its gallery's dimension.
+    Returns:
+        a new dict: gallery (N, dim), projection components (D, dim); meta.gallery_dim = dim.
+    """
+    proj = bundle.get("projection")
+    if not proj or proj.get("components") is None:
+        raise BundleError("reduce_gallery_dim: the bundle stores no PCA projection to cut")
+    have = int(bundle["gallery"].shape[1])
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= have:
+        raise BundleError("reduce_gallery_dim: dim must be an int in [1, %d] (the gallery's dimension), got %r"
+                          % (have, dim))
+    out = dict(bundle)
+    out["gallery"] = bundle["gallery"][:, :dim].contiguous()
+    out["projection"] = {"mean": proj["mean"], "components": proj["components"][:, :dim].contiguous()}
+    out["meta"] = dict(bundle.get("meta") or {}, gallery_dim=dim)
+    return out
+
+
 def save_bundle(bundle: dict, path: str) -> int:
     """Write atomically; returns the file size in bytes."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
