@@ -131,6 +131,9 @@ def _exact_pass_queries(q, gal, lab):
 def bench_knn(shapes, rates, repeats):
     """knn_vote, ours (the default exact 3xTF32 pass; and with DNNRL_KNN_CANDIDATES=1 the
     float32 candidate path where it applies) vs chunked torch."""
+    for var in ("DNNRL_KNN_EXACT", "DNNRL_KNN_CANDIDATES"):  # each column sets its own path
+        if os.environ.pop(var, None) is not None:
+            print("bench_knn: ignoring %s from the environment" % var, flush=True)
     rows = []
     for Q, N, kind in shapes:
         g = torch.Generator(device=DEV).manual_seed(N)

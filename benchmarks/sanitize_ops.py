@@ -76,6 +76,7 @@ def main():
     g = torch.cat([q[:1] + 1e-2 * torch.randn(60, 64, device=DEV), torch.randn(200, 64, device=DEV)])
     lab = torch.randint(0, 5, (g.shape[0],), device=DEV)
     os.environ["DNNRL_KNN_CANDIDATES"] = "1"
+    os.environ.pop("DNNRL_KNN_EXACT", None)  # (it would keep the path off)
     try:
         for k in (1, 10, 16):
             d, i = dnnrl_ext.knn(q, g, k)
