@@ -106,13 +106,16 @@ def _knn_inputs(Q, N, kind, g):
     return torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(gal, dim=1)
 
 
-def _exact_pass_queries(q, gal, lab):
-    """How many queries the opt-in candidate path could not certify (DNNRL_KNN_STATS
-    warning); None where the path does not apply (shape / dtype outside it)."""
+FAST_PATHS = {"candidates": "DNNRL_KNN_CANDIDATES", "filter": "DNNRL_KNN_FILTER"}  # opt-in k-NN paths
+
+
+def _exact_pass_queries(q, gal, lab, path):
+    """How many queries the opt-in path ("candidates" or "filter") left to the exact pass
+    (DNNRL_KNN_STATS warning); None where the path does not apply (shape / dtype outside it)."""
     import re
     import warnings
     os.environ["DNNRL_KNN_STATS"] = "1"
-    os.environ["DNNRL_KNN_CANDIDATES"] = "1"
+    os.environ[FAST_PATHS[path]] = "1"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -120,7 +123,7 @@ def _exact_pass_queries(q, gal, lab):
             torch.cuda.synchronize()
     finally:
         os.environ.pop("DNNRL_KNN_STATS", None)
-        os.environ.pop("DNNRL_KNN_CANDIDATES", None)
+        os.environ.pop(FAST_PATHS[path], None)
     for w in caught:
         m = re.search(r"(\d+) of (\d+) queries took the exact pass", str(w.message))
         if m:
@@ -129,48 +132,51 @@ def _exact_pass_queries(q, gal, lab):
 
 
 def bench_knn(shapes, rates, repeats):
-    """knn_vote, ours (the default exact 3xTF32 pass; and with DNNRL_KNN_CANDIDATES=1 the
-    float32 candidate path where it applies) vs chunked torch."""
-    for var in ("DNNRL_KNN_EXACT", "DNNRL_KNN_CANDIDATES"):  # each column sets its own path
+    """knn_vote, ours (the default exact 3xTF32 pass; and, where they apply, the opt-in
+    float32 paths: DNNRL_KNN_CANDIDATES=1, DNNRL_KNN_FILTER=1) vs chunked torch."""
+    for var in ("DNNRL_KNN_EXACT", *FAST_PATHS.values()):  # each column sets its own path
         if os.environ.pop(var, None) is not None:
             print("bench_knn: ignoring %s from the environment" % var, flush=True)
     rows = []
+    columns = [("dnnrl_ext", None)] + [("dnnrl_ext_" + p, p) for p in FAST_PATHS]
     for Q, N, kind in shapes:
         g = torch.Generator(device=DEV).manual_seed(N)
         q, gal = _knn_inputs(Q, N, kind, g)
         lab = torch.randint(0, 7, (N,), device=DEV, generator=g)
         row = {"Q": Q, "N": N, "k": 10, "data": kind}
         ours = alt = None
-        for name, candidates in (("dnnrl_ext", False), ("dnnrl_ext_candidates", True)):
-            os.environ.pop("DNNRL_KNN_CANDIDATES", None)
-            if candidates:
-                os.environ["DNNRL_KNN_CANDIDATES"] = "1"
+        for name, path in columns:
+            if path is not None:
+                os.environ[FAST_PATHS[path]] = "1"
             try:
                 t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
                 row.update({name + "_ms": t * 1e3, name + "_mib": mem})
                 pred = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
-                if candidates:
-                    row["candidates_pred_agreement"] = (float((pred == ours).double().mean())
-                                                        if ours is not None else None)
+                if path is not None:  # agreement with the exact pass, which runs first
+                    row[path + "_pred_agreement"] = (float((pred == ours).double().mean())
+                                                     if ours is not None else None)
                 else:
                     ours = pred
                     row["mm_fraction"] = 2 * Q * N * 512 / t / rates[torch.float32]
             except Exception as exc:
                 row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
             finally:
-                os.environ.pop("DNNRL_KNN_CANDIDATES", None)
+                if path is not None:
+                    os.environ.pop(FAST_PATHS[path], None)
         try:
             t, mem = measure(lambda: alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7), repeats)
             row.update(chunked_torch_ms=t * 1e3, chunked_torch_mib=mem)
             alt = alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7)
         except Exception as exc:
             row["chunked_torch_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
-        for name in ("dnnrl_ext", "dnnrl_ext_candidates"):
+        for name, _ in columns:
             if isinstance(row.get(name + "_ms"), float) and isinstance(row.get("chunked_torch_ms"), float):
                 row["x_vs_chunked" + name[9:]] = row["chunked_torch_ms"] / row[name + "_ms"]
         if ours is not None and alt is not None:
             row["pred_agreement"] = float((ours == alt).double().mean())
-        row["exact_pass_queries"] = _exact_pass_queries(q, gal, lab)
+        for path in FAST_PATHS:
+            key = "exact_pass_queries" if path == "candidates" else path + "_exact_pass_queries"
+            row[key] = _exact_pass_queries(q, gal, lab, path)
         rows.append(row)
         print(row, flush=True)
         del q, gal, lab
@@ -225,9 +231,11 @@ def main():
     if payload.get("knn_vote"):
         print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["knn_vote"], [
-            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_candidates_ms", "chunked_torch_ms", "x_vs_chunked",
-            "x_vs_chunked_candidates", "dnnrl_ext_mib", "dnnrl_ext_candidates_mib", "chunked_torch_mib",
-            "mm_fraction", "pred_agreement", "candidates_pred_agreement", "exact_pass_queries"]))
+            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_candidates_ms", "dnnrl_ext_filter_ms", "chunked_torch_ms",
+            "x_vs_chunked", "x_vs_chunked_candidates", "x_vs_chunked_filter", "dnnrl_ext_mib",
+            "dnnrl_ext_candidates_mib", "dnnrl_ext_filter_mib", "chunked_torch_mib", "mm_fraction", "pred_agreement",
+            "candidates_pred_agreement", "filter_pred_agreement", "exact_pass_queries",
+            "filter_exact_pass_queries"]))
     payload["markdown"] = "\n\n".join(md)
     common.write_json(out, payload)
 

@@ -1,11 +1,14 @@
 """Launch the tile kernels a few times at benchmark scale, for Nsight Compute:
 
-    ncu --clock-control none -k regex:"knn_pass|mine_pass" --launch-skip 1 --launch-count 4 \\
+    ncu --clock-control none -k regex:"knn_pass|knn_filter|mine_pass" --launch-skip 1 --launch-count 4 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         python3 benchmarks/kernels_once.py
 
-knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) with the float32 candidate
-path (DNNRL_KNN_CANDIDATES=1) and without it (the 3xTF32 pass, the default), then the fused loss forward at
+knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) with the float32 filter path
+(DNNRL_KNN_FILTER=1: its bound pass is a knn_pass on the gallery subset, then
+knn_filter_kernel, then the exact knn_pass whose blocks return at once unless a query
+overflowed), then neither (the 3xTF32 pass, the default), then the candidate path
+(DNNRL_KNN_CANDIDATES=1), then the fused loss forward at
 B = 8192 in float32 and bfloat16.
 """
 import os
@@ -20,10 +23,11 @@ def main():
     q = torch.nn.functional.normalize(torch.randn(3589, 512, device="cuda", generator=g), dim=1)
     gal = torch.nn.functional.normalize(torch.randn(28709, 512, device="cuda", generator=g), dim=1)
     lab = torch.randint(0, 7, (28709,), device="cuda", generator=g)
-    for candidates in (True, False):
-        os.environ.pop("DNNRL_KNN_CANDIDATES", None)
-        if candidates:
-            os.environ["DNNRL_KNN_CANDIDATES"] = "1"
+    for var in ("DNNRL_KNN_FILTER", None, "DNNRL_KNN_CANDIDATES"):  # the newest first (ncu --launch-count)
+        for v in ("DNNRL_KNN_EXACT", "DNNRL_KNN_CANDIDATES", "DNNRL_KNN_FILTER"):
+            os.environ.pop(v, None)
+        if var is not None:
+            os.environ[var] = "1"
         for _ in range(2):
             dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
     os.environ.pop("DNNRL_KNN_CANDIDATES", None)

@@ -24,6 +24,7 @@ LOSS_IMPLS = (("dnnrl_ext", "dnnrl_ext"), ("dnnrl_ext_6_launches", "dnnrl_ext, 6
 # exact pass; since then "dnnrl_ext" is the default exact pass, "dnnrl_ext_candidates" opt-in)
 KNN_IMPLS = (("dnnrl_ext", "dnnrl_ext"), ("dnnrl_ext_exact", "dnnrl_ext, exact pass"),
              ("dnnrl_ext_candidates", "dnnrl_ext, candidate path"),
+             ("dnnrl_ext_filter", "dnnrl_ext, filter path"),
              ("chunked_torch", "chunked torch (cdist + topk)"))
 STYLES = {"float32": "-", "bfloat16": "--", None: "-"}
 

@@ -75,17 +75,26 @@ def main():
     q = torch.randn(20, 64, device=DEV)
     g = torch.cat([q[:1] + 1e-2 * torch.randn(60, 64, device=DEV), torch.randn(200, 64, device=DEV)])
     lab = torch.randint(0, 5, (g.shape[0],), device=DEV)
-    os.environ["DNNRL_KNN_CANDIDATES"] = "1"
-    os.environ.pop("DNNRL_KNN_EXACT", None)  # (it would keep the path off)
-    try:
-        for k in (1, 10, 16):
-            d, i = dnnrl_ext.knn(q, g, k)
-            dr, _ = ref.knn(q.cpu(), g.cpu(), k)
-            check("knn float32 dense, candidate path, k=%d" % k, d, dr, 1e-3, 1e-3)
-            pred = dnnrl_ext.knn_vote(q, g, lab, k, 5)
-            assert pred.shape == (20,)
-    finally:
-        os.environ.pop("DNNRL_KNN_CANDIDATES", None)
+    # The opt-in filter path (DNNRL_KNN_FILTER=1) on the same rows (query 0's 60 rows are
+    # candidates, re-ranked), and with query 1 crowded by 600 near copies: more than its
+    # 512 candidate slots, so it takes the exact fallback pass.
+    g_crowd = torch.cat([g, q[1:2] + 1e-4 * torch.randn(600, 64, device=DEV)])
+    lab_crowd = torch.randint(0, 5, (g_crowd.shape[0],), device=DEV)
+    os.environ.pop("DNNRL_KNN_EXACT", None)  # (it would keep the paths off)
+    for var, gal, labels in (("DNNRL_KNN_CANDIDATES", g, lab), ("DNNRL_KNN_FILTER", g, lab),
+                             ("DNNRL_KNN_FILTER", g_crowd, lab_crowd)):
+        os.environ[var] = "1"
+        try:
+            for k in (1, 10, 16, 32):
+                if var == "DNNRL_KNN_CANDIDATES" and k > 16:
+                    continue
+                d, i = dnnrl_ext.knn(q, gal, k)
+                dr, _ = ref.knn(q.cpu(), gal.cpu(), k)
+                check("knn float32 dense, %s, N=%d, k=%d" % (var, gal.shape[0], k), d, dr, 1e-3, 1e-3)
+                pred = dnnrl_ext.knn_vote(q, gal, labels, k, 5)
+                assert pred.shape == (20,)
+        finally:
+            os.environ.pop(var, None)
     if DEV == "cuda":
         torch.cuda.synchronize()
     print("sanitize_ops: %d mismatches" % len(failures))

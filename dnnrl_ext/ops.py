@@ -197,8 +197,8 @@ def knn(query: Tensor, gallery: Tensor, k: int, *, backend: str = "auto") -> Tup
 
 
 def _warn_knn_stats(query: Tensor, gallery: Tensor, k: int) -> None:
-    """DNNRL_KNN_STATS=1 (diagnostics): warn how many queries the CUDA candidate path
-    left to the exact pass. The kernel only records the count; the warning is raised
+    """DNNRL_KNN_STATS=1 (diagnostics): warn how many queries the CUDA fast path (the
+    opt-in candidate or filter path) left to the exact pass. The kernel only records the count; the warning is raised
     here, in Python, because a TORCH_WARN inside the op crashed the process on the H200."""
     if query.device.type != "cuda" or os.environ.get("DNNRL_KNN_STATS", "0") in ("", "0"):
         return
@@ -206,7 +206,7 @@ def _warn_knn_stats(query: Tensor, gallery: Tensor, k: int) -> None:
         return
     exact_rows, queries = _extension._C.knn_candidate_stats()
     if exact_rows >= 0 and queries == query.shape[0]:  # (an empty query never reaches the kernel)
-        warnings.warn("dnnrl_ext knn: %d of %d queries took the exact pass (candidate path, k=%d, N=%d, D=%d)"
+        warnings.warn("dnnrl_ext knn: %d of %d queries took the exact pass (fast path, k=%d, N=%d, D=%d)"
                       % (exact_rows, queries, k, gallery.shape[0], query.shape[1]), stacklevel=3)
 
 

@@ -180,3 +180,25 @@ def test_plot_bench_draws_the_numbers(tmp_path):
     with pytest.raises(ValueError, match="neither a 'loss' nor a 'knn_vote'"):
         pb.draw({"machine": {}})
     assert pb.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_filter_path_model_mirrors_the_kernel_and_its_proof_holds():
+    """benchmarks/filter_path_model.py models the CUDA filter path (DNNRL_KNN_FILTER=1): its
+    constants and stride rule must be the kernel's, and on inputs at a reduced scale the
+    proof's premise (|approximate - exact| <= e) and conclusion (the true top k inside the
+    re-ranked set) must hold, with no query over the slot cap."""
+    import re
+    mod = _load("filter_path_model")
+    src = open(os.path.join(ROOT, "csrc", "cuda", "knn_cuda.cu")).read()
+    assert int(re.search(r"kFilterCap = (\d+);", src).group(1)) == mod.CAP
+    assert int(re.search(r"kFilterMaxStride = (\d+);", src).group(1)) == mod.MAX_STRIDE
+    assert "kFilterCap / (4 * k)" in src, "the model's stride rule is the kernel's"
+    assert [mod.stride(28709, k) for k in (1, 10, 32)] == [16, 12, 4]
+    assert mod.stride(33, 16) == 2 and mod.stride(5, 5) == 1  # ceil(N / s) >= k always
+    for kind in ("random", "clustered"):
+        q, g = mod.inputs(kind, 300, 6000, 128, seed=1)
+        for k in (1, 10):
+            r = mod.model(q, g, k)
+            assert r["max_err_over_e"] < 0.5, r
+            assert r["top_k_covered"] == 1.0 and r["overflow_rows"] == 0, r
+            assert k <= r["reranked_mean"] < 4 * k + 8, r  # the exact re-rank stays small

@@ -1,10 +1,16 @@
-"""CUDA knn / knn_vote, float32: the candidate path (opt-in, DNNRL_KNN_CANDIDATES=1: a
-float16 pass, an exact float32 re-rank of 32 candidates and an error-bound certificate;
-csrc/cuda/knn_cuda.cu) against
-the exact 3xTF32 path (DNNRL_KNN_EXACT=1) and the reference, on inputs that take
-either branch of the certificate: clear neighbourhoods (certified), neighbourhoods
-denser than the bound (every row falls back), duplicates, NaN / inf and extreme
-magnitudes (never certified)."""
+"""CUDA knn / knn_vote, float32: the two opt-in fast paths against the exact 3xTF32 path
+(DNNRL_KNN_EXACT=1) and the reference (csrc/cuda/knn_cuda.cu):
+
+* candidates (DNNRL_KNN_CANDIDATES=1): a float16 pass, an exact float32 re-rank of 32
+  candidates and an error-bound certificate;
+* filter (DNNRL_KNN_FILTER=1): a float16 bound pass over a gallery subset, a float16
+  filter pass against a proven threshold, an exact float32 re-rank of the rows within
+  the error band; more than 512 candidates send a query to the exact pass.
+
+On inputs that take either branch: clear neighbourhoods (answered by the fast path),
+neighbourhoods denser than the bound (the candidate path falls back; the filter path
+answers them, or falls back when they overflow its slots), duplicates, NaN / inf and
+extreme magnitudes (always the exact pass)."""
 import math
 
 import numpy as np
@@ -27,14 +33,23 @@ def _bound(D: int) -> float:
     return 1.25 * (2 * u + u * u + D * 2.0 ** -22 + D * 2.0 ** -23)
 
 
-def _run(q, g, labels, k, C, exact: bool, monkeypatch):
-    """(dist, idx, pred, votes) from the compiled CUDA kernels, on the chosen path."""
-    if exact:
+FAST_PATHS = ("candidates", "filter")
+PATH_VARS = {"candidates": "DNNRL_KNN_CANDIDATES", "filter": "DNNRL_KNN_FILTER"}
+
+
+def _set_path(monkeypatch, path: str) -> None:
+    """Environment for one k-NN path: "exact", "candidates" or "filter" (opt-in paths)."""
+    for var in ("DNNRL_KNN_EXACT", *PATH_VARS.values()):
+        monkeypatch.delenv(var, raising=False)
+    if path == "exact":
         monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
-        monkeypatch.delenv("DNNRL_KNN_CANDIDATES", raising=False)
     else:
-        monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
-        monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")  # opt-in (slower on the H200)
+        monkeypatch.setenv(PATH_VARS[path], "1")
+
+
+def _run(q, g, labels, k, C, path: str, monkeypatch):
+    """(dist, idx, pred, votes) from the compiled CUDA kernels, on the chosen path."""
+    _set_path(monkeypatch, path)
     qd, gd, ld = q.cuda(), g.cuda(), labels.cuda()
     d, i = dnnrl_ext.knn(qd, gd, k, backend="compiled")
     p, v = dnnrl_ext.knn_vote(qd, gd, ld, k, C, return_votes=True, backend="compiled")
@@ -51,12 +66,11 @@ def dist64(q, g) -> np.ndarray:
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
 
 
-def _exact_pass_count(q, g, k, monkeypatch) -> int:
-    """Queries the candidate path left to the exact pass (its DNNRL_KNN_STATS warning)."""
-    monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
-    monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")
+def _exact_pass_count(q, g, k, monkeypatch, path: str = "candidates") -> int:
+    """Queries the fast path left to the exact pass (its DNNRL_KNN_STATS warning)."""
+    _set_path(monkeypatch, path)
     counts = _stats_counts(q, g, k, monkeypatch)
-    assert len(counts) == 1, "the candidate path did not run"
+    assert len(counts) == 1, "the %s path did not run" % path
     return counts[0]
 
 
@@ -74,20 +88,36 @@ def _stats_counts(q, g, k, monkeypatch) -> list:
             for m in [re.search(r"(\d+) of \d+ queries took the exact pass", str(w.message))] if m]
 
 
-def test_candidate_path_is_opt_in(monkeypatch):
-    """Without DNNRL_KNN_CANDIDATES=1 every query takes the exact pass (the candidate path
-    was slower on the H200); with it, and DNNRL_KNN_EXACT=1 beside it, too."""
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_fast_paths_are_opt_in(path, monkeypatch):
+    """Without its variable every query takes the exact pass (the default); with it, and
+    DNNRL_KNN_EXACT=1 beside it, too; with it alone the fast path runs."""
     require_compiled("cuda")
     gen = torch.Generator().manual_seed(3)
     q, g = torch.randn(50, 64, generator=gen), torch.randn(1000, 64, generator=gen)
-    monkeypatch.delenv("DNNRL_KNN_EXACT", raising=False)
-    monkeypatch.delenv("DNNRL_KNN_CANDIDATES", raising=False)
+    for var in ("DNNRL_KNN_EXACT", *PATH_VARS.values()):
+        monkeypatch.delenv(var, raising=False)
     assert _stats_counts(q, g, 5, monkeypatch) == []
-    monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")
+    monkeypatch.setenv(PATH_VARS[path], "1")
     monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
     assert _stats_counts(q, g, 5, monkeypatch) == []
     monkeypatch.delenv("DNNRL_KNN_EXACT")
     assert len(_stats_counts(q, g, 5, monkeypatch)) == 1
+
+
+def test_filter_path_takes_precedence_over_the_candidate_path(monkeypatch):
+    """Both variables set: the filter path runs. Told apart by a neighbourhood denser than
+    the candidate path's certificate: the candidate path sends that query to the exact
+    pass, the filter path answers it."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(4)
+    q = _unit(torch.randn(10, 64, generator=gen))
+    g = torch.cat([_unit(q[:1] + 1e-4 * torch.randn(100, 64, generator=gen)),
+                   _unit(torch.randn(2000, 64, generator=gen))])
+    assert _exact_pass_count(q, g, 10, monkeypatch, "candidates") >= 1
+    assert _exact_pass_count(q, g, 10, monkeypatch, "filter") == 0
+    monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")  # _set_path("filter") left only the filter's on
+    assert _stats_counts(q, g, 10, monkeypatch) == [0]
 
 
 def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:
@@ -133,21 +163,24 @@ def _unit(x):
     return x / x.norm(dim=1, keepdim=True)
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("D", [3, 64, 512])
-@pytest.mark.parametrize("k", [1, 5, 10, 16])
-def test_candidate_path_matches_reference_and_exact_path(D, k, monkeypatch):
+@pytest.mark.parametrize("k", [1, 5, 10, 16, 32])
+def test_fast_path_matches_reference_and_exact_path(path, D, k, monkeypatch):
     require_compiled("cuda")
+    if path == "candidates" and k > 16:
+        pytest.skip("the candidate path runs for k <= 16")
     gen = torch.Generator().manual_seed(D * 100 + k)
     q = _unit(torch.randn(300, D, generator=gen))
     g = _unit(torch.randn(4000, D, generator=gen))
     labels = torch.randint(0, 7, (4000,), generator=gen)
-    fast = _run(q, g, labels, k, 7, exact=False, monkeypatch=monkeypatch)
-    exact = _run(q, g, labels, k, 7, exact=True, monkeypatch=monkeypatch)
+    fast = _run(q, g, labels, k, 7, path, monkeypatch)
+    exact = _run(q, g, labels, k, 7, "exact", monkeypatch)
     rows = _tie_free_rows(q, g, k)
     _check_against_reference(q, g, labels, k, 7, fast, rows)
     _check_against_reference(q, g, labels, k, 7, exact, rows)
-    if D >= 64:  # clear neighbourhoods: (nearly) every query certified, so the fast pass counts
-        assert _exact_pass_count(q, g, k, monkeypatch) <= 0.05 * q.shape[0]
+    if D >= 64 or path == "filter":  # (nearly) every query answered, so the fast pass counts
+        assert _exact_pass_count(q, g, k, monkeypatch, path) <= 0.05 * q.shape[0]
 
 
 def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
@@ -173,14 +206,68 @@ def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
     exact_d = np.sort(dist64(q, g), axis=1)
     assert (approx[:, K_CAND - 1] - e < exact_d[:, k - 1] - 1e-6).all()
     assert _exact_pass_count(q, g, k, monkeypatch) == q.shape[0]
-    fast = _run(q, g, labels, k, 5, exact=False, monkeypatch=monkeypatch)
-    exact = _run(q, g, labels, k, 5, exact=True, monkeypatch=monkeypatch)
+    fast = _run(q, g, labels, k, 5, "candidates", monkeypatch)
+    exact = _run(q, g, labels, k, 5, "exact", monkeypatch)
     for a, b in zip(fast, exact):
         assert torch.equal(a, b), "the fallback rows must be the exact path's, bit for bit"
     _check_against_reference(q, g, labels, k, 5, fast, _tie_free_rows(q, g, k, rel=1e-7))
+    # the filter path has no such limit: all 100 rows are candidates and re-ranked exactly
+    assert _exact_pass_count(q, g, k, monkeypatch, "filter") == 0
+    filt = _run(q, g, labels, k, 5, "filter", monkeypatch)
+    _check_against_reference(q, g, labels, k, 5, filt, _tie_free_rows(q, g, k, rel=1e-7))
 
 
-def test_duplicates_and_ties_follow_the_index_rule(monkeypatch):
+def _shell(row, n, spread, gen):
+    """n unit rows at squared distances spread * (1..n) from the unit row `row`."""
+    v = torch.randn(n, row.shape[0], generator=gen, dtype=torch.float64)
+    v = _unit(v - (v @ row)[:, None] * row)
+    t = torch.sqrt(spread * torch.arange(1, n + 1, dtype=torch.float64))
+    return _unit(row + t[:, None] * v)
+
+
+def test_filter_path_overflow_falls_back_to_the_exact_pass(monkeypatch):
+    """Query 0 has 700 gallery rows within the filter's threshold (more than its 512
+    slots): that query, and only it, takes the exact pass, bit for bit. The others have
+    150 rows of their own spread out nearby, so their thresholds stay far below the
+    distance to query 0's crowd (modelled on the CPU: about 120-250 candidates each)."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(6)
+    D, k = 64, 10
+    q = _unit(torch.randn(30, D, generator=gen, dtype=torch.float64))
+    g = torch.cat([_shell(q[0], 700, 1e-7, gen)] + [_shell(row, 150, 2e-3, gen) for row in q[1:]]
+                  + [_unit(torch.randn(3000, D, generator=gen, dtype=torch.float64))])
+    q, g = q.float(), g.float()
+    labels = torch.randint(0, 5, (g.shape[0],), generator=gen)
+    assert _exact_pass_count(q, g, k, monkeypatch, "filter") == 1
+    filt = _run(q, g, labels, k, 5, "filter", monkeypatch)
+    exact = _run(q, g, labels, k, 5, "exact", monkeypatch)
+    for a, b in zip(filt, exact):
+        assert torch.equal(a[:1], b[:1]), "the overflowing query must be the exact path's, bit for bit"
+    _check_against_reference(q, g, labels, k, 5, filt, _tie_free_rows(q, g, k))
+
+
+def test_filter_path_in_query_chunks_with_the_large_tiles(monkeypatch):
+    """8,500 queries: two chunks of the filter pass (8,192 queries each at most), and with
+    67 row tiles both the bound pass (2 column tiles of its 167-row subset) and the filter
+    pass give at least 132 tiles, so they take the 128 x 128 engine on an H100 / H200."""
+    require_compiled("cuda")
+    gen = torch.Generator().manual_seed(8)
+    q = _unit(torch.randn(8500, 16, generator=gen))
+    g = _unit(torch.randn(2000, 16, generator=gen))
+    labels = torch.randint(0, 6, (2000,), generator=gen)
+    assert _exact_pass_count(q, g, 10, monkeypatch, "filter") <= 0.05 * q.shape[0]
+    filt = _run(q, g, labels, 10, 6, "filter", monkeypatch)
+    exact = _run(q, g, labels, 10, 6, "exact", monkeypatch)
+    rows = torch.as_tensor(_tie_free_rows(q, g, 10))
+    assert rows[:8192].sum() > 1000 and rows[8192:].sum() > 50, "both chunks need tie-free rows"
+    for a, b in zip(filt[1:], exact[1:]):
+        assert torch.equal(a[rows], b[rows]), "indices / votes differ from the exact path"
+    atol = torch.finfo(torch.float32).eps * (4 * 16 ** 0.5 + 16) * row_scale(torch.cat([q, g]))
+    torch.testing.assert_close(filt[0], exact[0], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_duplicates_and_ties_follow_the_index_rule(path, monkeypatch):
     """Grid values: exact distances in every path, many exact ties (duplicated rows)."""
     require_compiled("cuda")
     rng = np.random.default_rng(2)
@@ -190,12 +277,13 @@ def test_duplicates_and_ties_follow_the_index_rule(monkeypatch):
     for k in (1, 7, 16):
         want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
         want_p, want_v = dnnrl_ext.knn_vote(q, g, labels, k, 4, return_votes=True, backend="reference")
-        d, i, p, v = _run(q, g, labels, k, 4, exact=False, monkeypatch=monkeypatch)
+        d, i, p, v = _run(q, g, labels, k, 4, path, monkeypatch)
         assert torch.equal(i, want_i) and torch.equal(d, want_d), k
         assert torch.equal(p, want_p) and torch.equal(v, want_v), k
 
 
-def test_non_finite_rows(monkeypatch):
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_non_finite_rows(path, monkeypatch):
     """A NaN / inf gallery row stops every certificate; a NaN query row its own. The
     results are then the exact path's (NaN distances last, as on the CPU)."""
     require_compiled("cuda")
@@ -209,8 +297,8 @@ def test_non_finite_rows(monkeypatch):
     g_bad[7, 3] = float("nan")
     g_bad[400, 0] = float("inf")
     for qq, gg in ((q_nan, g), (q, g_bad), (q_nan, g_bad)):
-        fast = _run(qq, gg, labels, 10, 3, exact=False, monkeypatch=monkeypatch)
-        exact = _run(qq, gg, labels, 10, 3, exact=True, monkeypatch=monkeypatch)
+        fast = _run(qq, gg, labels, 10, 3, path, monkeypatch)
+        exact = _run(qq, gg, labels, 10, 3, "exact", monkeypatch)
         cpu_i = dnnrl_ext.knn(qq, gg, 10, backend="compiled")[1]
         rows = torch.as_tensor(_tie_free_rows(qq, gg, 10))
         rows[5] = True  # the NaN query row: all distances NaN, so indices 0..9 in order
@@ -220,15 +308,16 @@ def test_non_finite_rows(monkeypatch):
         torch.testing.assert_close(fast[0][rows], exact[0][rows], equal_nan=True, rtol=0, atol=1e-5)
         assert torch.equal(fast[1][rows], cpu_i[rows]), "CUDA and CPU kernels order NaN rows alike"
         if gg is g_bad:  # no certificate: every row is the exact pass's, bit for bit
-            assert _exact_pass_count(qq, gg, 10, monkeypatch) == qq.shape[0]
+            assert _exact_pass_count(qq, gg, 10, monkeypatch, path) == qq.shape[0]
             for a, b in zip(fast, exact):
                 assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
         else:  # only the NaN query row (and perhaps a few unclear ones)
-            assert 1 <= _exact_pass_count(qq, gg, 10, monkeypatch) <= 5
+            assert 1 <= _exact_pass_count(qq, gg, 10, monkeypatch, path) <= 5
 
 
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("exp_range", [10, 40, 58])
-def test_rows_of_very_different_magnitudes(exp_range, monkeypatch):
+def test_rows_of_very_different_magnitudes(path, exp_range, monkeypatch):
     """Row scales 2^-r .. 2^r: the float16 copies are scaled per row; rows beyond 2^+-48
     are never certified (exact pass)."""
     require_compiled("cuda")
@@ -238,8 +327,8 @@ def test_rows_of_very_different_magnitudes(exp_range, monkeypatch):
     q = (torch.randn(200, 16, generator=gen, dtype=torch.float64) * s_q).float()
     g = (torch.randn(2000, 16, generator=gen, dtype=torch.float64) * s_g).float()
     labels = torch.randint(0, 4, (2000,), generator=gen)
-    fast = _run(q, g, labels, 8, 4, exact=False, monkeypatch=monkeypatch)
-    exact = _run(q, g, labels, 8, 4, exact=True, monkeypatch=monkeypatch)
+    fast = _run(q, g, labels, 8, 4, path, monkeypatch)
+    exact = _run(q, g, labels, 8, 4, "exact", monkeypatch)
     rows = torch.as_tensor(_tie_free_rows(q, g, 8))
     assert rows.float().mean() > 0.25, "too few unambiguous rows for the test to mean anything"
     assert torch.equal(fast[1][rows], exact[1][rows])
@@ -247,19 +336,23 @@ def test_rows_of_very_different_magnitudes(exp_range, monkeypatch):
     assert torch.equal(fast[1][rows], want_i[rows])
 
 
-@settings(max_examples=10, deadline=None)
-@given(Q=st.integers(1, 200), N=st.integers(33, 1500), D=st.integers(1, 128), k=st.integers(1, 16),
-       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2 ** 31 - 1))
-def test_candidate_and_exact_paths_agree(Q, N, D, k, scale, seed):
+@settings(max_examples=20, deadline=None)
+@given(Q=st.integers(1, 200), N=st.integers(1, 1500), D=st.integers(1, 128), k=st.integers(1, 32),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2 ** 31 - 1),
+       path=st.sampled_from(FAST_PATHS))
+def test_fast_and_exact_paths_agree(Q, N, D, k, scale, seed, path):
     require_compiled("cuda")
-    note("Q=%d N=%d D=%d k=%d scale=%g seed=%d" % (Q, N, D, k, scale, seed))
+    # the candidate path runs for k <= 16 and N > 32, the filter path for k <= 32 (k = N
+    # and small N included: the subset stride falls to 1); outside, both are the exact pass
+    k = min(k, N, 16 if path == "candidates" else 32)
+    note("Q=%d N=%d D=%d k=%d scale=%g seed=%d path=%s" % (Q, N, D, k, scale, seed, path))
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(Q, D, generator=gen) * scale
     g = torch.randn(N, D, generator=gen) * scale
     labels = torch.randint(0, 5, (N,), generator=gen)
     with pytest.MonkeyPatch.context() as mp:
-        fast = _run(q, g, labels, k, 5, exact=False, monkeypatch=mp)
-        exact = _run(q, g, labels, k, 5, exact=True, monkeypatch=mp)
+        fast = _run(q, g, labels, k, 5, path, mp)
+        exact = _run(q, g, labels, k, 5, "exact", mp)
     rows = torch.as_tensor(_tie_free_rows(q, g, k))
     assert torch.equal(fast[1][rows], exact[1][rows])
     assert torch.equal(fast[2][rows], exact[2][rows])
@@ -267,7 +360,8 @@ def test_candidate_and_exact_paths_agree(Q, N, D, k, scale, seed):
     torch.testing.assert_close(fast[0], exact[0], atol=atol, rtol=0)
 
 
-def test_tiny_magnitudes_everywhere(monkeypatch):
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_tiny_magnitudes_everywhere(path, monkeypatch):
     """Every row near 2^-45 (norms near 2^-90): the bound must not underflow (it once was
     formed as sqrt(|q|^2 max|g|^2), whose product is below float32's range here)."""
     require_compiled("cuda")
@@ -275,8 +369,8 @@ def test_tiny_magnitudes_everywhere(monkeypatch):
     q = (torch.randn(200, 32, generator=gen, dtype=torch.float64) * 2.0 ** -45).float()
     g = (torch.randn(3000, 32, generator=gen, dtype=torch.float64) * 2.0 ** -45).float()
     labels = torch.randint(0, 4, (3000,), generator=gen)
-    fast = _run(q, g, labels, 10, 4, exact=False, monkeypatch=monkeypatch)
-    exact = _run(q, g, labels, 10, 4, exact=True, monkeypatch=monkeypatch)
+    fast = _run(q, g, labels, 10, 4, path, monkeypatch)
+    exact = _run(q, g, labels, 10, 4, "exact", monkeypatch)
     rows = torch.as_tensor(_tie_free_rows(q, g, 10))
     assert rows.float().mean() > 0.5
     assert torch.equal(fast[1][rows], exact[1][rows])

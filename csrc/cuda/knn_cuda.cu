@@ -16,6 +16,10 @@
 // pass it was meant to beat (below). DNNRL_KNN_EXACT=1 keeps it off in any case;
 // DNNRL_KNN_STATS=1 records how many queries took the exact pass (a device sync per call;
 // read by dnnrl_ext._C.knn_candidate_stats, which dnnrl_ext.ops turns into a warning).
+// float32, k <= 32, opt-in with DNNRL_KNN_FILTER=1 (precedence over the candidate path):
+// the filter path (a float16 bound pass over every s-th gallery row, a float16 filter
+// pass that keeps every row within a proven threshold, an exact float32 re-rank of the
+// few within the error band; no per-thread lists). Not yet measured on a GPU.
 // Large k: knn_large, block per query (grid-stride): distances of a 1024-row gallery
 // tile, bitonic sort in shared memory, merge-path merge with the running top-k
 // list (ping-pong between the output and one (Q, k) workspace); then knn_vote runs
@@ -25,7 +29,9 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 
 #include "tile.cuh"
@@ -476,6 +482,230 @@ __global__ void __launch_bounds__(256) knn_rerank_kernel(
   }
 }
 
+// ------------------------------------------------------------- float32 filter path
+// Opt-in (DNNRL_KNN_FILTER=1): the same float16 copies and error bound as the candidate
+// path above, but no per-thread candidate lists, whose insertion sort (divergent: 8 of 32
+// lanes active in Nsight Compute) made that path slow. Instead a threshold that provably
+// admits every true neighbour:
+//   bound pass   the approximate k-th distance tau_s of each query over a strided subset
+//                of the gallery (every s-th row; knn_pass + knn_merge on the float16 copies)
+//   filter pass  every approximate distance a_j <= tau_s + 2e (+ rounding slack) is
+//                appended to the query's candidate buffer (an atomic slot counter; rare)
+//   re-rank      warp per query: alpha = the k-th smallest a_j among the candidates; the
+//                exact float32 distance (the candidate path's re-rank arithmetic) of every
+//                candidate with a_j <= alpha + 2e; the top k of those by (distance, index)
+// Proof, with |a_j - f_j| <= e for every valid row (f: the float32 distance): the k subset
+// rows with a <= tau_s have f <= tau_s + e, so the k-th smallest f over the whole gallery,
+// f_(k), is <= tau_s + e, and every j with f_j <= f_(k) has a_j <= f_j + e <= tau_s + 2e: a
+// candidate. Likewise the k candidates with a <= alpha bound f_(k) <= alpha + e, so every
+// such j has a_j <= alpha + 2e and is re-ranked. The top k by (f, j) over the re-ranked rows
+// is therefore the top k over the gallery, ties to the smaller index included.
+// Queries with more than kFilterCap candidates, fewer than k (non-finite rows), or any
+// invalid row (as in the candidate path) take the exact pass. Expected candidates per
+// query: about s k (the subset's k-th is about the (s k)-th of the gallery) plus the rows
+// within the band, so s is chosen to keep that near kFilterCap / 4.
+constexpr int kFilterCap = 512;                   // candidate slots per query
+constexpr int kFilterPerLane = kFilterCap / 32;   // held in registers by the re-rank warp
+constexpr int kFilterMaxK = 32;
+constexpr int kFilterMaxStride = 16;
+constexpr int kFilterChunk = 8192;                // queries per filter pass: 32 MiB of slots
+constexpr int kFilterMaxSplits = 64;
+
+// Slack added to an approximate distance: 2e (e as in knn_rerank_kernel: |a_j - f_j| <= e)
+// plus 2^-20 (||q||^2 + max||g||^2) for the float32 roundings of the sums that use it.
+__device__ __forceinline__ float filter_slack(float rn, float gmax, float c_dot) {
+  const float e = 2.f * c_dot * (sqrtf(rn) * sqrtf(gmax)) + ldexpf(rn + gmax, -20);
+  return 2.f * e + ldexpf(rn + gmax, -20);
+}
+
+// Warp-wide minimum of (d, j) in the k-NN order; every lane ends with it.
+__device__ __forceinline__ void warp_min_pair(float& d, int& j) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float od = __shfl_xor_sync(0xffffffffu, d, off);
+    const int oj = __shfl_xor_sync(0xffffffffu, j, off);
+    if (knn_less(od, oj, d, j)) {
+      d = od;
+      j = oj;
+    }
+  }
+}
+
+// Warp per subset row i: row i * stride of the float16 copy (Dp % 8 == 0: whole 16-byte
+// vectors), with its float32 norm and its scale.
+__global__ void __launch_bounds__(256) gather_subset_kernel(const __half* __restrict__ g16,
+                                                            const float* __restrict__ gn,
+                                                            const float* __restrict__ gs, int Ns, int stride,
+                                                            int Dp, __half* __restrict__ out16,
+                                                            float* __restrict__ out_n, float* __restrict__ out_s) {
+  const int i = blockIdx.x * 8 + threadIdx.x / 32;
+  if (i >= Ns) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t src = static_cast<int64_t>(i) * stride;
+  const int4* s = reinterpret_cast<const int4*>(g16 + src * Dp);
+  int4* d = reinterpret_cast<int4*>(out16 + static_cast<int64_t>(i) * Dp);
+  for (int v = lane; v < Dp / 8; v += 32) d[v] = s[v];
+  if (lane == 0) {
+    out_n[i] = gn[src];
+    out_s[i] = gs[src];
+  }
+}
+
+// Filter pass over the float16 copies (kScaled arithmetic of knn_pass_kernel). Thread t
+// owns query row t / TPR and every TPR-th column of each tile; an approximate distance at
+// or below the row's threshold takes a slot from count[row]. No lists, so no insertion
+// and no per-thread state beyond the threshold: two blocks fit an SM.
+template <typename Eng>
+__global__ void __launch_bounds__(Eng::kThreads, 2) knn_filter_kernel(
+    const __half* __restrict__ q, const __half* __restrict__ g, const float* __restrict__ qn,
+    const float* __restrict__ gn, const float* __restrict__ qs, const float* __restrict__ gs,
+    const float* __restrict__ bound_d, int k, const int* __restrict__ status, const int* __restrict__ q_bad,
+    float c_dot, int Q, int N, int Dp, int col_tiles, int splits, int* __restrict__ count,
+    int* __restrict__ cand_j, float* __restrict__ cand_a) {
+  constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
+  constexpr int TPR = NT / BM;
+  constexpr int CPT = BN / TPR;
+  static_assert(std::is_same<typename Eng::T, __half>::value, "the filter pass reads the float16 copies");
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* cn = reinterpret_cast<float*>(smem + Eng::kMainBytes);
+  float* cs = cn + BN;
+  if (status[0] != 0) return;  // an invalid gallery row: every query takes the exact pass (grid-uniform)
+  const int tid = threadIdx.x;
+  const int row0 = blockIdx.x * BM, split = blockIdx.y;
+  const int r = tid / TPR, h = tid % TPR;
+  const int row = row0 + r;
+  const bool row_ok = row < Q;
+  float rn = 0.f, rs2 = 2.f, thr = -1.f;  // distances are >= 0 (or NaN): -1 admits nothing
+  if (row_ok) {
+    rn = qn[row];
+    rs2 = 2.f * qs[row];  // x2 and a power of two: exact
+    if (q_bad[row] == 0) {
+      const float gmax = __uint_as_float(static_cast<unsigned>(status[1]));
+      thr = bound_d[static_cast<int64_t>(row) * k + k - 1] + filter_slack(rn, gmax, c_dot);  // NaN: nothing
+    }
+  }
+  const int64_t slots = static_cast<int64_t>(row) * kFilterCap;
+  for (int ct = split; ct < col_tiles; ct += splits) {
+    const int col0 = ct * BN;
+    for (int c = tid; c < BN; c += NT) {
+      cn[c] = col0 + c < N ? gn[col0 + c] : 0.f;
+      cs[c] = col0 + c < N ? gs[col0 + c] : 0.f;
+    }
+    Eng::run(q, row0, Q, g, col0, N, Dp, true, smem);  // ends with a barrier: cn/cs visible
+    const float* S = reinterpret_cast<const float*>(smem);
+    if (row_ok) {
+      for (int u = 0; u < CPT; ++u) {
+        const int c = ((u + r) % CPT) * TPR + h;  // staggered: no bank conflicts on S
+        const int j = col0 + c;
+        if (j >= N) continue;
+        const float d = clamp0(rn + cn[c] - rs2 * (cs[c] * S[r * LDS + c]));
+        if (d <= thr) {
+          const int p = atomicAdd(count + row, 1);
+          if (p < kFilterCap) {
+            cand_j[slots + p] = j;
+            cand_a[slots + p] = d;
+          }
+        }
+      }
+    }
+    __syncthreads();  // S, cn, cs are overwritten by the next tile
+  }
+}
+
+// Warp per query: the exact re-rank of the filter pass's candidates (see above). Rows
+// that cannot be answered here get flags[q] = 1 (the exact pass), the others their k
+// results (and their vote).
+template <bool kVote>
+__global__ void __launch_bounds__(256) knn_filter_rerank_kernel(
+    const float* __restrict__ q, const float* __restrict__ g, const float* __restrict__ qn,
+    const float* __restrict__ gn, const int* __restrict__ status, const int* __restrict__ q_bad, float c_dot, int Q,
+    int D, int k, const int* __restrict__ count, const int* __restrict__ cand_j, const float* __restrict__ cand_a,
+    float* __restrict__ out_d, int64_t* __restrict__ out_i, int* __restrict__ flags,
+    const int64_t* __restrict__ labels, int64_t N, int64_t C, int64_t* __restrict__ votes,
+    int64_t* __restrict__ pred) {
+  const int qi = blockIdx.x * 8 + threadIdx.x / 32;
+  if (qi >= Q) return;
+  const int lane = threadIdx.x % 32;
+  const int n = count[qi];
+  const bool ok = status[0] == 0 && q_bad[qi] == 0 && n >= k && n <= kFilterCap;
+  if (lane == 0) flags[qi] = ok ? 0 : 1;
+  if (!ok) return;  // warp-uniform
+  const int64_t base = static_cast<int64_t>(qi) * kFilterCap;
+  float a[kFilterPerLane], f[kFilterPerLane];
+  int j[kFilterPerLane];
+#pragma unroll
+  for (int u = 0; u < kFilterPerLane; ++u) {
+    const int e = lane + 32 * u;
+    a[u] = e < n ? cand_a[base + e] : 0.f;
+    j[u] = e < n ? cand_j[base + e] : -1;  // an empty slot sorts after everything
+    f[u] = 0.f;
+  }
+  // alpha: the k-th smallest (a, j) among the candidates, by k extract-min rounds
+  unsigned taken = 0u;
+  float alpha = 0.f;
+  for (int e = 0; e < k; ++e) {
+    float bd = 0.f;
+    int bj = -1;
+#pragma unroll
+    for (int u = 0; u < kFilterPerLane; ++u) {
+      if (!((taken >> u) & 1u) && knn_less(a[u], j[u], bd, bj)) {
+        bd = a[u];
+        bj = j[u];
+      }
+    }
+    warp_min_pair(bd, bj);
+#pragma unroll
+    for (int u = 0; u < kFilterPerLane; ++u)
+      if (bj >= 0 && j[u] == bj) taken |= 1u << u;  // candidate indices are unique
+    alpha = bd;
+  }
+  const float rn = qn[qi];
+  const float gmax = __uint_as_float(static_cast<unsigned>(status[1]));
+  const float lim = alpha + filter_slack(rn, gmax, c_dot);
+  const float* xq = q + static_cast<int64_t>(qi) * D;
+  unsigned in_r = 0u;  // the candidates re-ranked in float32
+#pragma unroll
+  for (int u = 0; u < kFilterPerLane; ++u) {
+    const bool in = j[u] >= 0 && a[u] <= lim;
+    if (in) in_r |= 1u << u;
+    unsigned m = __ballot_sync(0xffffffffu, in);
+    while (m != 0u) {  // warp-uniform
+      const int src = __ffs(m) - 1;
+      m &= m - 1u;
+      const int jj = __shfl_sync(0xffffffffu, j[u], src);
+      const float* xg = g + static_cast<int64_t>(jj) * D;
+      float dot = 0.f;  // the candidate path's re-rank arithmetic, to the operation
+      for (int e = lane; e < D; e += 32) dot = fmaf(xq[e], xg[e], dot);
+      dot = warp_sum(dot);
+      if (lane == src) f[u] = clamp0(rn + gn[jj] - 2.f * dot);
+    }
+  }
+  const int64_t obase = static_cast<int64_t>(qi) * k;
+  for (int e = 0; e < k; ++e) {
+    float bd = 0.f;
+    int bj = -1;
+#pragma unroll
+    for (int u = 0; u < kFilterPerLane; ++u) {
+      if (((in_r >> u) & 1u) && knn_less(f[u], j[u], bd, bj)) {
+        bd = f[u];
+        bj = j[u];
+      }
+    }
+    warp_min_pair(bd, bj);
+#pragma unroll
+    for (int u = 0; u < kFilterPerLane; ++u)
+      if (bj >= 0 && j[u] == bj) in_r &= ~(1u << u);
+    if (lane == 0) {
+      out_i[obase + e] = bj;
+      if (out_d != nullptr) out_d[obase + e] = bd;
+    }
+  }
+  if (kVote) {
+    __syncwarp();  // lane 0's idx writes are visible to the warp
+    vote_row(out_i + obase, k, labels, N, C, votes + static_cast<int64_t>(qi) * C, pred + qi);
+  }
+}
+
 // ------------------------------------------------------------------ host side
 template <typename Eng>
 bool knn_fits(int k) {
@@ -616,6 +846,137 @@ void knn_candidates(const float* qp, const float* gp, const float* qn, const flo
   }
 }
 
+// The float32 filter path is opt-in: DNNRL_KNN_FILTER=1 (and DNNRL_KNN_EXACT unset or 0);
+// it takes precedence over DNNRL_KNN_CANDIDATES. Not yet measured on a GPU.
+bool filter_path_enabled() {
+  return env_flag("DNNRL_KNN_FILTER", false) && !env_flag("DNNRL_KNN_EXACT", false);
+}
+
+bool use_filter_path(int Q, int N, int D, int k) {
+  using HL = Engines<__half>::Large;
+  using HS = Engines<__half>::Small;
+  const int64_t Dp = ceil_div<int64_t>(D, 8) * 8;
+  return k <= kFilterMaxK && Q <= kCandMaxQueries && (static_cast<int64_t>(Q) + N) * Dp <= kCandMaxCopyElems &&
+         knn_fits<HL>(k) && knn_fits<HS>(k) && filter_path_enabled();
+}
+
+// Subset stride s: about s k candidates per query (about kFilterCap / 4, which leaves the
+// tail room: modelled at FER-2013 scale with k = 10, s = 12, benchmarks/filter_path_model.py:
+// mean 145, max 369 of 512; with s = 16: mean 190, max 438), and at least k subset rows
+// (s <= N / k, so ceil(N / s) >= k). The threshold's slack uses the largest gallery norm,
+// so a gallery of very different row norms overflows the slots (exact pass: right, slow).
+int filter_stride(int N, int k) {
+  const int s = std::max(1, std::min(kFilterMaxStride, kFilterCap / (4 * k)));
+  return std::max(1, std::min(s, N / k));
+}
+
+template <typename Eng>
+void launch_filter(const __half* q16, const __half* g16, const float* qn, const float* gn, const float* qs,
+                   const float* gs, const float* bound_d, int k, const int* status, const int* q_bad, float c_dot,
+                   int Q, int N, int Dp, int* count, int* cand_j, float* cand_a, cudaStream_t stream) {
+  const size_t smem = Eng::kMainBytes + 2 * Eng::BN * sizeof(float);
+  auto kern = knn_filter_kernel<Eng>;
+  allow_smem(kern, smem);
+  const int64_t row_tiles = ceil_div<int64_t>(Q, Eng::BM);
+  const int64_t col_tiles = ceil_div<int64_t>(N, Eng::BN);
+  const int splits = static_cast<int>(
+      pick_splits(resident_slots(kern, Eng::kThreads, smem), row_tiles, col_tiles, kFilterMaxSplits));
+  kern<<<dim3(static_cast<unsigned>(row_tiles), splits), Eng::kThreads, smem, stream>>>(
+      q16, g16, qn, gn, qs, gs, bound_d, k, status, q_bad, c_dot, Q, N, Dp, static_cast<int>(col_tiles), splits,
+      count, cand_j, cand_a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void knn_filter(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D, bool vec,
+                int k, float* dptr, int64_t* iptr, const int64_t* lab, int64_t C, int64_t* vptr, int64_t* pptr,
+                const at::TensorOptions& opts, cudaStream_t stream) {
+  using HL = Engines<__half>::Large;
+  using HS = Engines<__half>::Small;
+  const int Dp = static_cast<int>(ceil_div<int64_t>(D, 8) * 8);
+  at::Tensor q16 = at::empty({static_cast<int64_t>(Q) * Dp}, opts.dtype(at::kHalf));
+  at::Tensor g16 = at::empty({static_cast<int64_t>(N) * Dp}, opts.dtype(at::kHalf));
+  at::Tensor scales = at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(at::kFloat));
+  at::Tensor status = at::zeros({static_cast<int64_t>(Q) + 2}, opts.dtype(at::kInt));
+  auto* q16p = reinterpret_cast<__half*>(q16.data_ptr<at::Half>());
+  auto* g16p = reinterpret_cast<__half*>(g16.data_ptr<at::Half>());
+  float* qs = scales.data_ptr<float>();
+  float* gs = qs + Q;
+  int* st = status.data_ptr<int>();
+  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
+      qp, Q, D, Dp, qn, q16p, qs, st + 2, nullptr, nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(
+      gp, N, D, Dp, gn, g16p, gs, nullptr, st, reinterpret_cast<unsigned*>(st + 1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // bound pass: approximate top k over every s-th gallery row
+  const int s = filter_stride(N, k);
+  const int Ns = static_cast<int>(ceil_div<int64_t>(N, s));
+  at::Tensor sub16 = at::empty({static_cast<int64_t>(Ns) * Dp}, opts.dtype(at::kHalf));
+  at::Tensor sub_ns = at::empty({2 * static_cast<int64_t>(Ns)}, opts.dtype(at::kFloat));
+  auto* sub16p = reinterpret_cast<__half*>(sub16.data_ptr<at::Half>());
+  float* sub_n = sub_ns.data_ptr<float>();
+  float* sub_s = sub_n + Ns;
+  gather_subset_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Ns, 8)), 256, 0, stream>>>(g16p, gn, gs, Ns, s, Dp,
+                                                                                          sub16p, sub_n, sub_s);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor bound_d = at::empty({static_cast<int64_t>(Q) * k}, opts.dtype(at::kFloat));
+  at::Tensor bound_i = at::empty({static_cast<int64_t>(Q) * k}, opts.dtype(at::kLong));
+  if (ceil_div<int64_t>(Q, HL::BM) * ceil_div<int64_t>(Ns, HL::BN) >= num_sms()) {
+    knn_fast<HL, true>(q16p, sub16p, qn, sub_n, qs, sub_s, nullptr, Q, Ns, Dp, true, k, bound_d.data_ptr<float>(),
+                       bound_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
+  } else {
+    knn_fast<HS, true>(q16p, sub16p, qn, sub_n, qs, sub_s, nullptr, Q, Ns, Dp, true, k, bound_d.data_ptr<float>(),
+                       bound_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
+  }
+  const double u = std::ldexp(1.0, -11);  // the candidate path's bound, unchanged
+  const float c_dot = static_cast<float>(1.25 * (2 * u + u * u + D * std::ldexp(1.0, -22) +
+                                                 D * std::ldexp(1.0, -23)));
+
+  // filter pass + re-rank, in chunks of queries (the candidate slots are reused)
+  const int chunk = std::min(Q, kFilterChunk);
+  at::Tensor count = at::empty({chunk}, opts.dtype(at::kInt));
+  at::Tensor cand_j = at::empty({static_cast<int64_t>(chunk) * kFilterCap}, opts.dtype(at::kInt));
+  at::Tensor cand_a = at::empty({static_cast<int64_t>(chunk) * kFilterCap}, opts.dtype(at::kFloat));
+  at::Tensor flags = at::empty({Q}, opts.dtype(at::kInt));
+  int* cnt = count.data_ptr<int>();
+  int* cj = cand_j.data_ptr<int>();
+  float* ca = cand_a.data_ptr<float>();
+  int* fl = flags.data_ptr<int>();
+  const float* bd = bound_d.data_ptr<float>();
+  for (int c0 = 0; c0 < Q; c0 += chunk) {
+    const int Qc = std::min(chunk, Q - c0);
+    C10_CUDA_CHECK(cudaMemsetAsync(cnt, 0, static_cast<size_t>(Qc) * sizeof(int), stream));
+    const __half* qc16 = q16p + static_cast<int64_t>(c0) * Dp;
+    if (ceil_div<int64_t>(Qc, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms()) {
+      launch_filter<HL>(qc16, g16p, qn + c0, gn, qs + c0, gs, bd + static_cast<int64_t>(c0) * k, k, st,
+                        st + 2 + c0, c_dot, Qc, N, Dp, cnt, cj, ca, stream);
+    } else {
+      launch_filter<HS>(qc16, g16p, qn + c0, gn, qs + c0, gs, bd + static_cast<int64_t>(c0) * k, k, st,
+                        st + 2 + c0, c_dot, Qc, N, Dp, cnt, cj, ca, stream);
+    }
+    const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Qc, 8));
+    float* dc = dptr != nullptr ? dptr + static_cast<int64_t>(c0) * k : nullptr;
+    int64_t* ic = iptr + static_cast<int64_t>(c0) * k;
+    if (lab != nullptr) {
+      knn_filter_rerank_kernel<true><<<blocks, 256, 0, stream>>>(
+          qp + static_cast<int64_t>(c0) * D, gp, qn + c0, gn, st, st + 2 + c0, c_dot, Qc, D, k, cnt, cj, ca, dc, ic,
+          fl + c0, lab, N, C, vptr + static_cast<int64_t>(c0) * C, pptr + c0);
+    } else {
+      knn_filter_rerank_kernel<false><<<blocks, 256, 0, stream>>>(
+          qp + static_cast<int64_t>(c0) * D, gp, qn + c0, gn, st, st + 2 + c0, c_dot, Qc, D, k, cnt, cj, ca, dc, ic,
+          fl + c0, nullptr, N, 0, nullptr, nullptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The rows the filter could not answer (usually none: the exact pass's blocks return at once).
+  knn_exact<float>(qp, gp, qn, gn, fl, Q, N, D, vec, k, dptr, iptr, lab, C, vptr, pptr, opts, stream);
+  if (env_flag("DNNRL_KNN_STATS", false)) {  // diagnostics only: one device sync
+    g_stats_exact_rows.store(flags.sum().item<int64_t>());
+    g_stats_queries.store(Q);
+  }
+}
+
 // Shared driver of knn and knn_vote. out_d may be undefined (vote only needs idx).
 template <typename scalar_t>
 void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Tensor& out_d, at::Tensor& out_i,
@@ -644,6 +1005,10 @@ void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Ten
   int64_t* vptr = votes ? votes->data_ptr<int64_t>() : nullptr;
   int64_t* pptr = pred ? pred->data_ptr<int64_t>() : nullptr;
   if constexpr (std::is_same<T, float>::value) {
+    if (use_filter_path(Q, N, D, k)) {
+      knn_filter(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts, stream);
+      return;
+    }
     if (use_candidate_path(Q, N, D, k)) {
       knn_candidates(qp, gp, qn, gn, Q, N, D, vec, k, dptr, out_i.data_ptr<int64_t>(), lab, C, vptr, pptr, opts,
                      stream);
