@@ -107,6 +107,11 @@ def _knn_inputs(Q, N, kind, g):
 
 
 FAST_PATHS = {"candidates": "DNNRL_KNN_CANDIDATES", "filter": "DNNRL_KNN_FILTER"}  # opt-in k-NN paths
+# the environment of each timed column: the default exact pass, the opt-in paths, and the
+# filter pass with 32-wide D chunks (A/B of its 64-wide default)
+COLUMN_ENV = {"dnnrl_ext": {}, "dnnrl_ext_candidates": {"DNNRL_KNN_CANDIDATES": "1"},
+              "dnnrl_ext_filter": {"DNNRL_KNN_FILTER": "1"},
+              "dnnrl_ext_filter_bk32": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}}
 
 
 def _exact_pass_queries(q, gal, lab, path):
@@ -131,53 +136,82 @@ def _exact_pass_queries(q, gal, lab, path):
     return None
 
 
-def bench_knn(shapes, rates, repeats):
-    """knn_vote, ours (the default exact 3xTF32 pass; and, where they apply, the opt-in
-    float32 paths: DNNRL_KNN_CANDIDATES=1, DNNRL_KNN_FILTER=1) vs chunked torch."""
-    for var in ("DNNRL_KNN_EXACT", *FAST_PATHS.values()):  # each column sets its own path
+def _time_column(row, name, q, gal, lab, repeats, ours):
+    """Time knn_vote with column `name`'s environment into row; its predictions."""
+    path = name[10:] or None
+    os.environ.update(COLUMN_ENV[name])
+    try:
+        t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
+        row.update({name + "_ms": t * 1e3, name + "_mib": mem})
+        pred = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
+        if path is not None:  # agreement with the default exact pass
+            row[path + "_pred_agreement"] = float((pred == ours).double().mean()) if ours is not None else None
+        if isinstance(row.get("chunked_torch_ms"), float):
+            row["x_vs_chunked" + name[9:]] = row["chunked_torch_ms"] / row[name + "_ms"]
+        return pred
+    except Exception as exc:
+        row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
+        return None
+    finally:
+        for var in COLUMN_ENV[name]:
+            os.environ.pop(var, None)
+
+
+def _clear_knn_env():
+    for var in ("DNNRL_KNN_EXACT", "DNNRL_KNN_FILTER_BK", *FAST_PATHS.values()):  # each column sets its own
         if os.environ.pop(var, None) is not None:
             print("bench_knn: ignoring %s from the environment" % var, flush=True)
+
+
+def bench_knn(shapes, rates, repeats):
+    """knn_vote, ours (the default exact 3xTF32 pass) vs chunked torch. The opt-in paths
+    are timed afterwards by bench_knn_opt_in, in the last section of the run."""
+    _clear_knn_env()
     rows = []
-    columns = [("dnnrl_ext", None)] + [("dnnrl_ext_" + p, p) for p in FAST_PATHS]
     for Q, N, kind in shapes:
         g = torch.Generator(device=DEV).manual_seed(N)
         q, gal = _knn_inputs(Q, N, kind, g)
         lab = torch.randint(0, 7, (N,), device=DEV, generator=g)
         row = {"Q": Q, "N": N, "k": 10, "data": kind}
-        ours = alt = None
-        for name, path in columns:
-            if path is not None:
-                os.environ[FAST_PATHS[path]] = "1"
-            try:
-                t, mem = measure(lambda: dnnrl_ext.knn_vote(q, gal, lab, 10, 7), repeats)
-                row.update({name + "_ms": t * 1e3, name + "_mib": mem})
-                pred = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
-                if path is not None:  # agreement with the exact pass, which runs first
-                    row[path + "_pred_agreement"] = (float((pred == ours).double().mean())
-                                                     if ours is not None else None)
-                else:
-                    ours = pred
-                    row["mm_fraction"] = 2 * Q * N * 512 / t / rates[torch.float32]
-            except Exception as exc:
-                row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
-            finally:
-                if path is not None:
-                    os.environ.pop(FAST_PATHS[path], None)
+        alt = None
         try:
             t, mem = measure(lambda: alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7), repeats)
             row.update(chunked_torch_ms=t * 1e3, chunked_torch_mib=mem)
             alt = alternatives.chunked_torch_knn_vote(q, gal, lab, 10, 7)
         except Exception as exc:
             row["chunked_torch_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
-        for name, _ in columns:
-            if isinstance(row.get(name + "_ms"), float) and isinstance(row.get("chunked_torch_ms"), float):
-                row["x_vs_chunked" + name[9:]] = row["chunked_torch_ms"] / row[name + "_ms"]
+        ours = _time_column(row, "dnnrl_ext", q, gal, lab, repeats, None)
+        if isinstance(row.get("dnnrl_ext_ms"), float):
+            row["mm_fraction"] = 2 * Q * N * 512 / (row["dnnrl_ext_ms"] / 1e3) / rates[torch.float32]
         if ours is not None and alt is not None:
             row["pred_agreement"] = float((ours == alt).double().mean())
+        rows.append(row)
+        print(row, flush=True)
+        del q, gal, lab
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_knn_opt_in(rows, repeats):
+    """Adds the opt-in float32 paths (DNNRL_KNN_CANDIDATES=1, DNNRL_KNN_FILTER=1 and the
+    filter pass with 32-wide chunks) to the rows of bench_knn, on the same inputs
+    (regenerated from the same seed). Last in the run: an opt-in path that faults (a sticky
+    CUDA error ends the process's use of the card) cannot cost the other sections."""
+    _clear_knn_env()
+    for row in rows:
+        if row["N"] > 100_000:  # the float16 copies of the paths stop at 64 MiB: both are the exact pass
+            continue
+        Q, N = row["Q"], row["N"]
+        g = torch.Generator(device=DEV).manual_seed(N)
+        q, gal = _knn_inputs(Q, N, row["data"], g)
+        lab = torch.randint(0, 7, (N,), device=DEV, generator=g)
+        ours = dnnrl_ext.knn_vote(q, gal, lab, 10, 7)
+        for name in COLUMN_ENV:
+            if name != "dnnrl_ext":
+                _time_column(row, name, q, gal, lab, repeats, ours)
         for path in FAST_PATHS:
             key = "exact_pass_queries" if path == "candidates" else path + "_exact_pass_queries"
             row[key] = _exact_pass_queries(q, gal, lab, path)
-        rows.append(row)
         print(row, flush=True)
         del q, gal, lab
         torch.cuda.empty_cache()
@@ -221,6 +255,12 @@ def main():
                                                                          max(3, repeats // 4))
         except Exception:
             traceback.print_exc()
+        common.write_json(out, payload)
+    if payload.get("knn_vote"):  # last: see bench_knn_opt_in
+        try:
+            bench_knn_opt_in(payload["knn_vote"], max(3, repeats // 4))
+        except Exception:
+            traceback.print_exc()
     md = []
     if payload.get("loss"):
         print("\n## Fused loss forward+backward, D=512, 7 classes (%s)" % info.get("gpu"))
@@ -231,8 +271,9 @@ def main():
     if payload.get("knn_vote"):
         print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["knn_vote"], [
-            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_candidates_ms", "dnnrl_ext_filter_ms", "chunked_torch_ms",
-            "x_vs_chunked", "x_vs_chunked_candidates", "x_vs_chunked_filter", "dnnrl_ext_mib",
+            "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_candidates_ms", "dnnrl_ext_filter_ms",
+            "dnnrl_ext_filter_bk32_ms", "chunked_torch_ms", "x_vs_chunked", "x_vs_chunked_candidates",
+            "x_vs_chunked_filter", "x_vs_chunked_filter_bk32", "dnnrl_ext_mib",
             "dnnrl_ext_candidates_mib", "dnnrl_ext_filter_mib", "chunked_torch_mib", "mm_fraction", "pred_agreement",
             "candidates_pred_agreement", "filter_pred_agreement", "exact_pass_queries",
             "filter_exact_pass_queries"]))

@@ -81,20 +81,23 @@ def main():
     g_crowd = torch.cat([g, q[1:2] + 1e-4 * torch.randn(600, 64, device=DEV)])
     lab_crowd = torch.randint(0, 5, (g_crowd.shape[0],), device=DEV)
     os.environ.pop("DNNRL_KNN_EXACT", None)  # (it would keep the paths off)
-    for var, gal, labels in (("DNNRL_KNN_CANDIDATES", g, lab), ("DNNRL_KNN_FILTER", g, lab),
-                             ("DNNRL_KNN_FILTER", g_crowd, lab_crowd)):
-        os.environ[var] = "1"
+    # (DNNRL_KNN_FILTER_BK=32: the filter pass with its 32-wide D chunks)
+    for env, gal, labels in (({"DNNRL_KNN_CANDIDATES": "1"}, g, lab), ({"DNNRL_KNN_FILTER": "1"}, g, lab),
+                             ({"DNNRL_KNN_FILTER": "1"}, g_crowd, lab_crowd),
+                             ({"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}, g_crowd, lab_crowd)):
+        os.environ.update(env)
         try:
             for k in (1, 10, 16, 32):
-                if var == "DNNRL_KNN_CANDIDATES" and k > 16:
+                if "DNNRL_KNN_CANDIDATES" in env and k > 16:
                     continue
                 d, i = dnnrl_ext.knn(q, gal, k)
                 dr, _ = ref.knn(q.cpu(), gal.cpu(), k)
-                check("knn float32 dense, %s, N=%d, k=%d" % (var, gal.shape[0], k), d, dr, 1e-3, 1e-3)
+                check("knn float32 dense, %s, N=%d, k=%d" % (env, gal.shape[0], k), d, dr, 1e-3, 1e-3)
                 pred = dnnrl_ext.knn_vote(q, gal, labels, k, 5)
                 assert pred.shape == (20,)
         finally:
-            os.environ.pop(var, None)
+            for var in env:
+                os.environ.pop(var, None)
     if DEV == "cuda":
         torch.cuda.synchronize()
     print("sanitize_ops: %d mismatches" % len(failures))

@@ -35,16 +35,18 @@ def _bound(D: int) -> float:
 
 FAST_PATHS = ("candidates", "filter")
 PATH_VARS = {"candidates": "DNNRL_KNN_CANDIDATES", "filter": "DNNRL_KNN_FILTER"}
+# the environment of each path; filter_bk32: the filter pass with 32-wide D chunks (A/B)
+PATH_ENV = {"exact": {"DNNRL_KNN_EXACT": "1"}, "candidates": {"DNNRL_KNN_CANDIDATES": "1"},
+            "filter": {"DNNRL_KNN_FILTER": "1"},
+            "filter_bk32": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}}
 
 
 def _set_path(monkeypatch, path: str) -> None:
-    """Environment for one k-NN path: "exact", "candidates" or "filter" (opt-in paths)."""
-    for var in ("DNNRL_KNN_EXACT", *PATH_VARS.values()):
+    """Environment for one k-NN path: "exact", or an opt-in one (PATH_ENV)."""
+    for var in {v for env in PATH_ENV.values() for v in env}:
         monkeypatch.delenv(var, raising=False)
-    if path == "exact":
-        monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
-    else:
-        monkeypatch.setenv(PATH_VARS[path], "1")
+    for var, value in PATH_ENV[path].items():
+        monkeypatch.setenv(var, value)
 
 
 def _run(q, g, labels, k, C, path: str, monkeypatch):
@@ -163,7 +165,7 @@ def _unit(x):
     return x / x.norm(dim=1, keepdim=True)
 
 
-@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("path", FAST_PATHS + ("filter_bk32",))
 @pytest.mark.parametrize("D", [3, 64, 512])
 @pytest.mark.parametrize("k", [1, 5, 10, 16, 32])
 def test_fast_path_matches_reference_and_exact_path(path, D, k, monkeypatch):
@@ -179,7 +181,7 @@ def test_fast_path_matches_reference_and_exact_path(path, D, k, monkeypatch):
     rows = _tie_free_rows(q, g, k)
     _check_against_reference(q, g, labels, k, 7, fast, rows)
     _check_against_reference(q, g, labels, k, 7, exact, rows)
-    if D >= 64 or path == "filter":  # (nearly) every query answered, so the fast pass counts
+    if D >= 64 or path != "candidates":  # (nearly) every query answered, so the fast pass counts
         assert _exact_pass_count(q, g, k, monkeypatch, path) <= 0.05 * q.shape[0]
 
 
@@ -246,7 +248,8 @@ def test_filter_path_overflow_falls_back_to_the_exact_pass(monkeypatch):
     _check_against_reference(q, g, labels, k, 5, filt, _tie_free_rows(q, g, k))
 
 
-def test_filter_path_in_query_chunks_with_the_large_tiles(monkeypatch):
+@pytest.mark.parametrize("path", ["filter", "filter_bk32"])
+def test_filter_path_in_query_chunks_with_the_large_tiles(path, monkeypatch):
     """8,500 queries: two chunks of the filter pass (8,192 queries each at most), and with
     67 row tiles both the bound pass (2 column tiles of its 167-row subset) and the filter
     pass give at least 132 tiles, so they take the 128 x 128 engine on an H100 / H200."""
@@ -255,8 +258,8 @@ def test_filter_path_in_query_chunks_with_the_large_tiles(monkeypatch):
     q = _unit(torch.randn(8500, 16, generator=gen))
     g = _unit(torch.randn(2000, 16, generator=gen))
     labels = torch.randint(0, 6, (2000,), generator=gen)
-    assert _exact_pass_count(q, g, 10, monkeypatch, "filter") <= 0.05 * q.shape[0]
-    filt = _run(q, g, labels, 10, 6, "filter", monkeypatch)
+    assert _exact_pass_count(q, g, 10, monkeypatch, path) <= 0.05 * q.shape[0]
+    filt = _run(q, g, labels, 10, 6, path, monkeypatch)
     exact = _run(q, g, labels, 10, 6, "exact", monkeypatch)
     rows = torch.as_tensor(_tie_free_rows(q, g, 10))
     assert rows[:8192].sum() > 1000 and rows[8192:].sum() > 50, "both chunks need tie-free rows"

@@ -31,6 +31,7 @@
 #include <atomic>
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <utility>
 
@@ -852,6 +853,18 @@ bool filter_path_enabled() {
   return env_flag("DNNRL_KNN_FILTER", false) && !env_flag("DNNRL_KNN_EXACT", false);
 }
 
+// The filter pass's engines: the float16 tiles with 64-wide D chunks (DNNRL_KNN_FILTER_BK=32:
+// the 32-wide ones of every other pass, for A/B timing). The bound pass keeps Engines<__half>.
+template <int BK>
+struct FilterEngines {
+  using Large = TcTile<__half, 128, 128, 64, 32, BK>;
+  using Small = TcTile<__half, 64, 64, 32, 32, BK>;
+};
+bool filter_bk32() {
+  const char* v = std::getenv("DNNRL_KNN_FILTER_BK");
+  return v != nullptr && v[0] == '3' && v[1] == '2' && v[2] == '\0';
+}
+
 bool use_filter_path(int Q, int N, int D, int k) {
   using HL = Engines<__half>::Large;
   using HS = Engines<__half>::Small;
@@ -948,12 +961,22 @@ void knn_filter(const float* qp, const float* gp, const float* qn, const float* 
     const int Qc = std::min(chunk, Q - c0);
     C10_CUDA_CHECK(cudaMemsetAsync(cnt, 0, static_cast<size_t>(Qc) * sizeof(int), stream));
     const __half* qc16 = q16p + static_cast<int64_t>(c0) * Dp;
-    if (ceil_div<int64_t>(Qc, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms()) {
-      launch_filter<HL>(qc16, g16p, qn + c0, gn, qs + c0, gs, bd + static_cast<int64_t>(c0) * k, k, st,
-                        st + 2 + c0, c_dot, Qc, N, Dp, cnt, cj, ca, stream);
+    const float* bc = bd + static_cast<int64_t>(c0) * k;
+    const bool large = ceil_div<int64_t>(Qc, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms();
+    if (filter_bk32()) {
+      if (large) {
+        launch_filter<FilterEngines<32>::Large>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot,
+                                                Qc, N, Dp, cnt, cj, ca, stream);
+      } else {
+        launch_filter<FilterEngines<32>::Small>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot,
+                                                Qc, N, Dp, cnt, cj, ca, stream);
+      }
+    } else if (large) {
+      launch_filter<FilterEngines<64>::Large>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot, Qc,
+                                              N, Dp, cnt, cj, ca, stream);
     } else {
-      launch_filter<HS>(qc16, g16p, qn + c0, gn, qs + c0, gs, bd + static_cast<int64_t>(c0) * k, k, st,
-                        st + 2 + c0, c_dot, Qc, N, Dp, cnt, cj, ca, stream);
+      launch_filter<FilterEngines<64>::Small>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot, Qc,
+                                              N, Dp, cnt, cj, ca, stream);
     }
     const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Qc, 8));
     float* dc = dptr != nullptr ? dptr + static_cast<int64_t>(c0) * k : nullptr;

@@ -7,7 +7,7 @@
 // which turns it into distances ||a||^2 + ||b||^2 - 2 a.b and reduces them on the spot.
 //
 // Two engines:
-//   TcTile<T, BM, BN, WM, WN>  tensor cores through wmma, float32 accumulation.
+//   TcTile<T, BM, BN, WM, WN[, BK]>  tensor cores through wmma, float32 accumulation.
 //       T = __half / __nv_bfloat16: one m16n16k16 product (products are exact in fp32).
 //       T = float: "3xTF32": a = a_big + a_small (both tf32), and
 //       a.b ~= a_small.b_big + a_big.b_small + a_big.b_big, which keeps ~fp32 accuracy
@@ -90,7 +90,9 @@ __device__ __forceinline__ void split_tf32(Frag& big, Frag& small) {
 #endif
 }
 
-template <typename T_, int BM_, int BN_, int WM, int WN>
+// BK_: the D-chunk staged per pipeline step (32 by default; the k-NN filter pass uses 64:
+// twice the tensor-core work between two barriers, against twice the staging memory).
+template <typename T_, int BM_, int BN_, int WM, int WN, int BK_ = 32>
 struct TcTile {
   using T = T_;
   using acc_t = float;
@@ -99,7 +101,7 @@ struct TcTile {
   static constexpr int WARPS_M = BM / WM, WARPS_N = BN / WN;
   static constexpr int kThreads = WARPS_M * WARPS_N * 32;
   static constexpr int FM = WM / 16, FN = WN / 16;
-  static constexpr int BK = 32;
+  static constexpr int BK = BK_;
   static constexpr int LDK = BK + 16 / sizeof(T);  // +16 bytes per row against bank conflicts
   static constexpr int LDS = BN + 4;               // wmma store needs a multiple of 4 floats
   static constexpr int kStageElems = (BM + BN) * LDK;
