@@ -108,10 +108,11 @@ def _knn_inputs(Q, N, kind, g):
 
 FAST_PATHS = {"candidates": "DNNRL_KNN_CANDIDATES", "filter": "DNNRL_KNN_FILTER"}  # opt-in k-NN paths
 # the environment of each timed column: the default exact pass, the opt-in paths, and the
-# filter pass with 32-wide D chunks (A/B of its 64-wide default)
+# filter pass with 32-wide D chunks and on the 64x64 tile (A/B of its 64-wide, 128x128 default)
 COLUMN_ENV = {"dnnrl_ext": {}, "dnnrl_ext_candidates": {"DNNRL_KNN_CANDIDATES": "1"},
               "dnnrl_ext_filter": {"DNNRL_KNN_FILTER": "1"},
-              "dnnrl_ext_filter_bk32": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}}
+              "dnnrl_ext_filter_bk32": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"},
+              "dnnrl_ext_filter_tile64": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_TILE": "64"}}
 
 
 def _exact_pass_queries(q, gal, lab, path):
@@ -158,7 +159,8 @@ def _time_column(row, name, q, gal, lab, repeats, ours):
 
 
 def _clear_knn_env():
-    for var in ("DNNRL_KNN_EXACT", "DNNRL_KNN_FILTER_BK", *FAST_PATHS.values()):  # each column sets its own
+    for var in ("DNNRL_KNN_EXACT", "DNNRL_KNN_FILTER_BK", "DNNRL_KNN_FILTER_TILE",
+                *FAST_PATHS.values()):  # each column sets its own
         if os.environ.pop(var, None) is not None:
             print("bench_knn: ignoring %s from the environment" % var, flush=True)
 
@@ -272,8 +274,9 @@ def main():
         print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["knn_vote"], [
             "Q", "N", "data", "dnnrl_ext_ms", "dnnrl_ext_candidates_ms", "dnnrl_ext_filter_ms",
-            "dnnrl_ext_filter_bk32_ms", "chunked_torch_ms", "x_vs_chunked", "x_vs_chunked_candidates",
-            "x_vs_chunked_filter", "x_vs_chunked_filter_bk32", "dnnrl_ext_mib",
+            "dnnrl_ext_filter_bk32_ms", "dnnrl_ext_filter_tile64_ms", "chunked_torch_ms", "x_vs_chunked",
+            "x_vs_chunked_candidates", "x_vs_chunked_filter", "x_vs_chunked_filter_bk32",
+            "x_vs_chunked_filter_tile64", "dnnrl_ext_mib",
             "dnnrl_ext_candidates_mib", "dnnrl_ext_filter_mib", "chunked_torch_mib", "mm_fraction", "pred_agreement",
             "candidates_pred_agreement", "filter_pred_agreement", "exact_pass_queries",
             "filter_exact_pass_queries"]))

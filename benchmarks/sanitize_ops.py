@@ -81,10 +81,11 @@ def main():
     g_crowd = torch.cat([g, q[1:2] + 1e-4 * torch.randn(600, 64, device=DEV)])
     lab_crowd = torch.randint(0, 5, (g_crowd.shape[0],), device=DEV)
     os.environ.pop("DNNRL_KNN_EXACT", None)  # (it would keep the paths off)
-    # (DNNRL_KNN_FILTER_BK=32: the filter pass with its 32-wide D chunks)
+    # (DNNRL_KNN_FILTER_BK=32 / DNNRL_KNN_FILTER_TILE=64: the filter pass's A/B variants)
     for env, gal, labels in (({"DNNRL_KNN_CANDIDATES": "1"}, g, lab), ({"DNNRL_KNN_FILTER": "1"}, g, lab),
                              ({"DNNRL_KNN_FILTER": "1"}, g_crowd, lab_crowd),
-                             ({"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}, g_crowd, lab_crowd)):
+                             ({"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}, g_crowd, lab_crowd),
+                             ({"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_TILE": "64"}, g_crowd, lab_crowd)):
         os.environ.update(env)
         try:
             for k in (1, 10, 16, 32):

@@ -35,10 +35,12 @@ def _bound(D: int) -> float:
 
 FAST_PATHS = ("candidates", "filter")
 PATH_VARS = {"candidates": "DNNRL_KNN_CANDIDATES", "filter": "DNNRL_KNN_FILTER"}
-# the environment of each path; filter_bk32: the filter pass with 32-wide D chunks (A/B)
+# the environment of each path; filter_bk32 / filter_tile64: the filter pass with 32-wide D
+# chunks / on the 64x64 tile at any size (A/B timings of bench_gpu.py)
 PATH_ENV = {"exact": {"DNNRL_KNN_EXACT": "1"}, "candidates": {"DNNRL_KNN_CANDIDATES": "1"},
             "filter": {"DNNRL_KNN_FILTER": "1"},
-            "filter_bk32": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"}}
+            "filter_bk32": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_BK": "32"},
+            "filter_tile64": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_TILE": "64"}}
 
 
 def _set_path(monkeypatch, path: str) -> None:
@@ -248,11 +250,12 @@ def test_filter_path_overflow_falls_back_to_the_exact_pass(monkeypatch):
     _check_against_reference(q, g, labels, k, 5, filt, _tie_free_rows(q, g, k))
 
 
-@pytest.mark.parametrize("path", ["filter", "filter_bk32"])
+@pytest.mark.parametrize("path", ["filter", "filter_bk32", "filter_tile64"])
 def test_filter_path_in_query_chunks_with_the_large_tiles(path, monkeypatch):
     """8,500 queries: two chunks of the filter pass (8,192 queries each at most), and with
     67 row tiles both the bound pass (2 column tiles of its 167-row subset) and the filter
-    pass give at least 132 tiles, so they take the 128 x 128 engine on an H100 / H200."""
+    pass give at least 132 tiles, so they take the 128 x 128 engine on an H100 / H200
+    (filter_tile64: the filter pass on the 64 x 64 one all the same)."""
     require_compiled("cuda")
     gen = torch.Generator().manual_seed(8)
     q = _unit(torch.randn(8500, 16, generator=gen))

@@ -864,6 +864,12 @@ bool filter_bk32() {
   const char* v = std::getenv("DNNRL_KNN_FILTER_BK");
   return v != nullptr && v[0] == '3' && v[1] == '2' && v[2] == '\0';
 }
+// DNNRL_KNN_FILTER_TILE=64: the filter pass on the 64x64 tile at any size (4 warps, up to
+// four blocks per SM against the 128x128 tile's two), for A/B timing.
+bool filter_small_tile() {
+  const char* v = std::getenv("DNNRL_KNN_FILTER_TILE");
+  return v != nullptr && v[0] == '6' && v[1] == '4' && v[2] == '\0';
+}
 
 bool use_filter_path(int Q, int N, int D, int k) {
   using HL = Engines<__half>::Large;
@@ -962,7 +968,8 @@ void knn_filter(const float* qp, const float* gp, const float* qn, const float* 
     C10_CUDA_CHECK(cudaMemsetAsync(cnt, 0, static_cast<size_t>(Qc) * sizeof(int), stream));
     const __half* qc16 = q16p + static_cast<int64_t>(c0) * Dp;
     const float* bc = bd + static_cast<int64_t>(c0) * k;
-    const bool large = ceil_div<int64_t>(Qc, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms();
+    const bool large =
+        !filter_small_tile() && ceil_div<int64_t>(Qc, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms();
     if (filter_bk32()) {
       if (large) {
         launch_filter<FilterEngines<32>::Large>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot,
