@@ -196,6 +196,37 @@ def test_init_from_starts_from_another_runs_best_weights(tmp_path):
     assert 0 <= res["val_accuracy"] <= 1
 
 
+def test_sgd_is_torch_default_off_cuda(tmp_path):
+    """The fused SGD kernel is for CUDA runs; elsewhere torch's default implementation."""
+    from dnnrl.train import Trainer
+    t = Trainer(_cfg(tmp_path / "cpu", method="dnn"))
+    assert not t.optimizer.defaults.get("fused")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sgd_is_fused_on_cuda_and_after_a_resume(tmp_path):
+    """CUDA runs step with fused SGD (one kernel per step), a resumed run too, and its
+    update follows the default implementation's to rounding."""
+    from dnnrl.train import Trainer
+    cfg = _cfg(tmp_path / "gpu", method="dnn", device="cuda", max_epochs=1)
+    train(cfg)
+    t = Trainer(resolve(dict(TINY, out=str(tmp_path / "gpu"), method="dnn", device="cuda", max_epochs=2)),
+                resume=True)
+    assert t.optimizer.defaults.get("fused") and t.optimizer.param_groups[0]["fused"]
+    params = [torch.randn(50, 7, device="cuda", requires_grad=True) for _ in range(2)]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    fused = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=2e-3, fused=True)
+    plain = torch.optim.SGD(copies, lr=0.05, momentum=0.9, weight_decay=2e-3)
+    for _ in range(5):
+        for ps, opt in ((params, fused), (copies, plain)):
+            opt.zero_grad()
+            sum((p ** 2).sum() for p in ps).backward()
+            opt.step()
+    for a, b in zip(params, copies):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_init_from_errors_name_the_option(tmp_path):
     from dnnrl.train import Trainer
     with pytest.raises(FileNotFoundError, match="--init-from"):

@@ -326,8 +326,12 @@ class Trainer:
         log.info("initialised from %s (a %s run)", src, src_cfg.method)
 
     def _optimizer(self, lr: float):
+        # fused on CUDA: the whole update in one kernel instead of several multi-tensor
+        # launches per step (at batch 128 the step is bound by the host's launches; same
+        # arithmetic to rounding). Elsewhere torch's default.
         return torch.optim.SGD(self.model.parameters(), lr=lr, momentum=self.cfg.momentum,
-                               weight_decay=self.cfg.weight_decay)
+                               weight_decay=self.cfg.weight_decay,
+                               fused=True if self.device.type == "cuda" else None)
 
     def _fixed_val_batches(self):
         if "val" not in self.data:
