@@ -196,10 +196,10 @@ elif [ "${SKIP_BENCH:-0}" != 1 ]; then
   nt=$(( $(left) - 15 )); [ "$nt" -gt 60 ] && nt=60
   if [ "$nt" -lt 20 ]; then echo "SKIPPING Nsight Compute: $(left) s left"; nt=1; fi
   step "Nsight Compute: the tile kernels (if the counters can be read here)"
-  timeout $nt ncu --clock-control none -k regex:"knn_pass|knn_filter|mine_pass" --launch-count 8 \
+  timeout $nt ncu --clock-control none -k regex:"knn_pass|knn_filter|knn_bound|mine_pass" --launch-count 10 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python3 benchmarks/kernels_once.py > "$WORK/ncu.log" 2>&1
-  echo "ncu exit $?"; grep -E "knn_pass|knn_filter|mine_pass|Duration|Active Threads|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall" "$WORK/ncu.log" | head -n 60
+  echo "ncu exit $?"; grep -E "knn_pass|knn_filter|knn_bound|mine_pass|Duration|Active Threads|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall" "$WORK/ncu.log" | head -n 60
 fi
 step "pack"
 rm -f "$WORK/dnnrl_bundle.pt"

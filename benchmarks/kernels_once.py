@@ -1,13 +1,12 @@
 """Launch the tile kernels a few times at benchmark scale, for Nsight Compute:
 
-    ncu --clock-control none -k regex:"knn_pass|knn_filter|mine_pass" --launch-skip 1 --launch-count 4 \\
+    ncu --clock-control none -k regex:"knn_pass|knn_filter|knn_bound|mine_pass" --launch-skip 1 --launch-count 4 \\
         --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         python3 benchmarks/kernels_once.py
 
 knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) with the float32 filter path
-(DNNRL_KNN_FILTER=1: its bound pass is a knn_pass on the gallery subset, then
-knn_filter_kernel, then the exact knn_pass whose blocks return at once unless a query
-overflowed), then neither (the 3xTF32 pass, the default), then the candidate path
+(DNNRL_KNN_FILTER=1: knn_bound_kernel on the gallery subset, knn_filter_kernel, then the
+exact knn_pass whose blocks return at once unless a query overflowed), then neither (the 3xTF32 pass, the default), then the candidate path
 (DNNRL_KNN_CANDIDATES=1), then the fused loss forward at
 B = 8192 in float32 and bfloat16.
 """

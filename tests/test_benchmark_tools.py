@@ -192,10 +192,23 @@ def test_filter_path_model_mirrors_the_kernel_and_its_proof_holds():
     src = open(os.path.join(ROOT, "csrc", "cuda", "knn_cuda.cu")).read()
     assert int(re.search(r"kFilterCap = (\d+);", src).group(1)) == mod.CAP
     assert int(re.search(r"kFilterMaxStride = (\d+);", src).group(1)) == mod.MAX_STRIDE
+    assert int(re.search(r"kBoundBuckets = (\d+);", src).group(1)) == mod.BUCKETS
+    assert int(re.search(r"kBoundMaxSplits = (\d+);", src).group(1)) == mod.MAX_SPLITS
+    assert int(re.search(r"kFilterChunk = (\d+);", src).group(1)) == mod.CHUNK
+    assert "int64_t mult = %d;" % mod.MULT in src
+    # the subset: every stride-th row once; its groups: 32 per split, at most 8 splits
+    cols = mod.subset_columns(28709, 10)
+    assert torch.equal(cols.sort().values, torch.arange(0, 28709, 12)) and not torch.equal(cols, cols.sort().values)
+    grp = mod.bound_groups(3589, cols.numel())
+    assert int(grp.max()) + 1 == 256 and torch.equal(grp[:32], torch.arange(32))
+    # the group-minimum bound is never below the subset's own k-th smallest
+    sub = torch.rand(5, 300, generator=torch.Generator().manual_seed(0))
+    assert (mod.group_bound(sub, 10, torch.arange(300) % 32) >= sub.kthvalue(10, dim=1).values).all()
+    assert torch.equal(mod.group_bound(sub, 10, torch.arange(300)), sub.kthvalue(10, dim=1).values)  # singletons
     assert "kFilterCap / (4 * k)" in src, "the model's stride rule is the kernel's"
     assert [mod.stride(28709, k) for k in (1, 10, 32)] == [16, 12, 4]
     assert mod.stride(33, 16) == 2 and mod.stride(5, 5) == 1  # ceil(N / s) >= k always
-    for kind in ("random", "clustered"):
+    for kind in ("random", "clustered", "sorted"):
         q, g = mod.inputs(kind, 300, 6000, 128, seed=1)
         for k in (1, 10):
             r = mod.model(q, g, k)

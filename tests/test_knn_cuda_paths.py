@@ -252,15 +252,16 @@ def test_filter_path_overflow_falls_back_to_the_exact_pass(monkeypatch):
 
 @pytest.mark.parametrize("path", ["filter", "filter_bk32", "filter_tile64"])
 def test_filter_path_in_query_chunks_with_the_large_tiles(path, monkeypatch):
-    """8,500 queries: two chunks of the filter pass (8,192 queries each at most), and with
-    67 row tiles both the bound pass (2 column tiles of its 167-row subset) and the filter
-    pass give at least 132 tiles, so they take the 128 x 128 engine on an H100 / H200
-    (filter_tile64: the filter pass on the 64 x 64 one all the same)."""
+    """8,500 queries: two chunks (8,192 queries each at most). In the first, 64 row tiles
+    give the bound pass (3 column tiles of its 267-row subset) and the filter pass at least
+    132 tiles, so both take the 128 x 128 engine on an H100 / H200 (filter_tile64: the filter
+    pass on the 64 x 64 one all the same); the second chunk's 308 queries take the 64 x 64
+    engine in both."""
     require_compiled("cuda")
     gen = torch.Generator().manual_seed(8)
     q = _unit(torch.randn(8500, 16, generator=gen))
-    g = _unit(torch.randn(2000, 16, generator=gen))
-    labels = torch.randint(0, 6, (2000,), generator=gen)
+    g = _unit(torch.randn(3200, 16, generator=gen))
+    labels = torch.randint(0, 6, (3200,), generator=gen)
     assert _exact_pass_count(q, g, 10, monkeypatch, path) <= 0.05 * q.shape[0]
     filt = _run(q, g, labels, 10, 6, path, monkeypatch)
     exact = _run(q, g, labels, 10, 6, "exact", monkeypatch)

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 
@@ -488,15 +489,17 @@ __global__ void __launch_bounds__(256) knn_rerank_kernel(
 // path above, but no per-thread candidate lists, whose insertion sort (divergent: 8 of 32
 // lanes active in Nsight Compute) made that path slow. Instead a threshold that provably
 // admits every true neighbour:
-//   bound pass   the approximate k-th distance tau_s of each query over a strided subset
-//                of the gallery (every s-th row; knn_pass + knn_merge on the float16 copies)
+//   bound pass   an upper bound tau_s on the approximate k-th distance of each query over
+//                a strided subset of the gallery (every s-th row): the k-th smallest of
+//                disjoint column groups' minima (knn_bound_kernel + knn_bound_select_kernel;
+//                no lists either)
 //   filter pass  every approximate distance a_j <= tau_s + 2e (+ rounding slack) is
 //                appended to the query's candidate buffer (an atomic slot counter; rare)
 //   re-rank      warp per query: alpha = the k-th smallest a_j among the candidates; the
 //                exact float32 distance (the candidate path's re-rank arithmetic) of every
 //                candidate with a_j <= alpha + 2e; the top k of those by (distance, index)
-// Proof, with |a_j - f_j| <= e for every valid row (f: the float32 distance): the k subset
-// rows with a <= tau_s have f <= tau_s + e, so the k-th smallest f over the whole gallery,
+// Proof, with |a_j - f_j| <= e for every valid row (f: the float32 distance): k distinct
+// subset rows have a <= tau_s, so f <= tau_s + e for them, so the k-th smallest f over the whole gallery,
 // f_(k), is <= tau_s + e, and every j with f_j <= f_(k) has a_j <= f_j + e <= tau_s + 2e: a
 // candidate. Likewise the k candidates with a <= alpha bound f_(k) <= alpha + e, so every
 // such j has a_j <= alpha + 2e and is re-ranked. The top k by (f, j) over the re-ranked rows
@@ -511,6 +514,9 @@ constexpr int kFilterMaxK = 32;
 constexpr int kFilterMaxStride = 16;
 constexpr int kFilterChunk = 8192;                // queries per filter pass: 32 MiB of slots
 constexpr int kFilterMaxSplits = 64;
+constexpr int kBoundBuckets = 16;                 // column groups per thread of the bound pass
+constexpr int kBoundMaxSplits = 8;                // so at most 8 x 2 x 16 group minima per query
+constexpr int kBoundMaxGroups = kBoundMaxSplits * 2 * kBoundBuckets;
 
 // Slack added to an approximate distance: 2e (e as in knn_rerank_kernel: |a_j - f_j| <= e)
 // plus 2^-20 (||q||^2 + max||g||^2) for the float32 roundings of the sums that use it.
@@ -532,17 +538,21 @@ __device__ __forceinline__ void warp_min_pair(float& d, int& j) {
   }
 }
 
-// Warp per subset row i: row i * stride of the float16 copy (Dp % 8 == 0: whole 16-byte
-// vectors), with its float32 norm and its scale.
+// Warp per subset row i: gallery row ((i * mult) mod Ns) * stride of the float16 copy (Dp % 8
+// == 0: whole 16-byte vectors), with its float32 norm and its scale. mult is coprime to Ns,
+// so the subset is still every stride-th row, each once, but in a scrambled order: the bound
+// pass groups neighbouring subset columns, and a gallery sorted by class (ImageFolder order)
+// would otherwise put a query's nearest rows into a few contiguous tiles, and so into few
+// groups (a kernel-exact emulation: one FER-scale query over its slots).
 __global__ void __launch_bounds__(256) gather_subset_kernel(const __half* __restrict__ g16,
                                                             const float* __restrict__ gn,
                                                             const float* __restrict__ gs, int Ns, int stride,
-                                                            int Dp, __half* __restrict__ out16,
+                                                            int64_t mult, int Dp, __half* __restrict__ out16,
                                                             float* __restrict__ out_n, float* __restrict__ out_s) {
   const int i = blockIdx.x * 8 + threadIdx.x / 32;
   if (i >= Ns) return;
   const int lane = threadIdx.x % 32;
-  const int64_t src = static_cast<int64_t>(i) * stride;
+  const int64_t src = (static_cast<int64_t>(i) * mult % Ns) * stride;
   const int4* s = reinterpret_cast<const int4*>(g16 + src * Dp);
   int4* d = reinterpret_cast<int4*>(out16 + static_cast<int64_t>(i) * Dp);
   for (int v = lane; v < Dp / 8; v += 32) d[v] = s[v];
@@ -550,6 +560,114 @@ __global__ void __launch_bounds__(256) gather_subset_kernel(const __half* __rest
     out_n[i] = gn[src];
     out_s[i] = gs[src];
   }
+}
+
+// Bound pass over the float16 copies of the gallery subset (kScaled arithmetic of
+// knn_pass_kernel), without lists: thread t (query row t / TPR, every TPR-th column of each
+// tile) keeps the smallest approximate distance in each of kBoundBuckets column groups
+// (its columns u = b mod kBoundBuckets of every tile of its split). The groups of all
+// threads and splits of a row are disjoint, so the k-th smallest group minimum is the
+// approximate distance of a row with k - 1 other rows at or below it: an upper bound on the
+// subset's k-th smallest, which is all the proof needs (about the subset's k-th when the
+// k nearest fall into distinct groups; there are splits x TPR x 16 of them). part: (splits,
+// Q, TPR, kBoundBuckets) minima, +inf for an empty group.
+// No two-blocks-per-SM register cap here (unlike knn_filter_kernel): the 16 running minima
+// stay live across the tile's main loop. Under the cap a fully unrolled epilogue spilled
+// (448-byte stack frame); as written (unrolled by bucket only) the kernel takes 128
+// registers with 64-wide D chunks and 164 with 32-wide ones, no spills. The pass covers
+// 1 / s of the gallery.
+template <typename Eng>
+__global__ void __launch_bounds__(Eng::kThreads) knn_bound_kernel(
+    const __half* __restrict__ q, const __half* __restrict__ g, const float* __restrict__ qn,
+    const float* __restrict__ gn, const float* __restrict__ qs, const float* __restrict__ gs, int Q, int N, int Dp,
+    int col_tiles, int splits, float* __restrict__ part) {
+  constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
+  constexpr int TPR = NT / BM;
+  constexpr int CPT = BN / TPR;
+  static_assert(std::is_same<typename Eng::T, __half>::value, "the bound pass reads the float16 copies");
+  static_assert(CPT % kBoundBuckets == 0, "every bucket takes the same columns of each tile");
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* cn = reinterpret_cast<float*>(smem + Eng::kMainBytes);
+  float* cs = cn + BN;
+  const int tid = threadIdx.x;
+  const int row0 = blockIdx.x * BM, split = blockIdx.y;
+  const int r = tid / TPR, h = tid % TPR;
+  const int row = row0 + r;
+  const bool row_ok = row < Q;
+  const float rn = row_ok ? qn[row] : 0.f;
+  const float rs2 = row_ok ? 2.f * qs[row] : 2.f;
+  float m[kBoundBuckets];
+#pragma unroll
+  for (int b = 0; b < kBoundBuckets; ++b) m[b] = INFINITY;
+  for (int ct = split; ct < col_tiles; ct += splits) {
+    const int col0 = ct * BN;
+    for (int c = tid; c < BN; c += NT) {
+      cn[c] = col0 + c < N ? gn[col0 + c] : 0.f;
+      cs[c] = col0 + c < N ? gs[col0 + c] : 0.f;
+    }
+    Eng::run(q, row0, Q, g, col0, N, Dp, true, smem);  // ends with a barrier: cn/cs visible
+    const float* S = reinterpret_cast<const float*>(smem);
+    if (row_ok) {
+#pragma unroll 1
+      for (int u0 = 0; u0 < CPT; u0 += kBoundBuckets) {
+#pragma unroll
+        for (int b = 0; b < kBoundBuckets; ++b) {  // column u = u0 + b goes to bucket b
+          const int c = ((u0 + b + r) % CPT) * TPR + h;  // staggered: no bank conflicts on S
+          if (col0 + c < N) {
+            const float d = clamp0(rn + cn[c] - rs2 * (cs[c] * S[r * LDS + c]));
+            m[b] = fminf(m[b], d);  // (NaN only in flagged rows)
+          }
+        }
+      }
+    }
+    __syncthreads();  // S, cn, cs are overwritten by the next tile
+  }
+  if (row_ok) {
+    const int64_t base = ((static_cast<int64_t>(split) * Q + row) * TPR + h) * kBoundBuckets;
+#pragma unroll
+    for (int b = 0; b < kBoundBuckets; ++b) part[base + b] = m[b];
+  }
+}
+
+// Warp per query: bound[q] = the k-th smallest of its splits x tpr x kBoundBuckets group
+// minima (at most kBoundMaxGroups, kBoundMaxGroups / 32 per lane), by k extract-min rounds.
+__global__ void __launch_bounds__(256) knn_bound_select_kernel(const float* __restrict__ part, int splits, int tpr,
+                                                               int Q, int k, float* __restrict__ bound) {
+  const int qi = blockIdx.x * 8 + threadIdx.x / 32;
+  if (qi >= Q) return;
+  const int lane = threadIdx.x % 32;
+  const int per_split = tpr * kBoundBuckets;
+  const int G = splits * per_split;
+  float v[kBoundMaxGroups / 32];
+  int id[kBoundMaxGroups / 32];
+#pragma unroll
+  for (int u = 0; u < kBoundMaxGroups / 32; ++u) {
+    const int e = lane + 32 * u;
+    const bool in = e < G;
+    v[u] = in ? part[(static_cast<int64_t>(e / per_split) * Q + qi) * per_split + e % per_split] : 0.f;
+    id[u] = in ? e : -1;  // unique ids: ties between equal minima go to the smaller id
+  }
+  float bd = 0.f;
+  for (int e = 0; e < k; ++e) {
+    bd = 0.f;
+    int bj = -1;
+#pragma unroll
+    for (int u = 0; u < kBoundMaxGroups / 32; ++u) {
+      if (knn_less(v[u], id[u], bd, bj)) {
+        bd = v[u];
+        bj = id[u];
+      }
+    }
+    warp_min_pair(bd, bj);
+#pragma unroll
+    for (int u = 0; u < kBoundMaxGroups / 32; ++u)
+      if (bj >= 0 && id[u] == bj) id[u] = -1;  // extracted
+    if (bj < 0) {  // fewer than k groups (k > G cannot happen: G >= 32 >= k): admit everything
+      bd = INFINITY;
+      break;
+    }
+  }
+  if (lane == 0) bound[qi] = bd;
 }
 
 // Filter pass over the float16 copies (kScaled arithmetic of knn_pass_kernel). Thread t
@@ -560,7 +678,7 @@ template <typename Eng>
 __global__ void __launch_bounds__(Eng::kThreads, 2) knn_filter_kernel(
     const __half* __restrict__ q, const __half* __restrict__ g, const float* __restrict__ qn,
     const float* __restrict__ gn, const float* __restrict__ qs, const float* __restrict__ gs,
-    const float* __restrict__ bound_d, int k, const int* __restrict__ status, const int* __restrict__ q_bad,
+    const float* __restrict__ bound, const int* __restrict__ status, const int* __restrict__ q_bad,
     float c_dot, int Q, int N, int Dp, int col_tiles, int splits, int* __restrict__ count,
     int* __restrict__ cand_j, float* __restrict__ cand_a) {
   constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
@@ -582,7 +700,7 @@ __global__ void __launch_bounds__(Eng::kThreads, 2) knn_filter_kernel(
     rs2 = 2.f * qs[row];  // x2 and a power of two: exact
     if (q_bad[row] == 0) {
       const float gmax = __uint_as_float(static_cast<unsigned>(status[1]));
-      thr = bound_d[static_cast<int64_t>(row) * k + k - 1] + filter_slack(rn, gmax, c_dot);  // NaN: nothing
+      thr = bound[row] + filter_slack(rn, gmax, c_dot);  // NaN: nothing; +inf: everything
     }
   }
   const int64_t slots = static_cast<int64_t>(row) * kFilterCap;
@@ -854,7 +972,8 @@ bool filter_path_enabled() {
 }
 
 // The filter pass's engines: the float16 tiles with 64-wide D chunks (DNNRL_KNN_FILTER_BK=32:
-// the 32-wide ones of every other pass, for A/B timing). The bound pass keeps Engines<__half>.
+// the 32-wide ones of every other pass, for A/B timing). The bound pass always takes the
+// 64-wide ones, chosen by size only: the A/B switches time the filter pass alone.
 template <int BK>
 struct FilterEngines {
   using Large = TcTile<__half, 128, 128, 64, 32, BK>;
@@ -872,16 +991,14 @@ bool filter_small_tile() {
 }
 
 bool use_filter_path(int Q, int N, int D, int k) {
-  using HL = Engines<__half>::Large;
-  using HS = Engines<__half>::Small;
   const int64_t Dp = ceil_div<int64_t>(D, 8) * 8;
   return k <= kFilterMaxK && Q <= kCandMaxQueries && (static_cast<int64_t>(Q) + N) * Dp <= kCandMaxCopyElems &&
-         knn_fits<HL>(k) && knn_fits<HS>(k) && filter_path_enabled();
+         filter_path_enabled();
 }
 
 // Subset stride s: about s k candidates per query (about kFilterCap / 4, which leaves the
-// tail room: modelled at FER-2013 scale with k = 10, s = 12, benchmarks/filter_path_model.py:
-// mean 145, max 369 of 512; with s = 16: mean 190, max 438), and at least k subset rows
+// tail room: modelled at FER-2013 scale with k = 10, s = 12, benchmarks/filter_path_model.py,
+// random / clustered rows: mean 148 / 141, max 347 / 384 of 512), and at least k subset rows
 // (s <= N / k, so ceil(N / s) >= k). The threshold's slack uses the largest gallery norm,
 // so a gallery of very different row norms overflows the slots (exact pass: right, slow).
 int filter_stride(int N, int k) {
@@ -891,8 +1008,8 @@ int filter_stride(int N, int k) {
 
 template <typename Eng>
 void launch_filter(const __half* q16, const __half* g16, const float* qn, const float* gn, const float* qs,
-                   const float* gs, const float* bound_d, int k, const int* status, const int* q_bad, float c_dot,
-                   int Q, int N, int Dp, int* count, int* cand_j, float* cand_a, cudaStream_t stream) {
+                   const float* gs, const float* bound, const int* status, const int* q_bad, float c_dot, int Q,
+                   int N, int Dp, int* count, int* cand_j, float* cand_a, cudaStream_t stream) {
   const size_t smem = Eng::kMainBytes + 2 * Eng::BN * sizeof(float);
   auto kern = knn_filter_kernel<Eng>;
   allow_smem(kern, smem);
@@ -901,16 +1018,72 @@ void launch_filter(const __half* q16, const __half* g16, const float* qn, const 
   const int splits = static_cast<int>(
       pick_splits(resident_slots(kern, Eng::kThreads, smem), row_tiles, col_tiles, kFilterMaxSplits));
   kern<<<dim3(static_cast<unsigned>(row_tiles), splits), Eng::kThreads, smem, stream>>>(
-      q16, g16, qn, gn, qs, gs, bound_d, k, status, q_bad, c_dot, Q, N, Dp, static_cast<int>(col_tiles), splits,
-      count, cand_j, cand_a);
+      q16, g16, qn, gn, qs, gs, bound, status, q_bad, c_dot, Q, N, Dp, static_cast<int>(col_tiles), splits, count,
+      cand_j, cand_a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Bound pass (knn_bound_kernel over the subset, then knn_bound_select_kernel): bound (Q,).
+template <typename Eng>
+void launch_bound(const __half* q16, const __half* sub16, const float* qn, const float* sub_n, const float* qs,
+                  const float* sub_s, int Q, int Ns, int Dp, int k, float* bound, const at::TensorOptions& opts,
+                  cudaStream_t stream) {
+  constexpr int TPR = Eng::kThreads / Eng::BM;
+  static_assert(kBoundMaxSplits * TPR * kBoundBuckets <= kBoundMaxGroups, "group minima per query");
+  const size_t smem = Eng::kMainBytes + 2 * Eng::BN * sizeof(float);
+  auto kern = knn_bound_kernel<Eng>;
+  allow_smem(kern, smem);
+  const int64_t row_tiles = ceil_div<int64_t>(Q, Eng::BM);
+  const int64_t col_tiles = ceil_div<int64_t>(Ns, Eng::BN);
+  // As many splits, so group minima, as the subset's column tiles allow (up to 8 x 32 = 256):
+  // fixed by the shape alone, not by the card's occupancy, so the bound (and the candidate
+  // count) is the same on every card. With few groups next to k the k-th smallest minimum is
+  // loose (modelled: 32 groups for k = 32 sent half the queries of a 300 x 4,000 case over
+  // their slots; 256 keep every FER-2013-scale query within them, benchmarks/filter_path_model.py).
+  const int splits = static_cast<int>(std::min<int64_t>(col_tiles, kBoundMaxSplits));
+  at::Tensor part = at::empty({static_cast<int64_t>(splits) * Q * TPR * kBoundBuckets}, opts.dtype(at::kFloat));
+  kern<<<dim3(static_cast<unsigned>(row_tiles), splits), Eng::kThreads, smem, stream>>>(
+      q16, sub16, qn, sub_n, qs, sub_s, Q, Ns, Dp, static_cast<int>(col_tiles), splits, part.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  knn_bound_select_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
+      part.data_ptr<float>(), splits, TPR, Q, k, bound);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The bound pass on the 64-wide tiles, the 128x128 one once it gives every SM a block.
+void bound_pass(const __half* q16, const __half* sub16, const float* qn, const float* sub_n, const float* qs,
+                const float* sub_s, int Q, int Ns, int Dp, int k, float* bound, const at::TensorOptions& opts,
+                cudaStream_t stream) {
+  using HL = Engines<__half>::Large;
+  if (ceil_div<int64_t>(Q, HL::BM) * ceil_div<int64_t>(Ns, HL::BN) >= num_sms()) {
+    launch_bound<FilterEngines<64>::Large>(q16, sub16, qn, sub_n, qs, sub_s, Q, Ns, Dp, k, bound, opts, stream);
+  } else {
+    launch_bound<FilterEngines<64>::Small>(q16, sub16, qn, sub_n, qs, sub_s, Q, Ns, Dp, k, bound, opts, stream);
+  }
+}
+
+// The filter pass with the engine chosen by size (as above) and by the A/B switches
+// DNNRL_KNN_FILTER_BK / DNNRL_KNN_FILTER_TILE.
+template <int BK>
+void filter_pass(bool large, const __half* q16, const __half* g16, const float* qn, const float* gn, const float* qs,
+                 const float* gs, const float* bound, const int* status, const int* q_bad, float c_dot, int Q, int N,
+                 int Dp, int* count, int* cand_j, float* cand_a, cudaStream_t stream) {
+  if (large) {
+    launch_filter<typename FilterEngines<BK>::Large>(q16, g16, qn, gn, qs, gs, bound, status, q_bad, c_dot, Q, N, Dp,
+                                                     count, cand_j, cand_a, stream);
+  } else {
+    launch_filter<typename FilterEngines<BK>::Small>(q16, g16, qn, gn, qs, gs, bound, status, q_bad, c_dot, Q, N, Dp,
+                                                     count, cand_j, cand_a, stream);
+  }
+}
+bool filter_large_tile(int64_t rows, int64_t cols) {
+  using HL = Engines<__half>::Large;
+  return !filter_small_tile() && ceil_div<int64_t>(rows, HL::BM) * ceil_div<int64_t>(cols, HL::BN) >= num_sms();
 }
 
 void knn_filter(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D, bool vec,
                 int k, float* dptr, int64_t* iptr, const int64_t* lab, int64_t C, int64_t* vptr, int64_t* pptr,
                 const at::TensorOptions& opts, cudaStream_t stream) {
-  using HL = Engines<__half>::Large;
-  using HS = Engines<__half>::Small;
   const int Dp = static_cast<int>(ceil_div<int64_t>(D, 8) * 8);
   at::Tensor q16 = at::empty({static_cast<int64_t>(Q) * Dp}, opts.dtype(at::kHalf));
   at::Tensor g16 = at::empty({static_cast<int64_t>(N) * Dp}, opts.dtype(at::kHalf));
@@ -928,7 +1101,7 @@ void knn_filter(const float* qp, const float* gp, const float* qn, const float* 
       gp, N, D, Dp, gn, g16p, gs, nullptr, st, reinterpret_cast<unsigned*>(st + 1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // bound pass: approximate top k over every s-th gallery row
+  // the subset of the bound pass: every s-th gallery row, in a scrambled order
   const int s = filter_stride(N, k);
   const int Ns = static_cast<int>(ceil_div<int64_t>(N, s));
   at::Tensor sub16 = at::empty({static_cast<int64_t>(Ns) * Dp}, opts.dtype(at::kHalf));
@@ -936,23 +1109,20 @@ void knn_filter(const float* qp, const float* gp, const float* qn, const float* 
   auto* sub16p = reinterpret_cast<__half*>(sub16.data_ptr<at::Half>());
   float* sub_n = sub_ns.data_ptr<float>();
   float* sub_s = sub_n + Ns;
-  gather_subset_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Ns, 8)), 256, 0, stream>>>(g16p, gn, gs, Ns, s, Dp,
-                                                                                          sub16p, sub_n, sub_s);
+  int64_t mult = 7919;  // a prime; the next odd number coprime to Ns
+  while (std::gcd<int64_t, int64_t>(mult, Ns) != 1) mult += 2;
+  gather_subset_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Ns, 8)), 256, 0, stream>>>(
+      g16p, gn, gs, Ns, s, mult % Ns, Dp, sub16p, sub_n, sub_s);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor bound_d = at::empty({static_cast<int64_t>(Q) * k}, opts.dtype(at::kFloat));
-  at::Tensor bound_i = at::empty({static_cast<int64_t>(Q) * k}, opts.dtype(at::kLong));
-  if (ceil_div<int64_t>(Q, HL::BM) * ceil_div<int64_t>(Ns, HL::BN) >= num_sms()) {
-    knn_fast<HL, true>(q16p, sub16p, qn, sub_n, qs, sub_s, nullptr, Q, Ns, Dp, true, k, bound_d.data_ptr<float>(),
-                       bound_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
-  } else {
-    knn_fast<HS, true>(q16p, sub16p, qn, sub_n, qs, sub_s, nullptr, Q, Ns, Dp, true, k, bound_d.data_ptr<float>(),
-                       bound_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
-  }
+  at::Tensor bound_t = at::empty({static_cast<int64_t>(Q)}, opts.dtype(at::kFloat));
+  float* bound = bound_t.data_ptr<float>();
+  const bool bk32 = filter_bk32();
   const double u = std::ldexp(1.0, -11);  // the candidate path's bound, unchanged
   const float c_dot = static_cast<float>(1.25 * (2 * u + u * u + D * std::ldexp(1.0, -22) +
                                                  D * std::ldexp(1.0, -23)));
 
-  // filter pass + re-rank, in chunks of queries (the candidate slots are reused)
+  // bound pass + filter pass + re-rank, in chunks of queries (the group minima and the
+  // candidate slots are reused)
   const int chunk = std::min(Q, kFilterChunk);
   at::Tensor count = at::empty({chunk}, opts.dtype(at::kInt));
   at::Tensor cand_j = at::empty({static_cast<int64_t>(chunk) * kFilterCap}, opts.dtype(at::kInt));
@@ -962,28 +1132,17 @@ void knn_filter(const float* qp, const float* gp, const float* qn, const float* 
   int* cj = cand_j.data_ptr<int>();
   float* ca = cand_a.data_ptr<float>();
   int* fl = flags.data_ptr<int>();
-  const float* bd = bound_d.data_ptr<float>();
   for (int c0 = 0; c0 < Q; c0 += chunk) {
     const int Qc = std::min(chunk, Q - c0);
     C10_CUDA_CHECK(cudaMemsetAsync(cnt, 0, static_cast<size_t>(Qc) * sizeof(int), stream));
     const __half* qc16 = q16p + static_cast<int64_t>(c0) * Dp;
-    const float* bc = bd + static_cast<int64_t>(c0) * k;
-    const bool large =
-        !filter_small_tile() && ceil_div<int64_t>(Qc, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms();
-    if (filter_bk32()) {
-      if (large) {
-        launch_filter<FilterEngines<32>::Large>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot,
-                                                Qc, N, Dp, cnt, cj, ca, stream);
-      } else {
-        launch_filter<FilterEngines<32>::Small>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot,
-                                                Qc, N, Dp, cnt, cj, ca, stream);
-      }
-    } else if (large) {
-      launch_filter<FilterEngines<64>::Large>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot, Qc,
-                                              N, Dp, cnt, cj, ca, stream);
+    bound_pass(qc16, sub16p, qn + c0, sub_n, qs + c0, sub_s, Qc, Ns, Dp, k, bound + c0, opts, stream);
+    if (bk32) {
+      filter_pass<32>(filter_large_tile(Qc, N), qc16, g16p, qn + c0, gn, qs + c0, gs, bound + c0, st, st + 2 + c0,
+                      c_dot, Qc, N, Dp, cnt, cj, ca, stream);
     } else {
-      launch_filter<FilterEngines<64>::Small>(qc16, g16p, qn + c0, gn, qs + c0, gs, bc, k, st, st + 2 + c0, c_dot, Qc,
-                                              N, Dp, cnt, cj, ca, stream);
+      filter_pass<64>(filter_large_tile(Qc, N), qc16, g16p, qn + c0, gn, qs + c0, gs, bound + c0, st, st + 2 + c0,
+                      c_dot, Qc, N, Dp, cnt, cj, ca, stream);
     }
     const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Qc, 8));
     float* dc = dptr != nullptr ? dptr + static_cast<int64_t>(c0) * k : nullptr;
