@@ -910,30 +910,55 @@ bool use_candidate_path(int Q, int N, int D, int k) {
          knn_fits<HL>(kCand) && knn_fits<HS>(kCand) && candidate_path_enabled();
 }
 
+// The float16 copies both opt-in float32 paths start from (to_half_scaled_kernel on the
+// queries and the gallery): rows padded to Dp = D rounded up to 8, the row scales (qs: Q,
+// gs: N) and the status words ([0] any gallery row invalid, [1] bits of max ||g||^2,
+// [2 + q] query row q invalid). Owns the tensors; launches on `stream`.
+struct HalfCopies {
+  int Dp;
+  at::Tensor q16, g16, scales, status;
+  __half *q16p, *g16p;
+  float *qs, *gs;
+  int* st;
+  HalfCopies(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D,
+             const at::TensorOptions& opts, cudaStream_t stream)
+      : Dp(static_cast<int>(ceil_div<int64_t>(D, 8) * 8)),
+        q16(at::empty({static_cast<int64_t>(Q) * Dp}, opts.dtype(at::kHalf))),
+        g16(at::empty({static_cast<int64_t>(N) * Dp}, opts.dtype(at::kHalf))),
+        scales(at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(at::kFloat))),
+        status(at::zeros({static_cast<int64_t>(Q) + 2}, opts.dtype(at::kInt))),
+        q16p(reinterpret_cast<__half*>(q16.data_ptr<at::Half>())),
+        g16p(reinterpret_cast<__half*>(g16.data_ptr<at::Half>())),
+        qs(scales.data_ptr<float>()), gs(qs + Q), st(status.data_ptr<int>()) {
+    to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
+        qp, Q, D, Dp, qn, q16p, qs, st + 2, nullptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(
+        gp, N, D, Dp, gn, g16p, gs, nullptr, st, reinterpret_cast<unsigned*>(st + 1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// c of the float16 copies' error bound, |approximate dot - float32 dot| <= c ||q|| ||g||
+// (derivation above knn_rerank_kernel).
+float half_copy_bound(int D) {
+  const double u = std::ldexp(1.0, -11);
+  return static_cast<float>(1.25 * (2 * u + u * u + D * std::ldexp(1.0, -22) + D * std::ldexp(1.0, -23)));
+}
+
 void knn_candidates(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D,
                     bool vec, int k, float* dptr, int64_t* iptr, const int64_t* lab, int64_t C, int64_t* vptr,
                     int64_t* pptr, const at::TensorOptions& opts, cudaStream_t stream) {
   using HL = Engines<__half>::Large;
   using HS = Engines<__half>::Small;
-  const int Dp = static_cast<int>(ceil_div<int64_t>(D, 8) * 8);  // 16-byte rows: the vectorised staging
-  at::Tensor q16 = at::empty({static_cast<int64_t>(Q) * Dp}, opts.dtype(at::kHalf));
-  at::Tensor g16 = at::empty({static_cast<int64_t>(N) * Dp}, opts.dtype(at::kHalf));
-  at::Tensor scales = at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(at::kFloat));
-  at::Tensor status = at::zeros({static_cast<int64_t>(Q) + 2}, opts.dtype(at::kInt));
+  HalfCopies hc(qp, gp, qn, gn, Q, N, D, opts, stream);
+  __half *q16p = hc.q16p, *g16p = hc.g16p;
+  float *qs = hc.qs, *gs = hc.gs;
+  int* st = hc.st;
+  const int Dp = hc.Dp;  // 16-byte rows: the vectorised staging
   at::Tensor flags = at::empty({Q}, opts.dtype(at::kInt));
   at::Tensor cand_d = at::empty({static_cast<int64_t>(Q) * kCand}, opts.dtype(at::kFloat));
   at::Tensor cand_i = at::empty({static_cast<int64_t>(Q) * kCand}, opts.dtype(at::kLong));
-  auto* q16p = reinterpret_cast<__half*>(q16.data_ptr<at::Half>());
-  auto* g16p = reinterpret_cast<__half*>(g16.data_ptr<at::Half>());
-  float* qs = scales.data_ptr<float>();
-  float* gs = qs + Q;
-  int* st = status.data_ptr<int>();
-  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
-      qp, Q, D, Dp, qn, q16p, qs, st + 2, nullptr, nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(
-      gp, N, D, Dp, gn, g16p, gs, nullptr, st, reinterpret_cast<unsigned*>(st + 1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const bool big = ceil_div<int64_t>(Q, HL::BM) * ceil_div<int64_t>(N, HL::BN) >= num_sms();
   if (big) {
     knn_fast<HL, true>(q16p, g16p, qn, gn, qs, gs, nullptr, Q, N, Dp, true, kCand, cand_d.data_ptr<float>(),
@@ -942,9 +967,7 @@ void knn_candidates(const float* qp, const float* gp, const float* qn, const flo
     knn_fast<HS, true>(q16p, g16p, qn, gn, qs, gs, nullptr, Q, N, Dp, true, kCand, cand_d.data_ptr<float>(),
                        cand_i.data_ptr<int64_t>(), nullptr, 0, nullptr, nullptr, opts, stream);
   }
-  const double u = std::ldexp(1.0, -11);
-  const float c_dot = static_cast<float>(1.25 * (2 * u + u * u + D * std::ldexp(1.0, -22) +
-                                                 D * std::ldexp(1.0, -23)));
+  const float c_dot = half_copy_bound(D);
   const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(Q, 8));
   if (lab != nullptr) {
     knn_rerank_kernel<true><<<blocks, 256, 0, stream>>>(qp, gp, qn, gn, Q, D, k, cand_d.data_ptr<float>(),
@@ -1084,22 +1107,11 @@ bool filter_large_tile(int64_t rows, int64_t cols) {
 void knn_filter(const float* qp, const float* gp, const float* qn, const float* gn, int Q, int N, int D, bool vec,
                 int k, float* dptr, int64_t* iptr, const int64_t* lab, int64_t C, int64_t* vptr, int64_t* pptr,
                 const at::TensorOptions& opts, cudaStream_t stream) {
-  const int Dp = static_cast<int>(ceil_div<int64_t>(D, 8) * 8);
-  at::Tensor q16 = at::empty({static_cast<int64_t>(Q) * Dp}, opts.dtype(at::kHalf));
-  at::Tensor g16 = at::empty({static_cast<int64_t>(N) * Dp}, opts.dtype(at::kHalf));
-  at::Tensor scales = at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(at::kFloat));
-  at::Tensor status = at::zeros({static_cast<int64_t>(Q) + 2}, opts.dtype(at::kInt));
-  auto* q16p = reinterpret_cast<__half*>(q16.data_ptr<at::Half>());
-  auto* g16p = reinterpret_cast<__half*>(g16.data_ptr<at::Half>());
-  float* qs = scales.data_ptr<float>();
-  float* gs = qs + Q;
-  int* st = status.data_ptr<int>();
-  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(
-      qp, Q, D, Dp, qn, q16p, qs, st + 2, nullptr, nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  to_half_scaled_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(
-      gp, N, D, Dp, gn, g16p, gs, nullptr, st, reinterpret_cast<unsigned*>(st + 1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  HalfCopies hc(qp, gp, qn, gn, Q, N, D, opts, stream);
+  __half *q16p = hc.q16p, *g16p = hc.g16p;
+  float *qs = hc.qs, *gs = hc.gs;
+  int* st = hc.st;
+  const int Dp = hc.Dp;  // 16-byte rows: the vectorised staging
 
   // the subset of the bound pass: every s-th gallery row, in a scrambled order
   const int s = filter_stride(N, k);
@@ -1117,9 +1129,7 @@ void knn_filter(const float* qp, const float* gp, const float* qn, const float* 
   at::Tensor bound_t = at::empty({static_cast<int64_t>(Q)}, opts.dtype(at::kFloat));
   float* bound = bound_t.data_ptr<float>();
   const bool bk32 = filter_bk32();
-  const double u = std::ldexp(1.0, -11);  // the candidate path's bound, unchanged
-  const float c_dot = static_cast<float>(1.25 * (2 * u + u * u + D * std::ldexp(1.0, -22) +
-                                                 D * std::ldexp(1.0, -23)));
+  const float c_dot = half_copy_bound(D);  // the candidate path's bound, unchanged
 
   // bound pass + filter pass + re-rank, in chunks of queries (the group minima and the
   // candidate slots are reused)
