@@ -227,6 +227,40 @@ def test_sgd_is_fused_on_cuda_and_after_a_resume(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", [
+    dict(method="dnnrl", mining="easy_positive", softmax_weight=1.0, reduction="mean", flip=True),  # the recipe
+    dict(method="dnnrl", mining="batch_hard"),
+    dict(method="tdnn", mining="semi_hard", sampler="random"),
+    dict(method="dnnrl", mining="random_triplets"),
+    dict(method="dnn"),
+    dict(method="dnnrl", mining="easy_positive", softmax_weight=1.0, reduction="mean", cuda_graph="on"),
+], ids=["recipe", "dnnrl_batch_hard", "tdnn_random_batches", "random_triplets", "dnn", "recipe_cuda_graph"])
+def test_training_steps_make_no_host_sync_on_cuda(tmp_path, variant):
+    """After the first steps (cuDNN's algorithm search, a graph capture) a training step,
+    batch drawing included, queues its work without waiting for the card: a blocking
+    host-to-device copy or a read-back raises under the sync debug mode. (Two such syncs
+    per step, the P x K batch's copy and a torch.tensor(inf) in the easy-positive mining,
+    held the host back until session 9.)"""
+    from dnnrl.train import Trainer
+    t = Trainer(_cfg(tmp_path / "run", device="cuda", batch_size=14, **variant))
+    t.model.train()
+    batches = t.sampler.epoch(t.sample_gen)
+    for _ in range(3):  # warm-up: cuDNN's benchmark mode and a graph capture synchronise
+        t.train_step(next(batches))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss, _act = t.train_step(next(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+    if variant.get("cuda_graph") == "on":
+        assert t._graph.replays >= 3
+
+
 def test_init_from_errors_name_the_option(tmp_path):
     from dnnrl.train import Trainer
     with pytest.raises(FileNotFoundError, match="--init-from"):

@@ -8,12 +8,29 @@
 
 Both yield (B,) int64 index tensors on ``device``; the permutations are drawn on the
 generator's device, so the same seed gives the same batches on CPU and GPU runs with
-CPU generators.
+CPU generators. Indices drawn on the CPU reach a CUDA device without a host sync
+(:func:`to_device`).
 """
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
+
+
+def to_device(t: Tensor, device) -> Tensor:
+    """``t`` on ``device``, without a host sync when a CPU tensor goes to a CUDA device.
+
+    Why: a plain ``t.to("cuda")`` of CPU memory is a blocking copy, and torch ends a
+    blocking host-to-device copy with a stream synchronisation: the host waits there
+    until the card has run everything queued before. Once per training step that stops
+    the host from launching the next step while the card runs this one. From pinned
+    memory the copy is queued on the stream like a kernel; torch's pinned-memory cache
+    keeps the pinned block until the copy has run, so ``t`` may be dropped at once.
+    """
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class RandomBatchSampler:
@@ -28,7 +45,7 @@ class RandomBatchSampler:
         return self.n // self.batch_size if self.batch_size else 0
 
     def epoch(self, generator: torch.Generator) -> Iterator[Tensor]:
-        perm = torch.randperm(self.n, generator=generator, device=generator.device).to(self.device)
+        perm = to_device(torch.randperm(self.n, generator=generator, device=generator.device), self.device)
         for i in range(len(self)):
             yield perm[i * self.batch_size:(i + 1) * self.batch_size]
 
@@ -73,7 +90,7 @@ class PKSampler:
                     pos[c] = 0
                 parts.append(perms[c][pos[c]:pos[c] + self.k])
                 pos[c] += self.k
-            yield torch.cat(parts).to(self.device)
+            yield to_device(torch.cat(parts), self.device)
 
 
 def make_sampler(kind: str, labels: Tensor, batch_size: int, p: Optional[int] = None, device=None):

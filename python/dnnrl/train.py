@@ -114,9 +114,10 @@ def _easy_positive_pn(embeddings: Tensor, y: Tensor):
         same = y[:, None] == y[None, :]
         eye = torch.eye(B, dtype=torch.bool, device=y.device)
         pos_mask, neg_mask = same & ~eye, ~same
-        inf = torch.tensor(float("inf"), device=d.device)
-        pos = torch.where(pos_mask, d, inf).argmin(1)
-        neg = torch.where(neg_mask, d, inf).argmin(1)
+        # masked_fill with a Python float: torch.tensor(inf, device=...) would be a blocking
+        # host-to-device copy, i.e. a stream sync in every training step
+        pos = d.masked_fill(~pos_mask, float("inf")).argmin(1)
+        neg = d.masked_fill(~neg_mask, float("inf")).argmin(1)
         keep = pos_mask.any(1) & neg_mask.any(1)
         anchor = torch.arange(B, device=y.device)
         return torch.where(keep, pos, anchor), torch.where(keep, neg, anchor), keep
@@ -387,12 +388,30 @@ class Trainer:
             return out.loss + self.cfg.softmax_weight * F.cross_entropy(logits.float(), y), act
         return out.loss, act
 
+    def train_step(self, idx: Tensor):
+        """One optimisation step on the training images ``idx`` ((B,) int64 row indices
+        of the training split): augmentation, forward, loss, backward, SGD step.
+
+        Returns (loss, active fraction or None), detached 0-d tensors on the device. Makes
+        no host sync on a CUDA device after the first steps (cuDNN's algorithm search, a
+        --cuda-graph capture), so the host queues the next step while the card runs this
+        one (a GPU test checks it under ``torch.cuda.set_sync_debug_mode("error")``).
+        """
+        x_all, y_all = self.data["train"]
+        xb = x_all[idx.to(x_all.device)].to(self.device, non_blocking=True)
+        yb = y_all[idx]
+        x = self._prep(augment(xb, self.aug, self.aug_gen))
+        loss, act = self._loss(x, yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (act.detach() if act is not None else None)
+
     def train_epoch(self) -> Dict[str, float]:
         from tqdm.auto import tqdm
         cfg, model = self.cfg, self.model
         model.train()
         distributed.reseed_epoch(self.aug_gen, cfg.seed, self.epoch, self.dist)
-        x_all, y_all = self.data["train"]
         n_batches = len(self.sampler)
         if cfg.epoch_batches:
             n_batches = min(n_batches, cfg.epoch_batches)
@@ -405,16 +424,10 @@ class Trainer:
         for step, idx in enumerate(self.sampler.epoch(self.sample_gen)):
             if step >= n_batches:
                 break
-            xb = x_all[idx.to(x_all.device)].to(self.device, non_blocking=True)
-            yb = y_all[idx]
-            x = self._prep(augment(xb, self.aug, self.aug_gen))
-            loss, act = self._loss(x, yb)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.detach()
+            loss, act = self.train_step(idx)
+            loss_sum += loss
             if act is not None:
-                act_sum += act.detach()
+                act_sum += act
             seen += idx.numel()
             bar.update(1)
             if (step + 1) % cfg.log_every == 0:  # the only host sync inside the epoch
