@@ -8,6 +8,9 @@ resolve from the same options); every setting is then timed over --repeats epoch
 algorithm search and the allocator's growth out of the timing). The median epoch gives
 images/s and ms per step; the peak is the allocator's during the timed epochs. Settings:
 cuDNN benchmark mode on and off (`--cudnn`), so that the default is a measured choice.
+With --profile-steps N each setting is then profiled over N more steps (torch.profiler):
+the card's kernel time per step against the step's wall time says whether the step is
+bound by the card or by the host, and a table of the ops by device time says by what.
 
 Usage (GPU):  python3 benchmarks/bench_train.py --data fer2013.tar.xz --method dnnrl \\
                   --batch-sizes 128,256 --out bench_train.json [dnnrl train options]
@@ -51,12 +54,17 @@ def parse(argv=None):
                         "its own (on: the network's training forward and backward replayed as CUDA graphs)")
     p.add_argument("--batches", type=int, default=40, help="batches per timed epoch")
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per setting")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after each setting's timing, profile this many steps (0: no profile); the op "
+                        "tables go to OUT with .profile.txt for .json, or to stdout without --out")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--no-recipe", action="store_true",
                    help="leave out the session recipe's training options (%s)" % " ".join(RECIPE))
     args, train_argv = p.parse_known_args(argv)
     if args.batches < 1 or args.repeats < 1:
         p.error("--batches and --repeats must be >= 1")
+    if args.profile_steps < 0:
+        p.error("--profile-steps must be >= 0, got %d" % args.profile_steps)
     settings = [s.strip() for s in args.cudnn.split(",") if s.strip()]
     if not settings or any(s not in ("on", "off") for s in settings):
         p.error("--cudnn: comma-separated values from on / off, got %r" % args.cudnn)
@@ -119,6 +127,50 @@ def time_setting(trainer, cudnn: str, repeats: int) -> dict:
             "peak_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else None}
 
 
+def _device_us(evt) -> float:
+    """An averaged profiler event's own device time in microseconds (torch renamed the
+    attribute from self_cuda_time_total to self_device_time_total)."""
+    return float(getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0)
+
+
+def profile_steps(trainer, steps: int):
+    """``steps`` training steps under torch.profiler (the sampler's batches, as an epoch
+    draws them). Returns (summary dict, op tables as text):
+
+    wall_ms_per_step: the profiled steps' wall time (the profiler's own host cost included);
+    device_ms_per_step: the kernels' and copies' time on the card (summed: one stream);
+    device_busy_fraction: their ratio, near 1 when the card bounds the step, well below
+    when the host does; device_ops_per_step: kernel launches and copies per step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    cuda = trainer.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    trainer.model.train()
+    batches = trainer.sampler.epoch(trainer.sample_gen)
+    idx = [next(batches) for _ in range(min(steps, len(trainer.sampler)))]
+    if cuda:
+        torch.cuda.synchronize(trainer.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for i in idx:
+            trainer.train_step(i)
+        if cuda:
+            torch.cuda.synchronize(trainer.device)
+        wall = time.perf_counter() - t0
+    n = max(1, len(idx))
+    avg = prof.key_averages()
+    on_device = [e for e in avg if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    device_us = sum(_device_us(e) for e in on_device)
+    summary = {"steps": len(idx), "wall_ms_per_step": 1000.0 * wall / n,
+               "device_ms_per_step": device_us / 1000.0 / n if cuda else None,
+               "device_busy_fraction": device_us / 1e6 / wall if cuda and wall > 0 else None,
+               "device_ops_per_step": sum(e.count for e in on_device) / n if cuda else None}
+    tables = avg.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+    if cuda:
+        tables += "\n\nby host time:\n" + avg.table(sort_by="cpu_time_total", row_limit=20)
+    return summary, tables
+
+
 def write(path: Optional[str], payload: dict) -> None:
     """The results so far (after every row: a run stopped by a time limit keeps them)."""
     if path:
@@ -156,6 +208,18 @@ def main(argv=None) -> int:
                 method, cudnn, cfg.cuda_graph, cfg.batch_size, r["images_per_step"], r["images_per_s"], r["ms_per_step"],
                 ", ".join("%.0f" % v for v in r["images_per_s_all"]),
                 ", peak %.0f MiB" % r["peak_mib"] if r["peak_mib"] is not None else ""), flush=True)
+            if args.profile_steps:
+                r["profile"], tables = profile_steps(trainer, args.profile_steps)
+                write(args.out, payload)
+                title = "%s, cudnn benchmark %s, cuda graph %s, batch %d" % (method, cudnn, cfg.cuda_graph,
+                                                                          cfg.batch_size)
+                print("  profile: %s" % ", ".join("%s %s" % (k, ("%.3g" % v) if isinstance(v, float) else v)
+                                                  for k, v in r["profile"].items()), flush=True)
+                if args.out:
+                    with open(os.path.splitext(args.out)[0] + ".profile.txt", "a") as fh:
+                        fh.write("## %s\n%s\n\n" % (title, tables))
+                else:
+                    print("## %s\n%s" % (title, tables), flush=True)
         shutil.rmtree(cfg.out, ignore_errors=True)  # the throwaway run directory
         del trainer
         if device.type == "cuda":

@@ -3,11 +3,13 @@
     python3 benchmarks/ingest_gpu_session.py FILES_AT [--date YYYY-MM-DD] [--ship]
 
 FILES_AT is the folder the device tool copied `$OUT` into (session.log, bench_gpu.json,
-fer_runs.tar.gz, dnnrl_bundle.pt, logs.tar.gz; any of them may be missing). It writes,
+fer_runs.tar.gz, train_bench.tar.gz, dnnrl_bundle.pt, logs.tar.gz; any of them may be
+missing). It writes,
 named by card and date (a `-2`, `-3`, ... suffix where the name is taken):
 
 - ``benchmarks/results/<card>-<date>-session.json``  the benchmark JSON;
 - ``benchmarks/results/fer-<card>-<date>/``         the FER-2013 runs (table2/, extra/);
+- ``benchmarks/results/train-bench-<card>-<date>/`` one run's throughput alone, profiled;
 - ``benchmarks/results/gpu-session-<card>-<date>/``  session.log and the text logs;
 
 prints the smoke status, the benchmark tables and the Table 2 markdown, and with
@@ -134,15 +136,7 @@ def main(argv=None) -> int:
         if os.path.exists(table):
             with open(table) as f:
                 print("\n" + f.read())
-        for name in sorted(n for n in os.listdir(fer_dir) if n.startswith("bench_train") and n.endswith(".json")):
-            with open(os.path.join(fer_dir, name)) as f:
-                bt = json.load(f)
-            for r in bt.get("rows", []):
-                print("training throughput alone (%s, %s): %s, batch %s, cuDNN benchmark %s, CUDA graph %s: "
-                      "%.0f images/s, %.2f ms/step, peak %s MiB"
-                      % (name, bt.get("device_name"), r["method"], r["batch_size"], r["cudnn_benchmark"],
-                         r.get("cuda_graph", "off"), r["images_per_s"], r["ms_per_step"] or 0,
-                         "%.0f" % r["peak_mib"] if r.get("peak_mib") else "-"))
+        print_train_benchmarks(fer_dir)
         report = os.path.join(fer_dir, "embedding_report.json")
         if os.path.exists(report):
             with open(report) as f:
@@ -162,6 +156,13 @@ def main(argv=None) -> int:
                           r["training"].get("stopped_by"), r["training"].get("images_per_s") or 0,
                           ", ".join("%s %.1f" % (k[:-2], v) for k, v in ph.items()) or "-"))
 
+    train_bench = os.path.join(src, "train_bench.tar.gz")
+    if os.path.exists(train_bench):
+        tb_dir = free_path(os.path.join(RESULTS, "train-bench-%s-%s" % (card, args.date)))
+        names = safe_extract(train_bench, tb_dir)
+        print("\ntraining throughput, one run alone: %d files -> %s" % (len(names), os.path.relpath(tb_dir, ROOT)))
+        print_train_benchmarks(tb_dir)
+
     bundle = os.path.join(src, "dnnrl_bundle.pt")
     if args.ship:
         if not os.path.exists(bundle):
@@ -178,6 +179,26 @@ def main(argv=None) -> int:
     elif os.path.exists(bundle):
         print("\na bundle came back (%.1f MB); --ship puts it in the package" % (os.path.getsize(bundle) / 1e6))
     return 0
+
+
+def print_train_benchmarks(folder: str) -> None:
+    """The rows of every bench_train*.json in ``folder`` (benchmarks/bench_train.py), with
+    their step profiles where they have one."""
+    for name in sorted(n for n in os.listdir(folder) if n.startswith("bench_train") and n.endswith(".json")):
+        with open(os.path.join(folder, name)) as f:
+            bt = json.load(f)
+        for r in bt.get("rows", []):
+            print("training throughput alone (%s, %s): %s, batch %s, cuDNN benchmark %s, CUDA graph %s: "
+                  "%.0f images/s, %.2f ms/step, peak %s MiB"
+                  % (name, bt.get("device_name"), r["method"], r["batch_size"], r["cudnn_benchmark"],
+                     r.get("cuda_graph", "off"), r["images_per_s"], r["ms_per_step"] or 0,
+                     "%.0f" % r["peak_mib"] if r.get("peak_mib") else "-"))
+            pr = r.get("profile")
+            if pr and pr.get("device_ms_per_step") is not None:
+                print("  profiled over %d steps: %.2f ms wall, %.2f ms of kernels on the card (busy %.0f %%), "
+                      "%.0f kernels and copies per step" % (
+                          pr["steps"], pr["wall_ms_per_step"], pr["device_ms_per_step"],
+                          100 * pr["device_busy_fraction"], pr["device_ops_per_step"]))
 
 
 def _not_shippable(path):

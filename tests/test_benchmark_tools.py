@@ -120,11 +120,49 @@ def test_bench_train_times_each_batch_size_in_its_own_trainer(tmp_path):
                                                                                     ("dnnrl", 21, 21)]
 
 
+def test_bench_train_profiles_steps_when_asked(tmp_path):
+    """--profile-steps: a profile per row (wall ms per step; device figures only on a
+    card) and the op tables beside the JSON."""
+    bt = _load("bench_train")
+    out = tmp_path / "bt.json"
+    assert bt.main(["--cudnn", "off", "--batches", "2", "--repeats", "1", "--profile-steps", "2", "--out", str(out),
+                    "--image-size", "32", "--width", "0.125", "--batch-size", "14", "--device", "cpu"]) == 0
+    (row,) = json.load(open(out))["rows"]
+    prof = row["profile"]
+    assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0
+    assert prof["device_ms_per_step"] is None and prof["device_busy_fraction"] is None
+    text = open(tmp_path / "bt.profile.txt").read()
+    assert text.startswith("## dnnrl, cudnn benchmark off, cuda graph off, batch 14")
+    assert "aten::convolution_backward" in text  # the step's backward ran under the profiler
+
+
+def test_ingest_files_the_solo_throughput_and_prints_its_profile(tmp_path, monkeypatch, capsys):
+    import tarfile
+    ing = _load("ingest_gpu_session")
+    monkeypatch.setattr(ing, "RESULTS", str(tmp_path / "results"))
+    src, tb = tmp_path / "files", tmp_path / "tb"
+    src.mkdir(), tb.mkdir()
+    row = {"method": "dnnrl", "batch_size": 128, "cudnn_benchmark": "on", "cuda_graph": "off", "images_per_s": 14000.0,
+           "ms_per_step": 9.0, "peak_mib": 900.0,
+           "profile": {"steps": 20, "wall_ms_per_step": 9.5, "device_ms_per_step": 7.6,
+                       "device_busy_fraction": 0.8, "device_ops_per_step": 512.0}}
+    json.dump({"device_name": "Card X", "rows": [row]}, open(tb / "bench_train.json", "w"))
+    (tb / "bench_train.profile.txt").write_text("## dnnrl\n")
+    with tarfile.open(src / "train_bench.tar.gz", "w:gz") as t:
+        t.add(tb / "bench_train.json", "bench_train.json")
+        t.add(tb / "bench_train.profile.txt", "bench_train.profile.txt")
+    assert ing.main([str(src), "--date", "2026-01-01"]) == 0
+    out = capsys.readouterr().out
+    assert "14000 images/s, 9.00 ms/step" in out
+    assert "7.60 ms of kernels on the card (busy 80 %), 512 kernels and copies per step" in out
+    assert (tmp_path / "results" / "train-bench-gpu-2026-01-01" / "bench_train.profile.txt").exists()
+
+
 def test_bench_train_rejects_bad_settings():
     bt = _load("bench_train")
     for argv in (["--cudnn", "maybe"], ["--batches", "0"], ["--cudnn", ","], ["--batch-sizes", "128,x"],
                  ["--cuda-graphs", "yes"], ["--cuda-graphs", ","], ["--cuda-graphs", "off,on"],
-                 ["--batch-sizes", "0"], ["--batch-sizes", ","]):
+                 ["--batch-sizes", "0"], ["--batch-sizes", ","], ["--profile-steps", "-1"]):
         with pytest.raises(SystemExit) as e:
             bt.parse(argv)
         assert e.value.code == 2
