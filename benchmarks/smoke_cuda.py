@@ -5,6 +5,7 @@ Exit status, a bit per failed part (0 = all good):
   1  float32 k-NN, the default exact pass (fall back: --backend reference)
   2  the loss with its fused launches (fall back: DNNRL_LOSS_FEWER_LAUNCHES=0)
   4  the loss with its separate launches (fall back: --backend reference)
+(the loss: the mined forms at B = 128-1000, and the explicit triplets the recipe trains with)
 
 `--opt-in` instead compares the opt-in k-NN paths (candidate, filter) with the default
 pass, printed only, exit 0. A process of its own: a fault there (a sticky CUDA error, a
@@ -105,11 +106,37 @@ def loss_ok(fewer_launches: bool) -> bool:
             print("loss B=%d %s %s fewer_launches=%s: |loss diff| %.2e, max |grad diff| / max |grad| %.2e"
                   % (B, mining, dtype, fewer_launches, lerr, gerr / gscale), flush=True)
             ok = ok and lerr <= tol * max(1.0, abs(want.item())) and gerr <= tol * gscale
+        ok = indexed_loss_ok(fewer_launches) and ok
     except Exception as exc:  # a launch failure must not stop the session
         print("loss fewer_launches=%s raised %s" % (fewer_launches, exc), flush=True)
         ok = False
     finally:
         os.environ.pop("DNNRL_LOSS_FEWER_LAUNCHES", None)
+    return ok
+
+
+def indexed_loss_ok(fewer_launches: bool) -> bool:
+    """The loss on explicit triplets (what the session's recipe trains with: easy-positive
+    mining forms one triplet per anchor in Python), mean-reduced, against the reference."""
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(7)
+        B = 128
+        x = torch.nn.functional.normalize(torch.randn(B, 512, generator=g), dim=1)
+        a, p, n = torch.arange(B), torch.randint(0, B, (B,), generator=g), torch.randint(0, B, (B,), generator=g)
+        xa = x.to(dtype).cuda().requires_grad_(True)
+        loss = dnnrl_ext.triplet_loss_from_triplets(xa, a.cuda(), p.cuda(), n.cuda(), gamma=-0.3, validate=False)
+        loss.backward()
+        xr = x.to(dtype).double().requires_grad_(True)
+        want = dnnrl_ext.triplet_loss_from_triplets(xr, a, p, n, gamma=-0.3, backend="reference")
+        want.backward()
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        lerr = abs(loss.item() - want.item())
+        gscale = xr.grad.abs().max().item() + 1e-12
+        gerr = (xa.grad.double().cpu() - xr.grad).abs().max().item() / gscale
+        print("indexed loss B=%d %s fewer_launches=%s: |loss diff| %.2e, max |grad diff| / max |grad| %.2e"
+              % (B, dtype, fewer_launches, lerr, gerr), flush=True)
+        ok = ok and lerr <= tol * max(1.0, abs(want.item())) and gerr <= tol
     return ok
 
 
