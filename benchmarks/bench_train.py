@@ -209,7 +209,11 @@ def main(argv=None) -> int:
                 ", ".join("%.0f" % v for v in r["images_per_s_all"]),
                 ", peak %.0f MiB" % r["peak_mib"] if r["peak_mib"] is not None else ""), flush=True)
             if args.profile_steps:
-                r["profile"], tables = profile_steps(trainer, args.profile_steps)
+                try:
+                    r["profile"], tables = profile_steps(trainer, args.profile_steps)
+                except Exception as exc:  # noqa: BLE001 - a profiler problem must not cost the next rows
+                    print("  profile failed: %s" % str(exc).splitlines()[0][:200], flush=True)
+                    continue
                 write(args.out, payload)
                 title = "%s, cudnn benchmark %s, cuda graph %s, batch %d" % (method, cudnn, cfg.cuda_graph,
                                                                           cfg.batch_size)

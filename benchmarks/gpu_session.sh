@@ -72,15 +72,16 @@ if [ "${SKIP_FER:-0}" != 1 ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013: reproduce (3 methods at once, ${BUDGET} s of training each)$([ "${EXTRA:-0}" = 1 ] && echo " + a fourth run ($EXTRA_NAME)"), background"
   timeout 120 python3 -c "import sys; from dnnrl.data import load_dataset; load_dataset(sys.argv[1])" "$FER_ARCHIVE"
   # --cuda-graph on for the runs only where the graphed step follows the eager one (the GPU
-  # test) and is at least 15 % faster (bench_train, DNNRL alone, 30-step epochs); ~40 s
+  # test) and is at least 15 % faster (bench_train, DNNRL alone, 30-step epochs), each setting
+  # then profiled over 10 steps (bench_train_graph.profile.txt: where a step's time goes); ~50 s
   GRAPH_FLAG=""
   if [ "${SKIP_GRAPH_PROBE:-0}" != 1 ] && [ -z "$BACKEND_FLAG" ]; then
     step "CUDA-graph probe (tests/test_app_graphs.py -k cuda, bench_train.py --cuda-graphs off,on)"
     timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_app_graphs.py -k cuda > "$WORK/graph_test.log" 2>&1
     gt=$?; tail -n 2 "$WORK/graph_test.log"
     if [ "$gt" -eq 0 ]; then
-      timeout 45 python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnnrl --cudnn on \
-        --cuda-graphs off,on --batches 30 --repeats 3 --out "$WORK/bench_train_graph.json"
+      timeout 60 python3 benchmarks/bench_train.py --data "$FER_ARCHIVE" --method dnnrl --cudnn on \
+        --cuda-graphs off,on --batches 30 --repeats 3 --profile-steps 10 --out "$WORK/bench_train_graph.json"
       GRAPH_FLAG=$(python3 - "$WORK/bench_train_graph.json" <<'PY'
 import json, sys
 try:
@@ -169,8 +170,8 @@ if [ -n "$fer_pid" ]; then
     [ -d "$d" ] && (cd "$(dirname "$d")" && find "$(basename "$d")" \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \
       -o -name '*.png' -o -name 'run.log' \) -print0 | xargs -0 -r cp --parents -t "$WORK/fer")
   done
-  cp "$WORK/reproduce.log" "$WORK/extra.log" "$WORK"/bench_train_graph.json "$WORK"/graph_test.log "$WORK/fer/" \
-    2>/dev/null
+  cp "$WORK/reproduce.log" "$WORK/extra.log" "$WORK"/bench_train_graph.json "$WORK"/bench_train_graph.profile.txt \
+    "$WORK"/graph_test.log "$WORK/fer/" 2>/dev/null
   tar -czf "$OUTDIR/fer_runs.tar.gz" -C "$WORK/fer" .
   [ -f "$WORK/dnnrl_bundle.pt" ] && cp "$WORK/dnnrl_bundle.pt" "$OUTDIR/"
 fi
