@@ -47,6 +47,12 @@ def measure(fn, repeats):
     return common.time_cuda(fn, repeats=repeats), peak
 
 
+# the environment of the loss's A/B columns: DNNRL_LOSS_FEWER_LAUNCHES=0, the launch sequence
+# before session 3; DNNRL_MINE_TILE=small, the mining tile small batches had before session 9
+LOSS_COLUMN_ENV = {"dnnrl_ext_6_launches": {"DNNRL_LOSS_FEWER_LAUNCHES": "0"},
+                   "dnnrl_ext_small_tile": {"DNNRL_MINE_TILE": "small"}}
+
+
 def bench_loss(sizes, dtypes, rates, repeats):
     rows = []
     pml = alternatives.PMLBatchHard()
@@ -62,21 +68,21 @@ def bench_loss(sizes, dtypes, rates, repeats):
                 loss_fn(x, y).backward()
 
             row = {"dtype": str(dtype).replace("torch.", ""), "B": B}
-            cands = {"dnnrl_ext": lambda a, b: dnnrl_ext.triplet_loss(a, b),
-                     # DNNRL_LOSS_FEWER_LAUNCHES=0: the launch sequence before session 3
-                     "dnnrl_ext_6_launches": lambda a, b: dnnrl_ext.triplet_loss(a, b),
-                     "plain_pytorch": alternatives.plain_pytorch_exp_triplet,
+            ours = lambda a, b: dnnrl_ext.triplet_loss(a, b)  # noqa: E731
+            cands = {"dnnrl_ext": ours, "dnnrl_ext_6_launches": ours, "plain_pytorch": alternatives.plain_pytorch_exp_triplet,
                      "pml": pml}
+            if B <= 1024:  # the 64 x 64 mining tile where the 32 x 32 one is chosen (B <= 320 on an H100 / H200)
+                cands["dnnrl_ext_small_tile"] = ours
             for name, f in cands.items():
-                if name == "dnnrl_ext_6_launches":
-                    os.environ["DNNRL_LOSS_FEWER_LAUNCHES"] = "0"
+                os.environ.update(LOSS_COLUMN_ENV.get(name, {}))
                 try:
                     t, mem = measure(lambda f=f: step(f), repeats)
                     row[name + "_ms"], row[name + "_mib"] = t * 1e3, mem
                 except Exception as exc:  # an alternative that cannot run this dtype
                     row[name + "_ms"] = "error: %s" % str(exc).splitlines()[0][:60]
                 finally:
-                    os.environ.pop("DNNRL_LOSS_FEWER_LAUNCHES", None)
+                    for var in LOSS_COLUMN_ENV.get(name, {}):
+                        os.environ.pop(var, None)
             with torch.no_grad():
                 t_fwd = common.time_cuda(lambda: dnnrl_ext.triplet_loss(x0, y), repeats=repeats)
             row["ours_fwd_ms"] = t_fwd * 1e3
@@ -267,7 +273,8 @@ def main():
     if payload.get("loss"):
         print("\n## Fused loss forward+backward, D=512, 7 classes (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["loss"], [
-            "dtype", "B", "dnnrl_ext_ms", "dnnrl_ext_6_launches_ms", "plain_pytorch_ms", "pml_ms",
+            "dtype", "B", "dnnrl_ext_ms", "dnnrl_ext_6_launches_ms", "dnnrl_ext_small_tile_ms", "plain_pytorch_ms",
+            "pml_ms",
             "x_vs_plain_pytorch", "x_vs_pml",
             "dnnrl_ext_mib", "plain_pytorch_mib", "pml_mib", "ours_fwd_ms", "mm_fraction"]))
     if payload.get("knn_vote"):

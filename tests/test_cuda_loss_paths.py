@@ -124,3 +124,49 @@ def test_fewer_launches_switch_gives_the_same_loss_and_gradient(B, reduction, mo
     assert torch.equal(fused[1], legacy[1]) and torch.equal(fused[2], legacy[2])
     torch.testing.assert_close(fused[0], legacy[0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused[3], legacy[3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("B", [2, 33, 128, 300, 700])
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+def test_the_three_mining_tiles_agree(B, mining, dtype, monkeypatch):
+    """DNNRL_MINE_TILE=tiny / small / large on the same batch (the tile is otherwise chosen
+    by B: tiny up to 320 rows on a 132-SM card, large from ~1,450). Each product is
+    accumulated in the same order whatever the tile, so the mined indices and r agree
+    exactly; the loss and gradient to rounding, and the tiny tile's with the reference."""
+    require_compiled("cuda")
+    x, y = _batch(B, 72, 5, B + 11, dtype)  # D = 72: a partial last 32-wide chunk
+
+    def run():
+        xa = x.clone().cuda().requires_grad_(True)
+        out = dnnrl_ext.triplet_loss(xa, y.cuda(), mining=mining, gamma=-0.2, return_details=True)
+        out.loss.backward()
+        torch.cuda.synchronize()
+        return out, xa.grad.cpu()
+
+    got = {}
+    for tile in ("tiny", "small", "large"):
+        monkeypatch.setenv("DNNRL_MINE_TILE", tile)
+        got[tile] = run()
+    monkeypatch.delenv("DNNRL_MINE_TILE")
+    (tiny, g_tiny) = got["tiny"]
+    for tile in ("small", "large"):
+        out, g = got[tile]
+        assert torch.equal(out.pos.cpu(), tiny.pos.cpu()) and torch.equal(out.neg.cpu(), tiny.neg.cpu()), tile
+        assert torch.equal(out.r.cpu(), tiny.r.cpu()), tile
+        torch.testing.assert_close(out.loss.cpu(), tiny.loss.cpu(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g, g_tiny, rtol=1e-5, atol=1e-7)
+    ref = dnnrl_ext.triplet_loss(x, y, mining=mining, gamma=-0.2, return_details=True, backend="reference")
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    # (a near-tie among ~B candidates may go either way between 3xTF32 and the reference)
+    agree = (ref.pos == tiny.pos.cpu()) & (ref.neg == tiny.neg.cpu())
+    assert agree.float().mean() >= (0.99 if dtype in (torch.float32, torch.float64) else 0.9)
+    torch.testing.assert_close(tiny.loss.cpu().double(), ref.loss.double(), rtol=tol, atol=tol)
+
+
+def test_a_misspelt_mining_tile_is_an_error(monkeypatch):
+    require_compiled("cuda")
+    x, y = _batch(16, 8, 3, 0)
+    monkeypatch.setenv("DNNRL_MINE_TILE", "medium")
+    with pytest.raises(RuntimeError, match="DNNRL_MINE_TILE must be tiny, small or large"):
+        dnnrl_ext.triplet_loss(x.cuda(), y.cuda())

@@ -14,6 +14,8 @@
 //                  its last block reduces mean / sum in a fixed order (deterministic)
 // Explicit triplets: indexed_loss (warp per triplet), then reduce_loss (one block).
 // Extra memory: norms (B), split partials (splits x B), per-anchor loss (B): O(B).
+#include <cstdlib>
+#include <cstring>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -411,6 +413,20 @@ void mine_impl(const at::Tensor& x, const at::Tensor& labels, int64_t mining, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+enum class MineTile { kAuto, kTiny, kSmall, kLarge };
+
+// DNNRL_MINE_TILE=tiny|small|large: the mining tile at any batch size (tests compare the
+// three on the same batch; benchmarks time them); unset: chosen by the batch size.
+MineTile mine_tile_override() {
+  const char* v = std::getenv("DNNRL_MINE_TILE");
+  if (v == nullptr || v[0] == '\0') return MineTile::kAuto;
+  if (std::strcmp(v, "tiny") == 0) return MineTile::kTiny;
+  if (std::strcmp(v, "small") == 0) return MineTile::kSmall;
+  if (std::strcmp(v, "large") == 0) return MineTile::kLarge;
+  TORCH_CHECK(false, "triplet_loss: DNNRL_MINE_TILE must be tiny, small or large (or unset), got '", v, "'");
+  return MineTile::kAuto;  // (not reached)
+}
+
 template <typename scalar_t>
 void mine_dispatch(const at::Tensor& x, const at::Tensor& labels, int64_t mining, int64_t loss_type,
                    double alpha, double gamma, double margin, at::Tensor& loss_rows, at::Tensor& pos,
@@ -418,11 +434,23 @@ void mine_dispatch(const at::Tensor& x, const at::Tensor& labels, int64_t mining
   using T = typename Native<scalar_t>::type;
   using Large = typename Engines<T>::Large;
   using Small = typename Engines<T>::Small;
+  using Tiny = typename Engines<T>::Tiny;
   const int64_t B = x.size(0);
-  // The large tile only once it alone gives every SM a block.
-  if (ceil_div<int64_t>(B, Large::BM) * ceil_div<int64_t>(B, Large::BN) >= num_sms()) {
+  // The large tile only once it alone gives every SM a block; the tiny one while the
+  // small one would leave three quarters of the SMs without a block (B <= 320 on 132 SMs).
+  const int64_t sms = num_sms();
+  MineTile tile = mine_tile_override();
+  if (tile == MineTile::kAuto) {
+    tile = ceil_div<int64_t>(B, Large::BM) * ceil_div<int64_t>(B, Large::BN) >= sms ? MineTile::kLarge
+           : 4 * ceil_div<int64_t>(B, Small::BM) * ceil_div<int64_t>(B, Small::BN) <= sms ? MineTile::kTiny
+                                                                                           : MineTile::kSmall;
+  }
+  if (tile == MineTile::kLarge) {
     mine_impl<scalar_t, Large>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
                                reduction, loss);
+  } else if (tile == MineTile::kTiny) {
+    mine_impl<scalar_t, Tiny>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
+                              reduction, loss);
   } else {
     mine_impl<scalar_t, Small>(x, labels, mining, loss_type, alpha, gamma, margin, loss_rows, pos, neg, r, valid,
                                reduction, loss);
