@@ -203,8 +203,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ] && [ "$(left)" -lt 70 ]; then
   echo "SKIPPING the benchmarks: $(left) s left before the ${DEADLINE} s deadline (run again with SKIP_FER=1 SKIP_CHECKS=1)"
 elif [ "${SKIP_BENCH:-0}" != 1 ]; then
   step "benchmarks + small-batch profile (card otherwise idle; $(left) s left)"
-  bt=$(( $(left) - 40 )); [ "$bt" -gt 150 ] && bt=150
-  FER_ARCHIVE= SKIP_BUILD=1 SKIP_TESTS=1 SKIP_SANITIZERS=1 BENCH_TIMEOUT=$bt PROFILE_TIMEOUT=35 \
+  bt=$(( $(left) - 50 )); [ "$bt" -gt 150 ] && bt=150
+  FER_ARCHIVE= SKIP_BUILD=1 SKIP_TESTS=1 SKIP_SANITIZERS=1 BENCH_TIMEOUT=$bt PROFILE_TIMEOUT=45 \
     bash benchmarks/gpu_check.sh "$WORK/bench" > /dev/null 2>&1
   grep -vE "^\{'dtype|^\{'Q" "$WORK/bench/gpu_check.log" | tail -n 45
   cp "$WORK/bench/bench_gpu.json" "$OUTDIR/" 2>/dev/null

@@ -109,14 +109,18 @@ def profile_table(step, device, steps=20):
 
 
 LEGACY = "dnnrl_ext_6_launches"
+SMALL_TILE = "dnnrl_ext_small_tile"
+# the environment of each variant (read by the C++ op per call): the launch sequence before
+# session 3, and the 64x64 mining tile that B = 128 used before session 9
+VARIANT_ENV = {LEGACY: {"DNNRL_LOSS_FEWER_LAUNCHES": "0"}, SMALL_TILE: {"DNNRL_MINE_TILE": "small"}}
 
 
-def _legacy(on: bool) -> None:
-    """Switch the compiled loss to its earlier launch sequence (read by the C++ op per call)."""
-    if on:
-        os.environ["DNNRL_LOSS_FEWER_LAUNCHES"] = "0"
-    else:
-        os.environ.pop("DNNRL_LOSS_FEWER_LAUNCHES", None)
+def _variant(name) -> None:
+    """Set variant ``name``'s environment and clear every other variant's (None: clear all)."""
+    for env in VARIANT_ENV.values():
+        for var in env:
+            os.environ.pop(var, None)
+    os.environ.update(VARIANT_ENV.get(name, {}))
 
 
 def main():
@@ -140,12 +144,14 @@ def main():
         # the same op with DNNRL_LOSS_FEWER_LAUNCHES=0: norms, reduction and backward
         # coefficients in launches of their own (the sequence before session 3)
         LEGACY: ours,
+        # the same op on the 64x64 mining tile (DNNRL_MINE_TILE=small)
+        SMALL_TILE: ours,
         "dnnrl_ext_raw_op": lambda a, b: torch.ops.dnnrl_ext.triplet_loss.default(a, b, 0, 0, 0.2, 0.0, 0.2, 1)[0],
         "plain_pytorch": alternatives.plain_pytorch_exp_triplet,
     }
     rows, tables = [], []
     for name, fn in cands.items():
-        _legacy(name == LEGACY)
+        _variant(name)
 
         def step(fn=fn):
             x.grad = None
@@ -159,17 +165,17 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
         tables.append("### %s\n%s" % (name, profile_table(step, device)))
-    _legacy(False)
+    _variant(None)
     if device.type == "cuda":  # last: a failed capture must not disturb the figures above
         for row in rows:
-            _legacy(row["method"] == LEGACY)
+            _variant(row["method"])
             try:
                 row["graph_replay_us"] = graphed_time(cands[row["method"]], x, y, args.repeats)
             except Exception as exc:
                 row["graph_replay_us"] = "error: %s" % str(exc).splitlines()[0][:80]
                 torch.cuda.synchronize()
             print(json.dumps({"method": row["method"], "graph_replay_us": row["graph_replay_us"]}), flush=True)
-        _legacy(False)
+        _variant(None)
     text = "\n\n".join(tables)
     print(text)
     if args.out:
