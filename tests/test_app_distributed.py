@@ -1,7 +1,8 @@
 """dnnrl.distributed: 2 gloo processes on 127.0.0.1 against the single-process answers.
 
 * the global-mining loss and the DDP parameter gradients equal one process on the
-  concatenated batch (sum / mean, batch-hard / semi-hard, uneven shards; local scope);
+  concatenated batch (sum / mean, batch-hard / semi-hard, uneven shards; local scope;
+  with the global batch size given, the shard sizes are not exchanged);
 * the merged sharded k-NN (and vote) equals dnnrl_ext.knn / knn_vote, ties and NaN
   rows included;
 * the sampler shards are disjoint, cover the global batch and are deterministic;
@@ -43,6 +44,10 @@ def _join(rank: int, port: int) -> D.DistContext:
 
 
 # --------------------------------------------------------------------------- loss + grads
+def _no_size_exchange(*args, **kwargs):
+    raise AssertionError("the shard sizes were exchanged although global_batch was given")
+
+
 def _grad_worker(rank: int, port: int):
     ctx = _join(rank, port)
     assert ctx.enabled and ctx.rank == rank and ctx.world_size == WORLD
@@ -83,6 +88,24 @@ def _grad_worker(rank: int, port: int):
             torch.testing.assert_close(loss_l, want.detach(), rtol=1e-12, atol=1e-12)
             for p, g1 in zip(net.parameters(), grads_l):
                 torch.testing.assert_close(p.grad, g1, rtol=1e-9, atol=1e-12)
+            # global mining told the global batch size (as the trainer does): the same loss and
+            # gradients, with the shard sizes computed instead of exchanged (no read-back)
+            exchange = D.gather_sizes
+            D.gather_sizes = _no_size_exchange
+            try:
+                net.zero_grad()
+                dl = D.DistributedLoss(crit, ctx, "global", reduction, global_batch=B)
+                loss_g = dl(ddp(x[s:e]), y[s:e])
+                loss_g.backward()
+                torch.testing.assert_close(loss_g, loss1, rtol=1e-12, atol=1e-12)
+                for p, g1 in zip(net.parameters(), grads1):
+                    torch.testing.assert_close(p.grad, g1, rtol=1e-9, atol=1e-12)
+                # a batch that is not the global batch's shard on every rank: a clear error
+                # on every rank (B + 2 moves every shard), before any collective
+                with pytest.raises(ValueError, match="global_batch"):
+                    D.DistributedLoss(crit, ctx, "global", reduction, global_batch=B + 2)(net(x[s:e]), y[s:e])
+            finally:
+                D.gather_sizes = exchange
         # gather_with_grad with uneven shards: every row's gradient reaches its owner
         x = torch.arange(3 - rank, dtype=torch.float64).requires_grad_()
         full = D.gather_with_grad(x, ctx)

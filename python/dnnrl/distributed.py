@@ -304,20 +304,37 @@ class DistributedLoss(nn.Module):
     """
 
     def __init__(self, criterion: nn.Module, ctx: DistContext, scope: str = "global",
-                 reduction: str = "sum"):
+                 reduction: str = "sum", global_batch: Optional[int] = None):
         super().__init__()
         if scope not in ("global", "local"):
             raise ValueError("mining_scope must be 'global' or 'local', got %r" % (scope,))
         if reduction not in ("sum", "mean"):
             raise ValueError("distributed training needs reduction 'sum' or 'mean', got %r" % (reduction,))
         self.criterion, self.ctx, self.scope, self.reduction = criterion, ctx, scope, reduction
+        # the training batches' global size (every rank shards the same global batch with
+        # shard_range): the shard sizes then need no exchange, whose read-back would make
+        # the host wait for the card in every step
+        self.global_batch = global_batch
+
+    def _shard_sizes(self, n_local: int, device) -> List[int]:
+        """Every rank's number of rows: the shards of ``global_batch`` where it is given,
+        else exchanged. (No fallback to the exchange for a batch of another size: a rank
+        that exchanged while the others did not would wait forever.)"""
+        if not self.global_batch:
+            return gather_sizes(n_local, self.ctx, device)
+        sizes = [b - a for a, b in (shard_range(self.global_batch, r, self.ctx.world_size)
+                                    for r in range(self.ctx.world_size))]
+        if sizes[self.ctx.rank] != n_local:
+            raise ValueError("rank %d got %d rows, but its shard of the global batch of %d (global_batch) "
+                             "has %d" % (self.ctx.rank, n_local, self.global_batch, sizes[self.ctx.rank]))
+        return sizes
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
         W = self.ctx.world_size
         if not self.ctx.enabled:
             return self.criterion(embeddings, labels, return_details=return_details)
         if self.scope == "global":
-            sizes = gather_sizes(embeddings.shape[0], self.ctx, labels.device)
+            sizes = self._shard_sizes(embeddings.shape[0], labels.device)
             emb = gather_with_grad(embeddings, self.ctx, sizes)
             lab = all_gather_rows(labels, self.ctx, sizes)
             out = self.criterion(emb, lab, return_details=True)

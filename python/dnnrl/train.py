@@ -287,13 +287,13 @@ class Trainer:
         self.criterion = make_criterion(cfg, self.backend, generator=self.triplet_gen)
         self.val_criterion = make_criterion(cfg, self.backend, reduction="mean",
                                             generator=self.val_triplet_gen)
-        if self.dist.enabled and cfg.method != "dnn":  # mining over the global batch (or per rank)
-            self.criterion = distributed.DistributedLoss(self.criterion, self.dist, cfg.mining_scope,
-                                                         cfg.reduction)
         self.optimizer = self._optimizer(cfg.lr)
         ytr = self.data["train"][1]
         self.sampler = distributed.shard_sampler(
             make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device), self.dist)
+        if self.dist.enabled and cfg.method != "dnn":  # mining over the global batch (or per rank)
+            self.criterion = distributed.DistributedLoss(self.criterion, self.dist, cfg.mining_scope,
+                                                         cfg.reduction, global_batch=self.sampler.batch_size)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed)             # batches (CPU)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)  # augmentation
         self.epoch, self.lr = 0, cfg.lr
