@@ -83,7 +83,7 @@ class Config:
     compile: bool = False             # torch.compile the model
     compile_mode: str = "default"     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs),
                                       # "max-autotune", "max-autotune-no-cudagraphs"
-    log_every: int = 50               # steps between host syncs for the progress bar / log
+    log_every: int = 50               # steps between host syncs for the progress bar (none without it)
     progress: bool = True             # tqdm bars
     eval_batch_size: int = 512
 

@@ -17,7 +17,8 @@ training set, k chosen on validation) into results.json.
 
 GPU path: uint8 data, sampling and augmentation all on the device; bf16 autocast and
 channels_last; the loss is accumulated on the device and read back only every
-``log_every`` steps, so the loop does not wait on the host.
+``log_every`` steps for a progress bar (never with progress off), and a step makes no
+other host sync, so the host queues the next step while the card runs this one.
 """
 import copy
 import dataclasses
@@ -430,7 +431,8 @@ class Trainer:
                 act_sum += act
             seen += idx.numel()
             bar.update(1)
-            if (step + 1) % cfg.log_every == 0:  # the only host sync inside the epoch
+            # the only host sync inside the epoch, and only for a progress bar that shows it
+            if not bar.disable and (step + 1) % cfg.log_every == 0:
                 bar.set_postfix(loss="%.4f" % (loss_sum.item() / (step + 1)))
         bar.close()
         steps = max(1, min(n_batches, step + 1 if n_batches else 0))
