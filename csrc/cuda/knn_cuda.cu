@@ -562,6 +562,17 @@ __global__ void __launch_bounds__(256) gather_subset_kernel(const __half* __rest
   }
 }
 
+// A column tile's squared norms and float16 scales into shared memory (the bound and
+// filter passes); columns past N get 0. Visible to the block after its next barrier.
+template <int BN, int NT>
+__device__ __forceinline__ void stage_col_scales(float* cn, float* cs, const float* __restrict__ gn,
+                                                 const float* __restrict__ gs, int col0, int N) {
+  for (int c = threadIdx.x; c < BN; c += NT) {
+    cn[c] = col0 + c < N ? gn[col0 + c] : 0.f;
+    cs[c] = col0 + c < N ? gs[col0 + c] : 0.f;
+  }
+}
+
 // Bound pass over the float16 copies of the gallery subset (kScaled arithmetic of
 // knn_pass_kernel), without lists: thread t (query row t / TPR, every TPR-th column of each
 // tile) keeps the smallest approximate distance in each of kBoundBuckets column groups
@@ -601,10 +612,7 @@ __global__ void __launch_bounds__(Eng::kThreads) knn_bound_kernel(
   for (int b = 0; b < kBoundBuckets; ++b) m[b] = INFINITY;
   for (int ct = split; ct < col_tiles; ct += splits) {
     const int col0 = ct * BN;
-    for (int c = tid; c < BN; c += NT) {
-      cn[c] = col0 + c < N ? gn[col0 + c] : 0.f;
-      cs[c] = col0 + c < N ? gs[col0 + c] : 0.f;
-    }
+    stage_col_scales<BN, NT>(cn, cs, gn, gs, col0, N);
     Eng::run(q, row0, Q, g, col0, N, Dp, true, smem);  // ends with a barrier: cn/cs visible
     const float* S = reinterpret_cast<const float*>(smem);
     if (row_ok) {
@@ -706,10 +714,7 @@ __global__ void __launch_bounds__(Eng::kThreads, 2) knn_filter_kernel(
   const int64_t slots = static_cast<int64_t>(row) * kFilterCap;
   for (int ct = split; ct < col_tiles; ct += splits) {
     const int col0 = ct * BN;
-    for (int c = tid; c < BN; c += NT) {
-      cn[c] = col0 + c < N ? gn[col0 + c] : 0.f;
-      cs[c] = col0 + c < N ? gs[col0 + c] : 0.f;
-    }
+    stage_col_scales<BN, NT>(cn, cs, gn, gs, col0, N);
     Eng::run(q, row0, Q, g, col0, N, Dp, true, smem);  // ends with a barrier: cn/cs visible
     const float* S = reinterpret_cast<const float*>(smem);
     if (row_ok) {
