@@ -321,6 +321,40 @@ def test_softmax_weight_trains_the_head_only_when_asked(tmp_path, weight):
         Trainer(_cfg(tmp_path / "bad", method="dnnrl", softmax_weight=-1.0))
 
 
+def test_label_smoothing_applies_to_training_steps_only(tmp_path):
+    """--label-smoothing eps: the head's training cross-entropy is torch's smoothed one; the
+    validation loss (the protocol's metric) stays unsmoothed; bad values name the option."""
+    import torch.nn.functional as F
+    from dnnrl.train import Trainer
+    tr = Trainer(_cfg(tmp_path / "ls", method="dnn", label_smoothing=0.2, max_epochs=1))
+    logits = torch.randn(9, 7, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(9) % 7
+    tr.model.train()
+    torch.testing.assert_close(tr._cross_entropy(logits, y), F.cross_entropy(logits, y, label_smoothing=0.2))
+    assert not torch.allclose(tr._cross_entropy(logits, y), F.cross_entropy(logits, y))
+    tr.model.eval()
+    torch.testing.assert_close(tr._cross_entropy(logits, y), F.cross_entropy(logits, y))
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            _cfg(tmp_path / "bad", label_smoothing=bad)
+
+
+@pytest.mark.parametrize("method", ["dnnrl", "dnn"])
+def test_erase_and_label_smoothing_train(tmp_path, method):
+    """A run with random erasing and label smoothing trains and evaluates; both reach the
+    augmentation and config.json."""
+    from dnnrl.train import augment_config
+    cfg = _cfg(tmp_path / method, method=method, erase=0.5, label_smoothing=0.1, softmax_weight=1.0)
+    assert augment_config(cfg).erase_prob == 0.5
+    res = train(cfg)
+    assert 0 <= res["val_accuracy"] <= 1
+    saved = json.load(open(tmp_path / method / "config.json"))
+    assert saved["erase"] == 0.5 and saved["label_smoothing"] == 0.1
+    for bad in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="erase must be a probability"):
+            _cfg(tmp_path / "bad", erase=bad)
+
+
 def test_every_train_option_reaches_the_config(tmp_path):
     """Each `dnnrl train` option whose name is a Config field lands in config.json
     (the new options once did not: the CLI kept a hand-written list)."""

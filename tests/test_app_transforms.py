@@ -2,7 +2,11 @@
 import torch
 import torch.nn.functional as F
 
-from dnnrl.transforms import PIXEL_MEAN, PIXEL_STD, AugmentConfig, augment, evaluate_transform, train_theta
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dnnrl.transforms import (PIXEL_MEAN, PIXEL_STD, AugmentConfig, augment, erase_mask, evaluate_transform,
+                              train_theta)
 
 
 def _images(n=4, seed=0):
@@ -55,3 +59,56 @@ def test_scaled_output_size():
     x = _images()
     assert augment(x, cfg, torch.Generator().manual_seed(0)).shape == (4, 1, 48, 48)
     assert evaluate_transform(x, cfg).shape == (4, 1, 48, 48)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(8, 108), seed=st.integers(0, 2**31 - 1),
+       area=st.tuples(st.floats(0.0, 0.5), st.floats(0.0, 0.5)).map(sorted))
+def test_erase_mask_is_one_rectangle_of_the_drawn_area(size, seed, area):
+    """--erase 1: every image gets exactly one axis-aligned rectangle (the outer product of a
+    contiguous run of rows and one of columns) whose area is the drawn fraction of the image
+    up to the pixel grid, and which lies inside the image."""
+    cfg = AugmentConfig(erase_prob=1.0, erase_area=tuple(area))
+    m = erase_mask(64, size, cfg, torch.Generator().manual_seed(seed))
+    assert m.shape == (64, size, size) and m.dtype == torch.bool
+    rows, cols = m.any(2), m.any(1)
+    assert torch.equal(m, rows[:, :, None] & cols[:, None, :])
+    for line in torch.cat([rows, cols]):
+        hit = line.nonzero().flatten()
+        if hit.numel():
+            assert hit[-1] - hit[0] + 1 == hit.numel()  # contiguous
+    # counting pixel centres moves each side by < 1 px: |count - h w| < h + w + 1 with
+    # h, w <= sqrt(3.34 A) (aspect in [0.3, 3.3]) for A = area x size^2
+    frac = m.flatten(1).float().mean(1)
+    slack = (2.0 * (3.34 * area[1]) ** 0.5 * size + 1.0) / size ** 2
+    assert torch.all(frac <= area[1] + slack + 1e-6)
+    if area[1] < 0.3:  # (larger ones may be clamped to the image's side)
+        assert torch.all(frac >= area[0] - slack - 1e-6)
+
+
+def test_erase_mask_probability_area_and_aspect():
+    cfg = AugmentConfig(erase_prob=0.5)
+    m = erase_mask(8192, 108, cfg, torch.Generator().manual_seed(0))
+    erased = m.flatten(1).any(1)
+    assert 0.47 < erased.float().mean() < 0.53
+    frac = m[erased].flatten(1).float().mean(1)
+    assert 0.015 < frac.min() and frac.max() < 0.27 and 0.11 < frac.mean() < 0.16  # (0.02 + 0.25) / 2
+    tall = m[erased].any(2).sum(1) > m[erased].any(1).sum(1)
+    assert 0.4 < tall.float().mean() < 0.6  # log-uniform aspect around 1
+    assert not erase_mask(256, 108, AugmentConfig(erase_prob=0.0), torch.Generator()).any()
+
+
+@pytest.mark.parametrize("size", [48, 108])
+def test_augment_with_erase_blanks_only_the_rectangle(size):
+    """Same generator: the erased batch is the plain batch with the drawn rectangles set to
+    0 (the mean grey); with erase_prob 0 the random stream is the one of older runs."""
+    x = _images(16)
+    plain = augment(x, AugmentConfig(out_size=size), torch.Generator().manual_seed(3))
+    cfg = AugmentConfig(out_size=size, erase_prob=1.0)
+    erased = augment(x, cfg, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    train_theta(16, cfg, g)                      # the draws augment makes first
+    mask = erase_mask(16, size, cfg, g)[:, None]
+    assert mask.flatten(1).any(1).all()
+    torch.testing.assert_close(erased, plain.masked_fill(mask, 0.0), atol=0, rtol=0)
+    assert torch.all(erased[mask] == 0) and (plain[mask] != 0).any()

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--embed-dim", type=int, default=None, help="embedding size (%d)" % d.embed_dim)
     g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
     g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
+    g.add_argument("--erase", type=float, default=None, metavar="P",
+                   help="random erasing: with probability P one random rectangle (2-25 %% of the image) "
+                        "of a training image is set to the mean grey (%g; not in the paper)" % d.erase)
     g.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging for validation / evaluation: none, flip (each image "
                         "and its mirror image) or crops (also 4 diagonal shifts of 4 px: 10 views); "
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--softmax-weight", type=float, default=None,
                    help="dnnrl / tdnn: add W x the softmax head's cross-entropy to the triplet loss "
                         "(joint training; default %g = the paper's pure triplet loss)" % d.softmax_weight)
+    g.add_argument("--label-smoothing", type=float, default=None,
+                   help="label smoothing of the softmax head's cross-entropy in training (dnn, and "
+                        "joint dnnrl / tdnn) (%g; not in the paper)" % d.label_smoothing)
     g.add_argument("--mining-scope", default=None, choices=["global", "local"],
                    help="under torchrun: mine triplets in the global batch gathered from all ranks, or "
                         "in each rank's shard (%s)" % d.mining_scope)

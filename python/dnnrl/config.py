@@ -30,6 +30,7 @@ class Config:
     init_from: Optional[str] = None   # start from these weights (a run dir / best.pt / checkpoint.pt),
                                       # e.g. a dnn (softmax) run to fine-tune with a triplet loss
     flip: bool = False                # random horizontal flips (not in the paper)
+    erase: float = 0.0                # chance of random erasing per training image (not in the paper)
     tta: str = "none"                 # test-time averaging: "none", "flip" (image + its mirror image) or
                                       # "crops" (5 positions, centre and 4 px diagonal shifts, x mirror)
     # loss and batches
@@ -44,6 +45,7 @@ class Config:
     reduction: str = "sum"            # triplet loss over the batch: "sum" (the paper's Eq. 1) or "mean"
     softmax_weight: float = 0.0       # dnnrl / tdnn: add this x cross-entropy of the softmax head
                                       # (joint training; 0 = the paper's pure triplet loss)
+    label_smoothing: float = 0.0      # of the softmax head's cross-entropy in training (not in the paper)
     mining_scope: str = "global"      # torchrun runs: mine in the global batch or in each rank's shard
     # optimisation and protocol (SPEC section 6)
     lr: float = 0.01
@@ -135,6 +137,10 @@ def resolve(overrides: Dict[str, Any]) -> Config:
         raise ValueError("compile_mode must be one of %s, got %r" % (COMPILE_MODES, cfg.compile_mode))
     if not cfg.softmax_weight >= 0:  # (also catches NaN)
         raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError("label_smoothing must be in [0, 1), got %r" % (cfg.label_smoothing,))
+    if not 0.0 <= cfg.erase <= 1.0:
+        raise ValueError("erase must be a probability in [0, 1], got %r" % (cfg.erase,))
     if cfg.schedule not in SCHEDULES:
         raise ValueError("schedule must be one of %s, got %r" % (SCHEDULES, cfg.schedule))
     if cfg.select_by not in SELECT_BY:

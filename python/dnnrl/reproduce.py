@@ -23,7 +23,8 @@ _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "tr
                 "batch_size", "seed", "device", "backend", "amp", "compile", "cudnn_benchmark", "cuda_graph",
                 "skip_bad", "cache_dir",
                 "lr", "lr_min", "weight_decay", "schedule", "anneal_fraction", "time_budget", "flip", "tta", "sampler",
-                "mining", "gamma", "alpha", "reduction", "softmax_weight", "select_by")
+                "mining", "gamma", "alpha", "reduction", "softmax_weight", "select_by", "erase",
+                "label_smoothing")
 
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
@@ -61,6 +62,10 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
                    help="seconds of training per method; each run stops before an epoch that would "
                         "overrun it and is then evaluated (sizes a run for a fixed machine time)")
     p.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (not in the paper)")
+    p.add_argument("--erase", type=float, default=None, metavar="P",
+                   help="random erasing probability per training image (dnnrl train's; not in the paper)")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="label smoothing of every softmax head in training (dnnrl train's; not in the paper)")
     p.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging: flip (image + mirror image) or crops (10 views); not in the paper")
     p.add_argument("--sampler", default=None, choices=("random", "pk"),

@@ -219,7 +219,7 @@ TTA_CROP_SHIFT = 4.0
 
 def augment_config(cfg: Config) -> AugmentConfig:
     return AugmentConfig(out_size=cfg.image_size, flip=cfg.flip, tta_flip=cfg.tta in ("flip", "crops"),
-                         tta_shift=TTA_CROP_SHIFT if cfg.tta == "crops" else 0.0)
+                         tta_shift=TTA_CROP_SHIFT if cfg.tta == "crops" else 0.0, erase_prob=cfg.erase)
 
 
 def build(cfg: Config, num_classes: int, device: torch.device) -> DNNRLNet:
@@ -360,20 +360,26 @@ class Trainer:
             return xb.contiguous(memory_format=torch.channels_last)
         return xb
 
+    def _cross_entropy(self, logits, y):
+        """Cross-entropy of the softmax head: logits (B, C) float32, y (B,) -> (); with
+        --label-smoothing in training only (the validation loss stays comparable across runs)."""
+        smoothing = self.cfg.label_smoothing if self.model.training else 0.0
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+
     # ------------------------------------------------------------------ one epoch
     def _loss(self, x, y, criterion=None):
         """Loss of one batch of images x (B, 1, S, S) and labels y; (loss, active fraction or None)."""
         if self._graph is not None and self.model.training:
             outs = self._graph(x)  # (logits,) / (emb, logits) / (emb,), float32
             if self.cfg.method == "dnn":
-                return F.cross_entropy(outs[0], y), None
+                return self._cross_entropy(outs[0], y), None
             emb, logits = outs[0], (outs[1] if self._joint else None)
         else:
             with self._amp():
                 if self.cfg.method == "dnn":
                     logits = (self.fwd_model.logits(x) if not self.cfg.compile or self.dist.enabled
                               else self.model.logits(x))
-                    return F.cross_entropy(logits.float(), y), None
+                    return self._cross_entropy(logits.float(), y), None
                 if self._joint:
                     emb, logits = self.fwd_model.embed_and_logits(x)
                 else:
@@ -386,7 +392,7 @@ class Trainer:
         else:
             act = ((out.r < self.cfg.margin) & out.valid).float().sum() / out.valid.float().sum().clamp(min=1)
         if self._joint:
-            return out.loss + self.cfg.softmax_weight * F.cross_entropy(logits.float(), y), act
+            return out.loss + self.cfg.softmax_weight * self._cross_entropy(logits.float(), y), act
         return out.loss, act
 
     def train_step(self, idx: Tensor):

@@ -42,6 +42,10 @@ class AugmentConfig:
     tta_flip: bool = False       # evaluation: average over the image and its mirror image
     tta_shift: float = 0.0       # evaluation: also the 4 diagonal shifts by this many pixels
                                  # (at the 108-px scale), each with its mirror image when tta_flip
+    erase_prob: float = 0.0      # training: chance that one random rectangle of an image is set
+                                 # to the mean grey (random erasing; not in the paper; off)
+    erase_area: tuple = (0.02, 0.25)   # its area as a fraction of the image
+    erase_aspect: tuple = (0.3, 3.3)   # its height / width (drawn log-uniformly)
 
     def scaled(self):
         f = self.out_size / self.crop
@@ -104,11 +108,41 @@ def train_theta(batch: int, cfg: AugmentConfig, generator: Optional[torch.Genera
     return theta
 
 
+def erase_mask(batch: int, size: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
+               device=None) -> Tensor:
+    """(batch, size, size) bool: one random axis-aligned rectangle per image, drawn with
+    probability ``cfg.erase_prob`` (all False for the others).
+
+    Why not torchvision's RandomErasing: it draws each image's rectangle in a Python loop
+    from host-side random numbers; here the whole batch is drawn at once on the
+    generator's device, so a training step stays free of host syncs (and capturable).
+    """
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(batch, 5, generator=generator, device=gdev).to(device)
+    lo, hi = cfg.erase_area
+    area = (lo + (hi - lo) * u[:, 0]) * size * size
+    log_lo, log_hi = math.log(cfg.erase_aspect[0]), math.log(cfg.erase_aspect[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])                 # height / width
+    h = torch.sqrt(area * aspect).clamp(max=size)
+    w = torch.sqrt(area / aspect).clamp(max=size)
+    top, left = u[:, 2] * (size - h), u[:, 3] * (size - w)
+    centres = torch.arange(size, device=device, dtype=u.dtype) + 0.5       # pixel centres
+    rows = (centres >= top[:, None]) & (centres < (top + h)[:, None])        # (batch, size)
+    cols = (centres >= left[:, None]) & (centres < (left + w)[:, None])
+    chosen = u[:, 4] < cfg.erase_prob
+    return rows[:, :, None] & cols[:, None, :] & chosen[:, None, None]
+
+
 def augment(images: Tensor, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
             dtype: torch.dtype = torch.float32) -> Tensor:
-    """Training transform: (B, H, W) uint8 on the training device -> (B, 1, out, out) float."""
+    """Training transform: (B, H, W) uint8 on the training device -> (B, 1, out, out) float
+    (random affine; random erasing when ``cfg.erase_prob`` > 0)."""
     theta = train_theta(images.shape[0], cfg, generator, images.device)
-    return _sample(images, theta, cfg.out_size, dtype)
+    out = _sample(images, theta, cfg.out_size, dtype)
+    if cfg.erase_prob > 0:  # (skipped at 0 so that the random stream of older runs is unchanged)
+        mask = erase_mask(images.shape[0], cfg.out_size, cfg, generator, images.device)
+        out = out.masked_fill(mask[:, None], 0.0)  # 0 = the mean grey after normalisation
+    return out
 
 
 def evaluate_transform(images: Tensor, cfg: AugmentConfig, dtype: torch.dtype = torch.float32,
