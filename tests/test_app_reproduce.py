@@ -42,13 +42,25 @@ def test_reproduce_help_lists_methods(capsys):
 
 
 def test_reproduce_passes_the_triplet_options_through(tmp_path):
-    """--mining / --softmax-weight reach the triplet methods and show in the table."""
+    """--mining / --softmax-weight / --erase / --label-smoothing reach the triplet methods and
+    show in the table."""
     out = str(tmp_path / "joint")
     assert main(["reproduce", "--out", out, "--method", "dnnrl", "--mining", "easy_positive",
-                 "--softmax-weight", "1", "--reduction", "mean", "--lr", "0.005"] + TINY) == 0
+                 "--softmax-weight", "1", "--reduction", "mean", "--lr", "0.005", "--erase", "0.25",
+                 "--label-smoothing", "0.1"] + TINY) == 0
     cfg = json.load(open(os.path.join(out, "dnnrl", "config.json")))
     assert (cfg["mining"], cfg["softmax_weight"], cfg["reduction"], cfg["lr"]) == ("easy_positive", 1.0, "mean", 0.005)
-    assert "easy_positive mining, + 1 x softmax (joint)" in open(os.path.join(out, "table.md")).read()
+    assert (cfg["erase"], cfg["label_smoothing"]) == (0.25, 0.1)
+    assert ("easy_positive mining, + 1 x softmax (joint), erase 0.25, label smoothing 0.1"
+            in open(os.path.join(out, "table.md")).read())
+
+
+def test_table_names_say_what_a_run_used_beyond_the_paper():
+    from dnnrl.reproduce import _variant
+    assert _variant("dnn", {}) == "" and _variant("dnn", {"mining": "semi_hard"}) == ""
+    assert _variant("dnn", {"erase": 0.5, "label_smoothing": 0.1}) == " [erase 0.5, label smoothing 0.1]"
+    # a pure triplet run has no softmax head for label smoothing to act on
+    assert _variant("tdnn", {"mining": "batch_hard", "label_smoothing": 0.1}) == " [batch_hard mining]"
 
 
 def test_reproduce_trains_methods_in_parallel_processes(tmp_path, capsys):

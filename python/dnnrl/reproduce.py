@@ -100,13 +100,18 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
 
 
 def _variant(method: str, cfg: dict) -> str:
-    """What a triplet run used, for the table: its mining and any softmax term."""
-    if method == "dnn" or not cfg:
-        return ""
-    text = "%s mining" % cfg.get("mining", "?")
-    if cfg.get("softmax_weight"):
-        text += ", + %g x softmax (joint)" % cfg["softmax_weight"]
-    return " [%s]" % text
+    """What a run used beyond the paper, for the table: a triplet run's mining and any
+    softmax term; random erasing and label smoothing of any run."""
+    parts = []
+    if method != "dnn" and cfg:
+        parts.append("%s mining" % cfg.get("mining", "?"))
+        if cfg.get("softmax_weight"):
+            parts[-1] += ", + %g x softmax (joint)" % cfg["softmax_weight"]
+    if cfg.get("erase"):
+        parts.append("erase %g" % cfg["erase"])
+    if cfg.get("label_smoothing") and (method == "dnn" or cfg.get("softmax_weight")):
+        parts.append("label smoothing %g" % cfg["label_smoothing"])
+    return " [%s]" % ", ".join(parts) if parts else ""
 
 
 def _row(method: str, res: dict, wall: Optional[float], cfg: Optional[dict] = None) -> Dict[str, object]:
