@@ -15,7 +15,8 @@
 # SKIP_GRAPH_PROBE=1 (no CUDA-graph probe: the runs take eager steps),
 # DEADLINE (570: seconds after which nothing new starts; the benchmarks shrink to fit),
 # POST_RESERVE (110: seconds kept for what follows the runs),
-# SKIP_FER=1, EXTRA=1 (a fourth run beside the three; EXTRA_NAME / EXTRA_FLAGS choose it; off
+# SKIP_FER=1, EXTRA=1 (a fourth run beside the three; EXTRA_NAME / EXTRA_FLAGS, or EXTRA_METHOD +
+# EXTRA_ADD (options added to the recipe), choose it; off
 # by default since session 8: the three methods then share the card three ways, not four),
 # SKIP_TRAIN_BENCH=1 (no solo training-throughput benchmark after the runs; TRAIN_BENCH_FLAGS
 # adds dnnrl train options to it),
@@ -140,6 +141,11 @@ PY
     # EXTRA_NAME=dnnrl_plateau EXTRA_FLAGS="--method dnnrl ${FLAGS/--schedule cosine/--schedule plateau}"
     # measures the paper's plateau protocol instead; EXTRA_FLAGS="--method dnnrl" the dnnrl
     # train defaults (the pure exp loss, no flips).
+    # EXTRA_ADD="--erase 0.5 --label-smoothing 0.1" (EXTRA_METHOD, default dnnrl) runs the recipe
+    # plus those options: regularisation where the sixth CPU study cannot tell (docs/app.md).
+    if [ -n "${EXTRA_ADD:-}" ]; then
+      EXTRA_FLAGS=${EXTRA_FLAGS:-"--method ${EXTRA_METHOD:-dnnrl} $FLAGS $EXTRA_ADD"}
+    fi
     EXTRA_FLAGS=${EXTRA_FLAGS:-"--method dnn ${FLAGS/--weight-decay 0.002/--weight-decay 0.001}"}
     timeout $run_limit python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" \
       --no-progress --time-budget "$BUDGET" $EXTRA_FLAGS $BACKEND_FLAG $GRAPH_FLAG > "$WORK/extra.log" 2>&1 &
