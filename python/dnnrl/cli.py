@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=None, help="dropout before the linear layer (%g)" % d.dropout)
     g.add_argument("--flip", type=_bool, default=None, help="random horizontal flips (off; not in the paper)")
     g.add_argument("--erase", type=float, default=None, metavar="P",
-                   help="random erasing: with probability P one random rectangle (2-25 %% of the image) "
+                   help="random erasing: with probability P one random rectangle (2-25 percent of the image) "
                         "of a training image is set to the mean grey (%g; not in the paper)" % d.erase)
     g.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging for validation / evaluation: none, flip (each image "
