@@ -78,6 +78,13 @@ def eval_theta(batch: int, cfg: AugmentConfig, device=None, shift=(0.0, 0.0)) ->
     return theta
 
 
+def _uniform(batch: int, count: int, generator: Optional[torch.Generator], device) -> Tensor:
+    """(batch, count) uniform [0, 1) numbers drawn on ``generator``'s device (the CPU without
+    one), then moved to ``device``."""
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(batch, count, generator=generator, device=gdev).to(device)
+
+
 def train_theta(batch: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
                 device=None) -> Tensor:
     """(batch, 2, 3) random training affines (see the module docstring).
@@ -86,8 +93,7 @@ def train_theta(batch: int, cfg: AugmentConfig, generator: Optional[torch.Genera
     CUDA batches: only 5 numbers per image cross over) so runs are reproducible.
     """
     resize, jitter, pad, crop = cfg.scaled()
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(batch, 5, generator=generator, device=gdev).to(device)
+    u = _uniform(batch, 5, generator, device)
     size = resize + (2 * u[:, 0] - 1) * jitter                      # S
     angle = (2 * u[:, 1] - 1) * math.radians(cfg.rotation)
     span = pad - crop                                               # crop offsets in [0, span]
@@ -117,8 +123,7 @@ def erase_mask(batch: int, size: int, cfg: AugmentConfig, generator: Optional[to
     from host-side random numbers; here the whole batch is drawn at once on the
     generator's device, so a training step stays free of host syncs (and capturable).
     """
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(batch, 5, generator=generator, device=gdev).to(device)
+    u = _uniform(batch, 5, generator, device)
     lo, hi = cfg.erase_area
     area = (lo + (hi - lo) * u[:, 0]) * size * size
     log_lo, log_hi = math.log(cfg.erase_aspect[0]), math.log(cfg.erase_aspect[1])
@@ -141,7 +146,7 @@ def augment(images: Tensor, cfg: AugmentConfig, generator: Optional[torch.Genera
     out = _sample(images, theta, cfg.out_size, dtype)
     if cfg.erase_prob > 0:  # (skipped at 0 so that the random stream of older runs is unchanged)
         mask = erase_mask(images.shape[0], cfg.out_size, cfg, generator, images.device)
-        out = out.masked_fill(mask[:, None], 0.0)  # 0 = the mean grey after normalisation
+        out.masked_fill_(mask[:, None], 0.0)  # 0 = the mean grey after normalisation
     return out
 
 
