@@ -53,6 +53,7 @@ def _compare_knn(case, device, exact):
         assert d.dtype == acc and i.dtype == torch.int64, tag
         assert d.shape == (q.shape[0], k) and i.shape == (q.shape[0], k), tag
         assert torch.equal(i.cpu(), want_i), "idx differs; " + tag
+        assert bool((d[~d.isnan()] >= 0).all()), "negative distance; " + tag
         if exact:
             assert torch.equal(d.cpu(), want_d), "dist differs; " + tag
         else:
@@ -178,6 +179,18 @@ def test_knn_k_equals_gallery_size_sorts_everything(impl):
     assert sorted(i[0].tolist()) == list(range(50))
     assert bool((d[:, 1:] >= d[:, :-1]).all())
     assert i[:, 0].tolist() == [0, 1, 2, 3, 4]  # every query finds itself first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_distance_of_a_query_to_its_own_copy_is_clamped_at_zero(impl, dtype):
+    """Queries that are gallery rows: ||q||^2 - 2 q.g + ||g||^2 cancels to a rounding
+    error of either sign, which the kernels (like the reference) clamp at 0."""
+    gen = torch.Generator().manual_seed(4)
+    g = (torch.randn(300, 77, generator=gen, dtype=torch.float64) * 10).to(dtype).to(impl.device)
+    d, i = dnnrl_ext.knn(g[::3], g, 4, backend=impl.backend)
+    assert bool((d >= 0).all()), d[:, 0].min().item()
+    assert i[:, 0].cpu().tolist() == list(range(0, 300, 3))
+    assert float(d[:, 0].max()) <= 1e-3 * float(d[:, 1].min())
 
 
 @pytest.mark.parametrize("dtype", dtype_params())

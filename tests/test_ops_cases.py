@@ -83,6 +83,23 @@ def test_semi_hard_picks_nearest_negative_beyond_threshold_with_ties(impl):
     assert bh.neg[0] == 2
 
 
+@pytest.mark.parametrize("extra", [1e154, math.inf])
+def test_mining_with_a_row_the_norm_expansion_cannot_take(impl, extra):
+    """The semi-hard case above plus a far negative whose squared norm overflows the
+    expansion ||a||^2 + ||b||^2 - 2 a.b (1e154: ~1e308, beyond max / 16; inf: inf - inf).
+    Its distances are explicit differences (as in the reference): it is the farthest
+    negative, never the nearest, and the ties and the strict threshold still hold."""
+    x = T([[0, 0], [2, 0], [0, 1], [1, 2], [0, 3], [-3, 0], [0, -4], [extra, 0]])
+    labels = L([0, 0, 1, 1, 1, 1, 1, 1])
+    out, _ = mined(impl, x, labels, grad=False, mining="semi_hard", gamma=1.0)
+    assert out.pos[0] == 1 and out.neg[0] == 4 and out.r[0] == 9 - 4
+    # anchor 1 (positive 0 at d=4, threshold 5): negatives 2 and 3 lie exactly at d=5, not beyond
+    assert out.neg[1] == 4 and out.r[1] == 13 - 4
+    bh, _ = mined(impl, x, labels, grad=False, mining="batch_hard", gamma=1.0)
+    assert bh.neg[0] == 2 and bh.r[0] == 1 - 4
+    assert bh.pos[6] == 7 and bh.neg[6] == 0  # the far row as the farthest positive of anchor 6
+
+
 def test_semi_hard_falls_back_to_batch_hard_negative(impl):
     # anchor 0: positive at d=16; every negative is nearer than 16 + gamma -> nearest (tie -> 2)
     x = T([[0, 0], [4, 0], [0, 1], [1, 0], [0, 2]])

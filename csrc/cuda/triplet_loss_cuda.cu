@@ -13,6 +13,9 @@
 //                  differences, per-anchor loss, pos/neg/r/valid  warp per anchor;
 //                  its last block reduces mean / sum in a fixed order (deterministic)
 // Explicit triplets: indexed_loss (warp per triplet), then reduce_loss (one block).
+// A pair with a row whose squared norm is not finite or beyond max / 16 takes its
+// distance by explicit differences in mine_pass (the expansion would give NaN from
+// inf - inf where the reference has inf), as the CPU kernel's exact mining does.
 // Extra memory: norms (B), split partials (splits x B), per-anchor loss (B): O(B).
 #include <cstdlib>
 #include <cstring>
@@ -73,6 +76,7 @@ __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
   const acc_t rn = row_ok ? (norms == nullptr ? rnorm[r] : norms[row]) : acc_t(0);
   const int64_t rl = row_ok ? labels[row] : 0;
   const acc_t t = (kSemi && row_ok) ? thr[row] : acc_t(0);
+  const acc_t lim = expansion_norm_limit<acc_t>();
   acc_t pd = 0, nd = 0;
   int pj = -1, nj = -1;
 
@@ -98,7 +102,11 @@ __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
         const int c = ((u + r) % CPT) * TPR + h;  // staggered: no bank conflicts on S
         const int j = col0 + c;
         if (j >= B) continue;
-        const acc_t d = clamp0(rn + cn[c] - acc_t(2) * S[r * LDS + c]);
+        acc_t d = clamp0(rn + cn[c] - acc_t(2) * S[r * LDS + c]);
+        if (!(rn <= lim && cn[c] <= lim)) {  // inf / NaN / overflowing rows: the reference's distance
+          d = sq_dist_explicit<typename Eng::T, acc_t>(x + static_cast<int64_t>(row) * D,
+                                                       x + static_cast<int64_t>(j) * D, D);
+        }
         const bool same = cl[c] == rl;
         if (!kSemi) {
           if (same) {

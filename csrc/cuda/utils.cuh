@@ -17,6 +17,7 @@
 #include <set>
 #include <tuple>
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 
 #include "../common.h"
@@ -121,6 +122,28 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 // Squared distance clamped at 0 without turning NaN into 0 (fmax would).
 template <typename acc_t>
 __device__ __forceinline__ acc_t clamp0(acc_t d) { return d < acc_t(0) ? acc_t(0) : d; }
+
+// The largest squared row norm the expansion ||a||^2 + ||b||^2 - 2 a.b is trusted with
+// (the CPU kernel's limit, max / 16): beyond it, or for a non-finite norm (NaN fails the
+// comparison), the sum can overflow or meet inf - inf = NaN where the explicit
+// differences of the reference give inf, so the mining takes those pairs by explicit
+// differences (sq_dist_explicit).
+template <typename acc_t> __device__ __forceinline__ acc_t expansion_norm_limit();
+template <> __device__ __forceinline__ float expansion_norm_limit<float>() { return FLT_MAX / 16.f; }
+template <> __device__ __forceinline__ double expansion_norm_limit<double>() { return DBL_MAX / 16.0; }
+
+// sum((a_e - b_e)^2) over D elements by one thread: the rare pairs with a row beyond
+// expansion_norm_limit. Not inlined, so that the tile kernels keep their registers for
+// the common path.
+template <typename T, typename acc_t>
+__device__ __noinline__ acc_t sq_dist_explicit(const T* a, const T* b, int D) {
+  acc_t s = 0;
+  for (int e = 0; e < D; ++e) {
+    const acc_t u = load_acc<acc_t>(a + e) - load_acc<acc_t>(b + e);
+    s += u * u;
+  }
+  return s;
+}
 
 // --------------------------------------------------------------------- host helpers
 // A switch from the environment, read on every call (tests and benchmarks flip it):
