@@ -1,0 +1,141 @@
+"""Mutation check of the op tests: do they fail when a kernel rule is broken?
+
+Each mutant below changes one rule of SPEC sections 2-3 in the CPU kernels or in the
+reference (a tie rule, a strict comparison, a clamp, a normaliser). For each, this
+script applies it in a scratch git worktree of HEAD (committed work only), builds
+the extension there (CPU kernels only, about a minute on two cores; first the
+unmutated tree, which must pass), runs the op tests with ``-x`` and restores the file. A mutant the tests let pass is a rule no test pins down; the
+summary lists those. Mutants marked ``equivalent`` cannot change any result (the
+reason is written beside them) and are listed for completeness, not run.
+
+Why a hand-made table and not a mutation-testing package: the mutants worth running
+are the semantic rules of one C++ file and its reference, and a generic tool (mutmut,
+cosmic-ray) mutates Python only and has no notion of "rebuild the extension first".
+
+usage: python3 tools/mutation_check.py [--only ID ...] [--keep]
+Prints one line per mutant (killed / SURVIVED, the first failing test, seconds) and
+exits 1 if any non-equivalent mutant survived.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TESTS = ["tests/test_ops_cases.py", "tests/test_ops_triplet.py", "tests/test_ops_autograd.py",
+         "tests/test_knn_ops.py", "tests/test_knn_classifier.py", "tests/test_cpu_gemm_paths.py",
+         "tests/test_bad_input.py"]
+
+# (id, file, text, replacement, why it is equivalent or None)
+MUTANTS = [
+    ("exp_grad_at_kink", "csrc/common.h", "return r > gamma ? -alpha * exp", "return r >= gamma ? -alpha * exp", None),
+    ("hinge_grad_at_kink", "csrc/common.h", "return (margin - r) > acc_t(0) ? acc_t(-1)",
+     "return (margin - r) >= acc_t(0) ? acc_t(-1)", None),
+    ("positive_tie_to_larger_index", "csrc/common.h", "return d > best || (d == best && j < best_j);",
+     "return d > best || (d == best && j > best_j);", None),
+    ("nan_loses_the_min", "csrc/common.h", "  if (dn || bn) return dn && (!bn || j < best_j);\n  return d < best",
+     "  if (dn || bn) return bn;\n  return d < best", None),
+    ("semi_hard_threshold_without_gamma", "csrc/cpu/triplet_loss_cpu.cpp", "pos_v[i] + gamma : kInf",
+     "pos_v[i] : kInf", None),
+    ("semi_hard_not_strict", "csrc/cpu/triplet_loss_cpu.cpp", "nc = (!same && v > s.ti) ? v : inf;",
+     "nc = (!same && v >= s.ti) ? v : inf;", None),
+    ("semi_hard_not_strict_exact_path", "csrc/cpu/triplet_loss_cpu.cpp", "const bool beyond = d[j] > t ||",
+     "const bool beyond = d[j] >= t ||", None),
+    ("mean_over_all_anchors", "csrc/cpu/triplet_loss_cpu.cpp",
+     "if (reduction == kMean) total /= double(std::max<int64_t>(count, 1));",
+     "if (reduction == kMean) total /= double(std::max<int64_t>(int64_t(per.size()), 1));", None),
+    ("backward_mean_over_all_anchors", "csrc/cpu/triplet_loss_cpu.cpp",
+     "acc_t(1) / acc_t(std::max<int64_t>(count, 1)) : acc_t(1);",
+     "acc_t(1) / acc_t(std::max<int64_t>(T, 1)) : acc_t(1);", None),
+    ("knn_tie_to_larger_index", "csrc/cpu/knn_cpu.cpp", "  return j < bj;\n}", "  return j > bj;\n}", None),
+    ("knn_no_clamp_at_zero", "csrc/cpu/knn_cpu.cpp", "return d < acc_t(0) ? acc_t(0) : d;", "return d;", None),
+    ("knn_nan_ranks_first", "csrc/cpu/knn_cpu.cpp", "if (dn != bn) return bn;", "if (dn != bn) return dn;", None),
+    ("vote_tie_to_last_class", "csrc/cpu/knn_cpu.cpp", "if (score > best_score) {", "if (score >= best_score) {",
+     "scores votes * (k + 1) + (k - first rank) are distinct for every class with a vote, and k >= 1 "
+     "gives some class a vote, so the best score is never tied"),
+    ("reference_tie_to_larger_index", "dnnrl_ext/reference.py",
+     "first = torch.where(hit, columns, torch.full_like(columns, d.shape[1])).amin(1)",
+     "first = torch.where(hit, columns, torch.full_like(columns, -1)).amax(1)", None),
+]
+
+
+def _run(cmd, cwd, log, env=None, timeout=None):
+    with open(log, "w") as f:
+        return subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+
+
+def _first_failure(log):
+    for line in open(log, errors="replace"):
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split()[1]
+    return ""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--only", nargs="+", metavar="ID", help="run these mutants only")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch worktree and logs")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant's test run")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.only or m[0] in args.only]
+    if args.only and len(chosen) != len(args.only):
+        ap.error("--only: unknown mutant; known: %s" % ", ".join(m[0] for m in MUTANTS))
+
+    scratch = tempfile.mkdtemp(prefix="dnnrl-mutants-")
+    tree = os.path.join(scratch, "tree")
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", tree, "HEAD"], cwd=REPO, check=True)
+    env = dict(os.environ, FORCE_CPU="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+               PYTHONPATH=tree + os.pathsep + os.path.join(tree, "python"), DNNRL_REQUIRE_EXTENSION="1")
+    survived = []
+    try:
+        # the unmutated tree first: it must build and pass, or no "killed" below means anything
+        log = os.path.join(scratch, "baseline.log")
+        t0 = time.time()
+        if (_run([sys.executable, "setup.py", "build_ext", "--inplace"], tree, log, env) != 0
+                or _run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"] + TESTS,
+                        tree, log, env, args.timeout) != 0):
+            raise SystemExit("the unmutated tree fails to build or to pass the op tests: see %s" % log)
+        print("%-36s passes  %5.0f s (build + op tests)" % ("baseline (HEAD)", time.time() - t0), flush=True)
+        for ident, path, text, repl, equivalent in chosen:
+            if equivalent:
+                print("%-36s equivalent: %s" % (ident, equivalent), flush=True)
+                continue
+            target = os.path.join(tree, path)
+            original = open(target).read()
+            if original.count(text) != 1:
+                raise SystemExit("%s: the text to mutate occurs %d times in %s (the table is out of date)"
+                                 % (ident, original.count(text), path))
+            t0 = time.time()
+            try:
+                open(target, "w").write(original.replace(text, repl))
+                log = os.path.join(scratch, ident + ".log")
+                if path.startswith("csrc/") and _run([sys.executable, "setup.py", "build_ext", "--inplace"],
+                                                    tree, log, env) != 0:
+                    print("%-36s killed (does not build) %5.0f s" % (ident, time.time() - t0), flush=True)
+                    continue
+                rc = _run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"] + TESTS,
+                          tree, log, env, args.timeout)
+            finally:
+                open(target, "w").write(original)
+            if rc == 0:
+                survived.append(ident)
+            print("%-36s %s %5.0f s %s" % (ident, "killed  " if rc else "SURVIVED", time.time() - t0,
+                                           _first_failure(log)), flush=True)
+    finally:
+        if args.keep:
+            print("kept", scratch)
+        else:
+            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=REPO)
+            shutil.rmtree(scratch, ignore_errors=True)
+    print("%d run, %d survived%s" % (sum(1 for m in chosen if not m[4]), len(survived),
+                                     (": " + ", ".join(survived)) if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
