@@ -41,9 +41,30 @@ FER_VARIANTS = {
 
 
 def parse_variant(text: str):
-    """"name=JSON" -> (name, dict): an ad-hoc variant from the command line."""
-    name, js = text.split("=", 1)
-    return name.strip(), json.loads(js)
+    """"name=JSON" -> (name, dict): an ad-hoc variant from the command line.
+
+    Raises ValueError naming --variant when the text is not NAME={JSON object}."""
+    name, sep, js = text.partition("=")
+    try:
+        over = json.loads(js) if sep and name.strip() else None
+    except ValueError:
+        over = None
+    if not isinstance(over, dict):
+        raise ValueError('--variant: expected NAME={"key": value, ...}, got %r' % text)
+    return name.strip(), over
+
+
+def parse_setting(text: str):
+    """"key=value" -> (key, value), the value read as JSON where it parses (else a string).
+
+    Raises ValueError naming --set when the text has no "=" or no key."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("--set: expected KEY=VALUE (VALUE as JSON where it parses), got %r" % text)
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def main(argv=None):
@@ -60,19 +81,21 @@ def main(argv=None):
     ap.add_argument("--summary", default="summary.json", help="summary file name inside --out")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value (JSON value)")
     args = ap.parse_args(argv)
-    base = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        try:
-            base[k] = json.loads(v)
-        except ValueError:
-            base[k] = v
-    variants = dict({"synthetic": VARIANTS, "fer": FER_VARIANTS, "none": {}}[args.grid])
-    variants.update(parse_variant(t) for t in args.variant)
+    try:
+        base = dict(parse_setting(kv) for kv in args.set)
+        variants = dict({"synthetic": VARIANTS, "fer": FER_VARIANTS, "none": {}}[args.grid])
+        variants.update(parse_variant(t) for t in args.variant)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.variants:
+        wanted = [s.strip() for s in args.variants.split("|")]
+        variants = {n: v for n, v in variants.items() if any(w in n for w in wanted)}
+    if not variants:
+        ap.error("no variant to run: --grid %s%s%s" % (
+            args.grid, " with --variants %r" % args.variants if args.variants else "",
+            " and no --variant" if not args.variant else ""))
     results = {}
     for name, v in variants.items():
-        if args.variants and not any(s.strip() in name for s in args.variants.split("|")):
-            continue
         over = dict(base, data=args.data, max_epochs=args.epochs, patience=args.epochs + 1,
                     progress=False, out=os.path.join(args.out, name.replace(", ", "_").replace(" ", "")
                                                      .replace(":", "")))
