@@ -114,6 +114,55 @@ def test_csv_malformed_row_names_the_row_or_is_skipped(tmp_path, cache):
     assert len(ds.skipped) == 1 and "row 3" in ds.skipped[0]
 
 
+@pytest.mark.parametrize("bad,problem", [
+    ('1,"%s"' % " ".join(["5"] * 48 * 48), "2 fields, expected 3"),
+    (_row(7, 5, "Training"), "emotion 7 is not in 0..6"),
+    (_row(-1, 5, "Training"), "emotion -1 is not in 0..6"),
+    (_row(1, 256, "Training"), "pixel values outside 0..255"),
+    (_row(1, 5, "Training", n=0), "0 pixel values is not a square image"),
+    (_row(1, 5, "Validation"), "unknown Usage 'Validation'"),
+    ('x,"1 2 3 4",Training', "invalid literal"),
+])
+def test_csv_each_bad_row_says_what_is_wrong(tmp_path, cache, bad, problem):
+    """Every malformed-row check names the file, the row and the problem (or, with
+    skip_bad, skips that row only); empty lines are not rows."""
+    path = str(tmp_path / "bad.csv")
+    _csv(path, "emotion,pixels,Usage", [_row(3, 35, "Training"), "", bad, _row(0, 5, "PublicTest")])
+    with pytest.raises(DataError, match="bad.csv: row 4: malformed CSV row") as exc:
+        load_dataset(path, cache_dir=cache)
+    assert problem in str(exc.value)
+    ds = load_dataset(path, cache_dir=cache, skip_bad=True)
+    assert ds.splits["train"][1].tolist() == [3] and ds.splits["val"][1].tolist() == [0]
+    assert len(ds.skipped) == 1 and problem in ds.skipped[0]
+
+
+@pytest.mark.parametrize("content,problem", [("", "empty CSV file"), ("label,image\n1,2\n", "'emotion' and 'pixels'"),
+                                             ("emotion,pixels,Usage\n\n", "no data rows")])
+def test_csv_without_usable_rows_says_so(tmp_path, cache, content, problem):
+    path = tmp_path / "odd.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=problem):
+        load_dataset(str(path), cache_dir=cache)
+
+
+def test_csv_without_usage_is_split_by_row_hash_and_other_sizes_are_resized(tmp_path, cache):
+    """No Usage column: a stable hash of the row number splits ~10 % / 10 % off for
+    validation / test; 24x24 images are resized to 48x48 (bilinear; a flat image stays flat)."""
+    path = str(tmp_path / "small.csv")
+    rows = ['%d,"%s"' % (i % 7, " ".join([str(i % 250)] * 24 * 24)) for i in range(400)]
+    _csv(path, "emotion,pixels", rows)
+    ds = load_dataset(path, cache_dir=cache)
+    sizes = {s: len(v[1]) for s, v in ds.splits.items()}
+    assert sum(sizes.values()) == 400 and set(sizes) == {"train", "val", "test"}
+    assert 20 <= sizes["val"] <= 60 and 20 <= sizes["test"] <= 60
+    for x, y in ds.splits.values():
+        assert x.shape[1:] == (48, 48) and (x.min(axis=(1, 2)) == x.max(axis=(1, 2))).all()
+    again = load_dataset(path, cache_dir=str(tmp_path / "other-cache"))
+    for s in ds.splits:  # the split is a function of the file, not of a random state
+        np.testing.assert_array_equal(again.splits[s][1], ds.splits[s][1])
+        np.testing.assert_array_equal(again.splits[s][0], ds.splits[s][0])
+
+
 def test_corrupt_image_names_the_file_or_is_skipped(tmp_path, cache):
     root = tmp_path / "d"
     _write_tree(str(root), KAGGLE)
