@@ -134,6 +134,23 @@ def test_eval_bundle_bad_input_is_clear(setup, monkeypatch, capsys):
     assert "no best.pt" in capsys.readouterr().err
 
 
+def test_export_from_a_missing_or_foreign_checkpoint_is_clear(setup, tmp_path):
+    wd, ds, csv, bundles = setup
+    with pytest.raises(B.BundleError, match="absent.pt does not exist"):
+        B.export_bundle(str(tmp_path / "absent.pt"), ds, str(tmp_path / "out.pt"), device="cpu")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)  # a torch file, not a dnnrl run
+    with pytest.raises(B.BundleError, match="foreign.pt is not a dnnrl checkpoint"):
+        B.export_bundle(str(foreign), ds, str(tmp_path / "out.pt"), device="cpu")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(B.BundleError, match="garbage.pt is not a dnnrl checkpoint"):
+        B.export_bundle(str(garbage), ds, str(tmp_path / "out.pt"), device="cpu")
+    assert not (tmp_path / "out.pt").exists()
+    assert not B.is_bundle_file(str(garbage)) and not B.is_bundle_file(str(tmp_path))
+    assert B.is_bundle_file(bundles["dnn"])
+
+
 def test_eval_bundle_on_data_without_val_or_test_scores_what_there_is(setup, tmp_path):
     wd, ds, _, bundles = setup
     csv = _write_csv(tmp_path / "train_only.csv", ds, splits=("train",))

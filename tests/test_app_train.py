@@ -590,6 +590,29 @@ def test_cli_resume_keeps_the_run_length_and_writes_where_resumed(tmp_path):
     assert [json.loads(x)["epoch"] for x in open(moved / "log.jsonl")] == [1, 2, 3, 4]
 
 
+def test_cli_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, capsys):
+    """A checkpoint.pt that is not one (overwritten, truncated by a full disk) ends
+    `dnnrl train --resume` with one line naming the file, not an unpickling traceback;
+    so do --init-from and `dnnrl eval` on such a file."""
+    run = tmp_path / "run"
+    assert train(_cfg(run, max_epochs=3), stop_after=1) is None
+    good = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is not a dnnrl checkpoint" in err and "Traceback" not in err
+    import torch as _torch
+    _torch.save({"model": {}}, run / "checkpoint.pt")  # a torch file without the training state
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    assert "no optimizer / rng / history in it" in capsys.readouterr().err
+    (run / "best.pt").write_bytes(b"\x00" * 64)
+    assert cli_main(["eval", str(run / "best.pt"), "--device", "cpu"]) == 2
+    assert "best.pt is not a dnnrl checkpoint" in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(tmp_path / "new"), "--init-from", str(run / "best.pt"),
+                     "--preset", "cpu", "--max-epochs", "1", "--no-progress"]) == 2
+    assert "best.pt is not a dnnrl checkpoint" in capsys.readouterr().err
+
+
 def test_results_record_the_device_and_seconds_per_phase(tmp_path):
     """results.json: the device's name and the seconds of every phase, the training and
     validation ones summed over all epochs (also across a resume)."""

@@ -182,10 +182,8 @@ def load_checkpoint(path: str):
         raise BundleError("checkpoint %s does not exist" % path)
     try:
         return _load_checkpoint(path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # the message names the file and the problem
         raise BundleError(str(exc)) from None
-    except (KeyError, RuntimeError, EOFError, ValueError) as exc:
-        raise BundleError("%s is not a dnnrl checkpoint (%s: %s)" % (path, type(exc).__name__, exc)) from None
 
 
 def is_bundle_file(path: str) -> bool:

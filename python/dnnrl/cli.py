@@ -226,7 +226,9 @@ def _train(args) -> int:
 
 
 def _load_checkpoint(path: str):
-    import torch
+    """(file, Config, class_names, weights) of a run directory or a best.pt / checkpoint.pt
+    (the best weights where the file has them); FileNotFoundError / ValueError naming the path."""
+    from .train import load_run_file
     if os.path.isdir(path):
         for name in ("best.pt", "checkpoint.pt"):
             if os.path.exists(os.path.join(path, name)):
@@ -234,7 +236,7 @@ def _load_checkpoint(path: str):
                 break
         else:
             raise FileNotFoundError("no best.pt or checkpoint.pt in %s" % path)
-    st = torch.load(path, map_location="cpu", weights_only=False)
+    st = load_run_file(path)
     model_state = st.get("best_state") or st["model"]
     return path, Config.from_dict(st["config"]), st["class_names"], model_state
 

@@ -239,6 +239,25 @@ def save_model(path: str, model, cfg: Config, class_names, extra: Optional[dict]
     os.replace(tmp, path)
 
 
+def load_run_file(path: str, map_location="cpu", need=("config", "class_names", "model")) -> dict:
+    """The dict that save_model / Trainer.save_checkpoint wrote to ``path``.
+
+    Raises FileNotFoundError when the file is absent and ValueError naming the file when it
+    is not such a dict (another torch file, a truncated or foreign file): torch.load itself
+    raises pickle, zip, EOF or runtime errors for those, which would reach the user as a
+    traceback."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("%s does not exist" % path)
+    try:
+        st = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 (whatever torch.load raises, the answer is the same)
+        raise ValueError("%s is not a dnnrl checkpoint (%s: %s)" % (path, type(exc).__name__, exc)) from None
+    missing = [k for k in need if not (isinstance(st, dict) and k in st)]
+    if missing:
+        raise ValueError("%s is not a dnnrl checkpoint (no %s in it)" % (path, " / ".join(missing)))
+    return st
+
+
 class Trainer:
     """Holds the run's state; ``fit()`` runs the protocol, ``evaluate()`` the final test."""
 
@@ -526,7 +545,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         if not os.path.exists(self.ckpt_path):
             raise FileNotFoundError("--resume: no checkpoint at %s" % self.ckpt_path)
-        st = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        st = load_run_file(self.ckpt_path, self.device, need=("model", "optimizer", "rng", "history"))
         self.model.load_state_dict(st["model"])
         self.epoch, self.lr = st["epoch"], st["lr"]
         self.optimizer = self._optimizer(self.lr)
