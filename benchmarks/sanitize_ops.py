@@ -69,6 +69,33 @@ def main():
                     check("knn %s B=%d k=%d" % (dtype, B, k), d, dr, tol * 10, tol * 10)
                     pred = dnnrl_ext.knn_vote(x, x.flip(0).contiguous(), y, k, 5)
                     assert pred.shape == (B,)
+    # mining with a row the norm expansion cannot take (inf; a finite row whose squared
+    # norm overflows it): mine_pass takes those pairs by explicit differences, reading the
+    # two rows from global memory; the mined indices must be the reference's
+    cases = [(dtype, B, bad, tile) for dtype, big in ((torch.float32, 1e19), (torch.float64, 1e154),
+                                                       (torch.bfloat16, 1e19), (torch.float16, None))
+             for B in (37, 130) for bad in (float("inf"), big) if bad is not None
+             for tile in ("tiny", "small", "large")]  # DNNRL_MINE_TILE: each mining tile
+    for dtype, B, bad, tile in cases:
+        os.environ["DNNRL_MINE_TILE"] = tile
+        try:
+            x = torch.randn(B, 24, device=DEV, dtype=torch.float64)
+            x[B // 2, 3] = bad
+            x = x.to(dtype)
+            y = torch.randint(0, 5, (B,), device=DEV)
+            for mining in ("batch_hard", "semi_hard"):
+                out = dnnrl_ext.triplet_loss(x, y, mining=mining, return_details=True)
+                want = dnnrl_ext.triplet_loss(x.cpu(), y.cpu(), mining=mining, return_details=True,
+                                              backend="reference")
+                tag = "mining with a %s row, %s B=%d %s, %s tile" % (bad, dtype, B, mining, tile)
+                # where the bad row is chosen, and what its own anchor chooses (elsewhere
+                # float rounding may break a near-tie differently from the reference)
+                for name in ("pos", "neg"):
+                    got, exp = getattr(out, name).cpu(), getattr(want, name)
+                    if not (torch.equal(got == B // 2, exp == B // 2) and got[B // 2] == exp[B // 2]):
+                        failures.append("%s: %s indices differ" % (tag, name))
+        finally:
+            os.environ.pop("DNNRL_MINE_TILE", None)
     # float32 k-NN through the opt-in candidate path (DNNRL_KNN_CANDIDATES=1) with a
     # neighbourhood denser than its error bound: query 0 takes the exact fallback pass
     # (flagged rows only), the others are certified
