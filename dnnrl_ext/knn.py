@@ -1,4 +1,5 @@
 """k-NN search, vote, and a scikit-learn style classifier over the fused kernels."""
+import numbers
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -55,6 +56,12 @@ def accuracy_per_k(neighbour_labels: Tensor, true_labels: Tensor, num_classes: i
     return correct / max(Q, 1)
 
 
+def _check_count(name: str, value) -> None:
+    """ValueError naming ``name`` unless value is an int >= 1 (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError("%s must be an int >= 1, got %r" % (name, value))
+
+
 class KNNClassifier:
     """k-NN classifier on embeddings with k chosen on validation data.
 
@@ -70,6 +77,11 @@ class KNNClassifier:
     """
 
     def __init__(self, k: int = 1, num_classes: Optional[int] = None, backend: str = "auto"):
+        _check_count("k", k)
+        if num_classes is not None:
+            _check_count("num_classes", num_classes)
+        if backend not in ("auto", "compiled", "reference"):
+            raise ValueError("backend must be 'auto', 'compiled' or 'reference', got %r" % (backend,))
         self.k = k
         self.num_classes = num_classes
         self.backend = backend
@@ -109,7 +121,8 @@ class KNNClassifier:
         self._check_fitted()
         q = self._query(embeddings)
         y = _as_label_tensor("labels", labels, q.shape[0], q.device)
-        k_max = max(1, min(int(k_max), self.gallery.shape[0]))
+        _check_count("k_max", k_max)
+        k_max = min(int(k_max), self.gallery.shape[0])  # (a small gallery caps it)
         _, idx = ops.knn(q, self.gallery, k_max, backend=self.backend)
         acc = accuracy_per_k(self.gallery_labels[idx], y, self.num_classes)
         self.val_accuracy_per_k = {k + 1: float(a) for k, a in enumerate(acc.tolist())}
@@ -120,7 +133,9 @@ class KNNClassifier:
     def kneighbors(self, embeddings, k: Optional[int] = None):
         """(dist (Q, k), idx (Q, k)) of the nearest gallery rows."""
         self._check_fitted()
-        return ops.knn(self._query(embeddings), self.gallery, k or self.k, backend=self.backend)
+        if k is not None:
+            _check_count("k", k)
+        return ops.knn(self._query(embeddings), self.gallery, self.k if k is None else k, backend=self.backend)
 
     def predict(self, embeddings) -> Tensor:
         """(Q,) int64 predicted classes."""

@@ -278,6 +278,25 @@ def test_classifier_wrong_rank_embeddings():
         KNNClassifier(backend="reference").fit(torch.zeros(6), Y())
 
 
+@pytest.mark.parametrize("kwargs,name", [(dict(k=0), "k"), (dict(k=2.5), "k"), (dict(k=True), "k"),
+                                         (dict(k="3"), "k"), (dict(num_classes=0), "num_classes"),
+                                         (dict(backend="fast"), "backend")])
+def test_classifier_bad_constructor_arguments(kwargs, name):
+    with pytest.raises(ValueError, match="^%s must" % name):
+        KNNClassifier(**kwargs)
+
+
+def test_classifier_bad_k_max_and_kneighbors_k():
+    clf = KNNClassifier(backend="reference").fit(X(), Y())
+    for bad in (0, -3, 1.5):
+        with pytest.raises(ValueError, match="k_max must"):
+            clf.select_k(X(), Y(), k_max=bad)
+        with pytest.raises(ValueError, match="k must"):
+            clf.kneighbors(X(), k=bad)
+    assert clf.select_k(X(), Y(), k_max=1000) in range(1, 7)  # capped by the 6-row gallery
+    assert len(clf.val_accuracy_per_k) == 6
+
+
 # --------------------------------------------------------------------------- missing extension
 def test_compiled_backend_without_extension_raises_with_rebuild_hint(no_extension):
     for call in (lambda: loss("compiled"), lambda: loss("auto"),
