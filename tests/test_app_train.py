@@ -80,6 +80,29 @@ def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
     assert len(hist) == 6  # 3 epochs without a new best after epoch 3 -> stop
 
 
+def test_protocol_lr_drop_reloads_the_best_weights_and_resets_momentum(tmp_path, monkeypatch):
+    """After the drop at epoch 2 the run continues from epoch 1's weights (best.pt), with
+    a fresh optimiser (no momentum carried over from the rejected epoch)."""
+    from dnnrl import train as train_mod
+    losses = iter([1.0, 1.5])
+    orig = train_mod.Trainer.validate
+
+    def fake_validate(self):
+        out = orig(self)
+        out["val_loss"] = next(losses)
+        return out
+    monkeypatch.setattr(train_mod.Trainer, "validate", fake_validate)
+    cfg = _cfg(tmp_path / "r", max_epochs=5, patience=3, lr=0.05, select_by="val_loss", device="cpu")
+    assert train(cfg, stop_after=2) is None
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert [r["event"] for r in ck["history"]] == ["best", "lr_drop_reload_best"]
+    assert best["epoch"] == 1
+    for k, v in best["model"].items():
+        assert torch.equal(ck["model"][k].cpu(), v), k
+    assert ck["optimizer"]["state"] == {} and ck["lr"] == 0.005
+
+
 def test_cli_help_each_command():
     import argparse
     from dnnrl.cli import build_parser
