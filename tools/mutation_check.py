@@ -1,7 +1,8 @@
 """Mutation check of the op tests: do they fail when a kernel rule is broken?
 
 Each mutant below changes one rule of SPEC sections 2-3 in the CPU kernels or in the
-reference (a tie rule, a strict comparison, a clamp, a normaliser). For each, this
+reference (a tie rule, a strict comparison, a clamp, a normaliser), or of the training
+protocol of section 6 (the 10 % rule, the reload, the lr floor, the patience). For each, this
 script applies it in a scratch git worktree of HEAD (committed work only), builds
 the extension there (CPU kernels only, about a minute on two cores; first the
 unmutated tree, which must pass), runs the op tests with ``-x`` and restores the file. A mutant the tests let pass is a rule no test pins down; the
@@ -14,7 +15,8 @@ cosmic-ray) mutates Python only and has no notion of "rebuild the extension firs
 
 usage: python3 tools/mutation_check.py [--only ID ...] [--keep]
 Prints one line per mutant (killed / SURVIVED, the first failing test, seconds) and
-exits 1 if any non-equivalent mutant survived.
+exits 1 if any non-equivalent mutant survived. The baseline runs the op tests; a
+protocol mutant runs the protocol tests of tests/test_app_train.py instead.
 """
 import argparse
 import os
@@ -30,7 +32,10 @@ TESTS = ["tests/test_ops_cases.py", "tests/test_ops_triplet.py", "tests/test_ops
          "tests/test_knn_ops.py", "tests/test_knn_classifier.py", "tests/test_cpu_gemm_paths.py",
          "tests/test_bad_input.py"]
 
-# (id, file, text, replacement, why it is equivalent or None)
+# the training protocol's tests (SPEC section 6), for the mutants of python/dnnrl/train.py
+PROTOCOL_TESTS = ["tests/test_app_train.py", "-k", "protocol or cosine or budget"]
+
+# (id, file, text, replacement, why it is equivalent or None[, tests to run instead of TESTS])
 MUTANTS = [
     ("exp_grad_at_kink", "csrc/common.h", "return r > gamma ? -alpha * exp", "return r >= gamma ? -alpha * exp", None),
     ("hinge_grad_at_kink", "csrc/common.h", "return (margin - r) > acc_t(0) ? acc_t(-1)",
@@ -60,6 +65,17 @@ MUTANTS = [
     ("reference_tie_to_larger_index", "dnnrl_ext/reference.py",
      "first = torch.where(hit, columns, torch.full_like(columns, d.shape[1])).amin(1)",
      "first = torch.where(hit, columns, torch.full_like(columns, -1)).amax(1)", None),
+    ("protocol_drop_on_any_rise", "python/dnnrl/train.py",
+     "not (v <= self.best_val * (1 + self.cfg.rise_threshold))", "not (v <= self.best_val)", None, PROTOCOL_TESTS),
+    ("protocol_drop_without_reload", "python/dnnrl/train.py",
+     "                    self.model.load_state_dict(self.best_state)\n", "", None, PROTOCOL_TESTS),
+    ("protocol_drop_keeps_momentum", "python/dnnrl/train.py",
+     "                    self.optimizer = self._optimizer(max(self.lr / 10.0, self.cfg.lr_min))\n", "", None,
+     PROTOCOL_TESTS),
+    ("protocol_no_lr_floor", "python/dnnrl/train.py", "self._set_lr(max(self.lr / 10.0, self.cfg.lr_min))",
+     "self._set_lr(self.lr / 10.0)", None, PROTOCOL_TESTS),
+    ("protocol_patience_plus_one", "python/dnnrl/train.py", "self.since_best >= self.cfg.patience",
+     "self.since_best > self.cfg.patience", None, PROTOCOL_TESTS),
 ]
 
 
@@ -94,14 +110,20 @@ def main(argv=None):
     survived = []
     try:
         # the unmutated tree first: it must build and pass, or no "killed" below means anything
-        log = os.path.join(scratch, "baseline.log")
+        log = os.path.join(scratch, "baseline-build.log")
         t0 = time.time()
-        if (_run([sys.executable, "setup.py", "build_ext", "--inplace"], tree, log, env) != 0
-                or _run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"] + TESTS,
-                        tree, log, env, args.timeout) != 0):
-            raise SystemExit("the unmutated tree fails to build or to pass the op tests: see %s" % log)
-        print("%-36s passes  %5.0f s (build + op tests)" % ("baseline (HEAD)", time.time() - t0), flush=True)
-        for ident, path, text, repl, equivalent in chosen:
+        suites = [TESTS] + [m[5] for m in chosen if len(m) > 5 and not m[4]]
+        suites = [t for i, t in enumerate(suites) if t not in suites[:i]]
+        if _run([sys.executable, "setup.py", "build_ext", "--inplace"], tree, log, env) != 0:
+            raise SystemExit("the unmutated tree fails to build: see %s" % log)
+        for i, suite in enumerate(suites):
+            log = os.path.join(scratch, "baseline%d.log" % i)
+            if _run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"] + suite,
+                    tree, log, env, args.timeout) != 0:
+                raise SystemExit("the unmutated tree fails its tests: see %s" % log)
+        print("%-36s passes  %5.0f s (build + %d test suites)" % ("baseline (HEAD)", time.time() - t0,
+                                                                 len(suites)), flush=True)
+        for ident, path, text, repl, equivalent, *own_tests in chosen:
             if equivalent:
                 print("%-36s equivalent: %s" % (ident, equivalent), flush=True)
                 continue
@@ -118,8 +140,8 @@ def main(argv=None):
                                                     tree, log, env) != 0:
                     print("%-36s killed (does not build) %5.0f s" % (ident, time.time() - t0), flush=True)
                     continue
-                rc = _run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"] + TESTS,
-                          tree, log, env, args.timeout)
+                rc = _run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+                          + (own_tests[0] if own_tests else TESTS), tree, log, env, args.timeout)
             finally:
                 open(target, "w").write(original)
             if rc == 0:
