@@ -60,6 +60,21 @@ def test_kaggle_folder_and_prefix_split(tmp_path, cache):
     _check_kaggle(again)
 
 
+@pytest.mark.parametrize("folders", [("Training", "PublicTest", "PrivateTest"), ("train", "validation", "test"),
+                                     ("training", "val", "test")])
+def test_split_folders_by_name(tmp_path, cache, folders):
+    """Split folders named like the CSV's Usage column (or train / val(idation) / test),
+    with files not named by split prefix: the folder decides the split."""
+    train_dir, val_dir, test_dir = folders
+    entries = [("%s/happy/a%d.png" % (train_dir, i), "happy") for i in range(3)] + [
+        ("%s/angry/b.png" % train_dir, "angry"), ("%s/angry/c.png" % val_dir, "angry"),
+        ("%s/happy/d.png" % val_dir, "happy"), ("%s/surprise/e.png" % test_dir, "surprise")]
+    root = tmp_path / "split_dirs"
+    _write_tree(str(root), entries)
+    ds = load_dataset(str(root), cache_dir=cache)
+    assert {s: v[1].tolist() for s, v in ds.splits.items()} == {"train": [0, 3, 3, 3], "val": [0, 3], "test": [5]}
+
+
 def test_zip_archive_in_place(tmp_path, cache):
     path = str(tmp_path / "fer.zip")
     with zipfile.ZipFile(path, "w") as zf:
