@@ -358,6 +358,20 @@ def test_detector_unavailable_is_clear(bundle_file, monkeypatch, capsys, tmp_pat
     assert not F.haar_available()
 
 
+def test_load_image_scales_every_gray_depth_to_uint8():
+    """Float images are taken as [0, 1] (NaN as 0, clipped), 32-bit integer ones as 0..255
+    unless they exceed it (then 0..65535), 1-bit ones as black / white."""
+    f = np.array([[0.0, 0.5, 1.0, 2.0], [-1.0, np.nan, 0.25, 1.0]], np.float32)
+    np.testing.assert_array_equal(F.load_image(Image.fromarray(f, mode="F")),
+                                  [[0, 128, 255, 255], [0, 0, 64, 255]])
+    small = np.array([[0, 17, 255, 128]], np.int32)
+    np.testing.assert_array_equal(F.load_image(Image.fromarray(small, mode="I")), small)
+    deep = np.array([[0, 65535, 257 * 17, 256]], np.int32)
+    np.testing.assert_array_equal(F.load_image(Image.fromarray(deep, mode="I")), [[0, 255, 17, 1]])
+    bits = Image.fromarray(np.array([[0, 255, 255, 0]], np.uint8)).convert("1")
+    np.testing.assert_array_equal(F.load_image(bits), [[0, 255, 255, 0]])
+
+
 def test_load_image_modes(tmp_path):
     g = (np.arange(30 * 40).reshape(30, 40) % 256).astype(np.uint8)
     Image.fromarray(g.astype(np.uint16) * 257).save(tmp_path / "a16.png")
