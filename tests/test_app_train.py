@@ -61,10 +61,10 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert len(open(tmp_path / "cut" / "log.jsonl").readlines()) == 3
 
 
-def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
-    """A validation loss > 10 % above the best divides the lr by 10 and reloads the best."""
+def _fake_val_losses(monkeypatch, losses):
+    """Trainer.validate reports these validation losses, one per epoch, in order."""
     from dnnrl import train as train_mod
-    losses = iter([1.0, 1.2, 0.9, 0.95, 2.0, 2.0, 2.0])
+    losses = iter(losses)
     orig = train_mod.Trainer.validate
 
     def fake_validate(self):
@@ -72,6 +72,11 @@ def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
         out["val_loss"] = next(losses)
         return out
     monkeypatch.setattr(train_mod.Trainer, "validate", fake_validate)
+
+
+def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
+    """A validation loss > 10 % above the best divides the lr by 10 and reloads the best."""
+    _fake_val_losses(monkeypatch, [1.0, 1.2, 0.9, 0.95, 2.0, 2.0, 2.0])
     train(_cfg(tmp_path / "p", max_epochs=7, patience=3, lr=0.01, lr_min=0.0005, select_by="val_loss"))
     hist = [json.loads(x) for x in open(tmp_path / "p" / "log.jsonl")]
     assert [r["lr"] for r in hist] == [0.01, 0.01, 0.001, 0.001, 0.001, 0.0005]
@@ -83,15 +88,7 @@ def test_protocol_lr_drop_and_reload(tmp_path, monkeypatch):
 def test_protocol_lr_drop_reloads_the_best_weights_and_resets_momentum(tmp_path, monkeypatch):
     """After the drop at epoch 2 the run continues from epoch 1's weights (best.pt), with
     a fresh optimiser (no momentum carried over from the rejected epoch)."""
-    from dnnrl import train as train_mod
-    losses = iter([1.0, 1.5])
-    orig = train_mod.Trainer.validate
-
-    def fake_validate(self):
-        out = orig(self)
-        out["val_loss"] = next(losses)
-        return out
-    monkeypatch.setattr(train_mod.Trainer, "validate", fake_validate)
+    _fake_val_losses(monkeypatch, [1.0, 1.5])
     cfg = _cfg(tmp_path / "r", max_epochs=5, patience=3, lr=0.05, select_by="val_loss", device="cpu")
     assert train(cfg, stop_after=2) is None
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
