@@ -80,8 +80,7 @@ class KNNClassifier:
         _check_count("k", k)
         if num_classes is not None:
             _check_count("num_classes", num_classes)
-        if backend not in ("auto", "compiled", "reference"):
-            raise ValueError("backend must be 'auto', 'compiled' or 'reference', got %r" % (backend,))
+        ops._check_backend(backend)
         self.k = k
         self.num_classes = num_classes
         self.backend = backend

@@ -75,13 +75,17 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _check_backend(backend) -> None:
+    if backend not in ("auto", "compiled", "reference"):
+        raise ValueError("backend must be 'auto', 'compiled' or 'reference', got %r" % (backend,))
+
+
 def _use_reference(backend: str, device: torch.device) -> bool:
+    _check_backend(backend)
     if backend == "reference":
         return True
-    if backend in ("auto", "compiled"):
-        _extension.require(device)
-        return False
-    raise ValueError("backend must be 'auto', 'compiled' or 'reference', got %r" % (backend,))
+    _extension.require(device)
+    return False
 
 
 # --------------------------------------------------------------------------- loss
