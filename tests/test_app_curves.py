@@ -158,7 +158,12 @@ def test_cli_plot(tmp_path, capsys):
     assert "--out is required" in capsys.readouterr().err
     assert main(["plot", r1, r2, "--out", out, "--label", "one"]) == 2
     assert "labels: 1 given for 2 runs" in capsys.readouterr().err
-    assert main(["plot", str(tmp_path / "nope"), "--out", out]) == 2
+    for argv in (["plot", str(tmp_path / "nope"), "--out", out], ["plot", str(tmp_path / "nope")]):
+        assert main(argv) == 2
+        assert "no such run directory or log file: %s" % (tmp_path / "nope") in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty), "--out", out]) == 2
     assert "no training log" in capsys.readouterr().err
 
 

@@ -339,7 +339,8 @@ def test_cli_export_and_predict(checkpoint, fer, tmp_path, capsys):
     # usage errors: exit code 2 with a message
     assert run_predict(_parser().parse_args(["predict", str(img_dir), "--checkpoint", checkpoint])) == 2
     assert "--data" in capsys.readouterr().err
-    assert run_predict(_parser().parse_args(["predict", str(img_dir), "--bundle", str(out), "--every", "0"])) == 2
+    with pytest.raises(SystemExit):  # checked at parse time (argtypes)
+        _parser().parse_args(["predict", str(img_dir), "--bundle", str(out), "--every", "0"])
     with pytest.raises(SystemExit):  # --bundle and --checkpoint exclude each other
         _parser().parse_args(["predict", "x.jpg", "--bundle", "a", "--checkpoint", "b"])
 

@@ -107,6 +107,14 @@ MUTANTS = [
      "self._set_lr(self.lr / 10.0)", None, PROTOCOL_TESTS),
     ("protocol_patience_plus_one", "python/dnnrl/train.py", "self.since_best >= self.cfg.patience",
      "self.since_best > self.cfg.patience", None, PROTOCOL_TESTS),
+    ("batch_of_one_accepted", "python/dnnrl/config.py", '"batch_size": _int_at_least(2),',
+     '"batch_size": _int_at_least(1),', None, ["tests/test_app_bad_options.py"]),
+    ("api_config_not_validated", "python/dnnrl/train.py",
+     "    validate(cfg)  # an API caller's own Config, or a resumed run's overrides\n", "", None,
+     ["tests/test_app_bad_options.py"]),
+    ("bundle_dims_checked_after_embedding", "python/dnnrl/bundle.py",
+     "    _check_dims(gallery_dim, sweep_dims, gallery_per_class, cfg.embed_dim)  # before minutes of embedding\n",
+     "", None, ["tests/test_app_bad_options.py"]),
 ]
 
 

@@ -217,6 +217,24 @@ def _auto_gallery_dim(state: Dict[str, Tensor], rows: int, dim: int, limit_bytes
     return min(d, dim)
 
 
+def _is_dim(d, embed_dim: int) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= embed_dim
+
+
+def _check_dims(gallery_dim, sweep_dims: Sequence[int], gallery_per_class, embed_dim: int) -> None:
+    """BundleError naming the argument for a PCA dimension outside [1, embed_dim] or a
+    per-class cap below 1 (PCA cannot keep more dimensions than the embedding has)."""
+    if not (gallery_dim is None or gallery_dim == "auto" or _is_dim(gallery_dim, embed_dim)):
+        raise BundleError("gallery_dim must be an integer in [1, %d] (the model's embedding size), 'auto' or "
+                          "None, got %r" % (embed_dim, gallery_dim))
+    bad = [d for d in sweep_dims if not _is_dim(d, embed_dim)]
+    if bad:
+        raise BundleError("sweep_dims must be integers in [1, %d] (the model's embedding size), got %s"
+                          % (embed_dim, ", ".join(map(repr, bad))))
+    if gallery_per_class is not None and not (isinstance(gallery_per_class, int) and gallery_per_class >= 1):
+        raise BundleError("gallery_per_class must be an integer >= 1 or None, got %r" % (gallery_per_class,))
+
+
 def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[Union[int, str]] = None,
                  gallery_per_class: Optional[int] = None, half: bool = True,
                  device: Union[str, torch.device] = "auto", batch_size: int = 512, seed: int = 0,
@@ -246,6 +264,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
     from .train import augment_config
     t0 = time.time()
     ck_path, cfg, class_names, state = load_checkpoint(checkpoint)
+    _check_dims(gallery_dim, sweep_dims, gallery_per_class, cfg.embed_dim)  # before minutes of embedding
     if tta is not None:
         if tta not in TTA_MODES:
             raise BundleError("tta must be one of %s, got %r" % (", ".join(TTA_MODES), tta))
@@ -274,8 +293,6 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
     if gallery_dim == "auto":
         gallery_dim = _auto_gallery_dim(state, int(gal32.shape[0]), int(gal32.shape[1]),
                                         SHIP_LIMIT_BYTES)
-    elif gallery_dim is not None and (not isinstance(gallery_dim, int) or gallery_dim < 1):
-        raise BundleError("gallery_dim must be a positive integer, 'auto' or None, got %r" % (gallery_dim,))
     has_val = "val" in splits and len(splits["val"][1]) > 0
     facts = {"checkpoint": ck_path, "data": source, "gallery_rows": int(gal32.shape[0]),
              "gallery_rows_available": int(len(ytr)), "embed_dim": int(gal32.shape[1]),
@@ -303,7 +320,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
         if sweep_dims:
             sweep = {}
             big_mean, big = fit_pca(gal32, min(max(sweep_dims), gal32.shape[1]))
-            for d in sorted(set(int(d) for d in sweep_dims if d <= gal32.shape[1])):
+            for d in sorted(set(sweep_dims)):
                 g = ((gal32 - big_mean) @ big[:, :d]).to(dtype).float()
                 c = ProjectedKNNClassifier(num_classes=C, backend=backend, mean=big_mean,
                                            components=big[:, :d]).fit(g, ygal)

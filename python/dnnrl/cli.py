@@ -7,7 +7,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import COMPILE_MODES, METHODS, PRESETS, SCHEDULES, SELECT_BY, TTA_MODES, Config
+from . import argtypes as A
+from .config import CHOICES, COMPILE_MODES, METHODS, PRESETS, SCHEDULES, SELECT_BY, TTA_MODES, Config
 
 log = logging.getLogger("dnnrl")
 
@@ -33,11 +34,11 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--backend", default=None, choices=["auto", "compiled", "reference"],
+    p.add_argument("--backend", default=None, choices=CHOICES["backend"],
                    help="dnnrl_ext ops: compiled kernels (auto falls back to the reference with a warning)")
-    p.add_argument("--amp", default=None, choices=["auto", "bf16", "off"],
+    p.add_argument("--amp", default=None, choices=CHOICES["amp"],
                    help="autocast (default auto: bf16 on CUDA)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="batch size for embedding (512)")
+    p.add_argument("--eval-batch-size", type=A.int_at_least(1), default=None, help="batch size for embedding (512)")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "same network size), e.g. a --method dnn run, to fine-tune it with a triplet loss")
     g = t.add_argument_group("loss / batches")
     g.add_argument("--batch-size", type=int, default=None, help="batch size (%d)" % d.batch_size)
-    g.add_argument("--sampler", default=None, choices=["random", "pk"],
+    g.add_argument("--sampler", default=None, choices=CHOICES["sampler"],
                    help="random batches (the paper's literal setting) or class-balanced P x K "
                         "(default %s; chosen on the synthetic set, docs/app.md)" % d.sampler)
     g.add_argument("--mining", default=None,
-                   choices=["batch_hard", "semi_hard", "random_triplets", "easy_positive"],
+                   choices=CHOICES["mining"],
                    help="triplets per batch: batch_hard / semi_hard in-batch mining (farthest positive), "
                         "random_triplets (one random positive and negative per anchor: the paper's literal "
                         "sampling) or easy_positive (nearest positive, nearest negative) "
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exp loss margin (default %g = the paper's; with batch_hard mining 0 learns "
                         "nothing; negative values learn from violating triplets)" % d.gamma)
     g.add_argument("--margin", type=float, default=None, help="hinge margin for tdnn (%g)" % d.margin)
-    g.add_argument("--reduction", default=None, choices=["sum", "mean"],
+    g.add_argument("--reduction", default=None, choices=CHOICES["reduction"],
                    help="triplet loss over a batch (%s: the paper's Eq. 1)" % d.reduction)
     g.add_argument("--softmax-weight", type=float, default=None,
                    help="dnnrl / tdnn: add W x the softmax head's cross-entropy to the triplet loss "
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=None,
                    help="label smoothing of the softmax head's cross-entropy in training (dnn, and "
                         "joint dnnrl / tdnn) (%g; not in the paper)" % d.label_smoothing)
-    g.add_argument("--mining-scope", default=None, choices=["global", "local"],
+    g.add_argument("--mining-scope", default=None, choices=CHOICES["mining_scope"],
                    help="under torchrun: mine triplets in the global batch gathered from all ranks, or "
                         "in each rank's shard (%s)" % d.mining_scope)
     g = t.add_argument_group("optimisation / protocol")
@@ -147,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("machinery")
     g.add_argument("--seed", type=int, default=None, help="(%d)" % d.seed)
     _add_runtime_args(g)
-    g.add_argument("--channels-last", default=None, choices=["auto", "on", "off"], help="(auto: on CUDA)")
-    g.add_argument("--cudnn-benchmark", default=None, choices=["auto", "on", "off"],
+    g.add_argument("--channels-last", default=None, choices=CHOICES["channels_last"], help="(auto: on CUDA)")
+    g.add_argument("--cudnn-benchmark", default=None, choices=CHOICES["cudnn_benchmark"],
                    help="let cuDNN time its convolution algorithms on the first batches and keep the "
                         "fastest (auto: on CUDA; off: its heuristic choice, fewer surprises in run-to-run "
                         "reproducibility)")
-    g.add_argument("--cuda-graph", default=None, choices=["on", "off"],
+    g.add_argument("--cuda-graph", default=None, choices=CHOICES["cuda_graph"],
                    help="replay the network's training forward and backward as CUDA graphs, recorded "
                         "on the first batch (CUDA only, one process; fewer host launches per step; "
                         "off by default until measured)")
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--out", default=None,
                    help="output directory (default: <run dir>/eval; for a bundle runs/eval-<bundle name>)")
-    e.add_argument("--k-max", type=int, default=50, help="largest k tried on validation (checkpoints)")
+    e.add_argument("--k-max", type=A.int_at_least(1), default=50, help="largest k tried on validation (checkpoints)")
     e.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging of the queries (default: the run's / bundle's setting)")
     _add_runtime_args(e)
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Embeddings (N, 512), labels and split names of every split of --data.")
     m.add_argument("checkpoint", help="a run directory or a best.pt / checkpoint.pt file")
     _add_data_args(m)
-    m.add_argument("--out", default="embeddings.npz", help="output file: .npz (numpy) or .pt (torch)")
+    m.add_argument("--out", type=A.path_with_suffix((".npz", ".pt")), default="embeddings.npz",
+                   help="output file: .npz (numpy) or .pt (torch)")
     _add_runtime_args(m)
     c = sub.add_parser("plot", help="training curves of runs (loss, validation accuracy, lr) as a PNG",
                        formatter_class=fmt, description=(
@@ -347,6 +349,9 @@ def _embed(args) -> int:
 def _plot(args) -> int:
     from .curves import plot_run_dirs
     out = args.out
+    missing = [r for r in args.runs if not os.path.exists(r)]
+    if missing:
+        raise FileNotFoundError("no such run directory or log file: %s" % ", ".join(missing))
     if out is None:
         if len(args.runs) != 1 or not os.path.isdir(args.runs[0]):
             raise ValueError("--out is required unless a single run directory is given")

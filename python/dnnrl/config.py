@@ -1,6 +1,7 @@
 """Run configuration: one dataclass, presets, and JSON round-trip."""
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -131,31 +132,94 @@ def resolve(overrides: Dict[str, Any]) -> Config:
     values.update(given)
     values["preset"] = preset
     cfg = Config.from_dict(values)
-    if cfg.method not in METHODS:
-        raise ValueError("method must be one of %s, got %r" % (METHODS, cfg.method))
-    if cfg.compile_mode not in COMPILE_MODES:
-        raise ValueError("compile_mode must be one of %s, got %r" % (COMPILE_MODES, cfg.compile_mode))
-    if not cfg.softmax_weight >= 0:  # (also catches NaN)
-        raise ValueError("softmax_weight must be >= 0, got %r" % (cfg.softmax_weight,))
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ValueError("label_smoothing must be in [0, 1), got %r" % (cfg.label_smoothing,))
-    if not 0.0 <= cfg.erase <= 1.0:
-        raise ValueError("erase must be a probability in [0, 1], got %r" % (cfg.erase,))
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError("schedule must be one of %s, got %r" % (SCHEDULES, cfg.schedule))
-    if cfg.select_by not in SELECT_BY:
-        raise ValueError("select_by must be one of %s, got %r" % (SELECT_BY, cfg.select_by))
-    if not 0.0 < cfg.anneal_fraction <= 1.0:
-        raise ValueError("anneal_fraction must be in (0, 1], got %r" % (cfg.anneal_fraction,))
-    if cfg.time_budget is not None and not cfg.time_budget > 0:
-        raise ValueError("time_budget must be a positive number of seconds, got %r" % (cfg.time_budget,))
-    if cfg.cuda_graph not in ("on", "off"):
-        raise ValueError("cuda_graph must be 'on' or 'off', got %r" % (cfg.cuda_graph,))
+    validate(cfg)
+    return cfg
+
+
+# Fields with a fixed set of values (the CLI's choices; API callers reach here directly).
+CHOICES = {
+    "method": METHODS, "compile_mode": COMPILE_MODES, "schedule": SCHEDULES, "select_by": SELECT_BY,
+    "cuda_graph": ("on", "off"), "cudnn_benchmark": SWITCHES, "channels_last": SWITCHES, "tta": TTA_MODES,
+    "amp": ("auto", "bf16", "off"), "sampler": ("random", "pk"),
+    "mining": ("batch_hard", "semi_hard", "random_triplets", "easy_positive"), "reduction": ("sum", "mean"),
+    "mining_scope": ("global", "local"), "backend": ("auto", "compiled", "reference"),
+}
+
+# The network's smallest input side: below it a max pool has nothing left to pool.
+MIN_IMAGE_SIZE = 16
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    """A finite int or float (NaN and inf fail every range test below anyway, but say so)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _int_at_least(lo: int):
+    return (lambda v: _is_int(v) and v >= lo), "an integer >= %d" % lo
+
+
+def _optional_int_at_least(lo: int):
+    return (lambda v: v is None or (_is_int(v) and v >= lo)), "None or an integer >= %d" % lo
+
+
+# field -> (test, what is expected). Each number a run depends on is checked before any data
+# is read, so a bad value fails in a second with its name, not minutes later inside torch.
+RANGES = {
+    "image_size": _int_at_least(MIN_IMAGE_SIZE),
+    "width": (lambda v: _is_real(v) and v > 0, "a positive number"),
+    "embed_dim": _int_at_least(1),
+    "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+    "erase": (lambda v: _is_real(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "batch_size": _int_at_least(2),
+    "alpha": (_is_real, "a finite number"),
+    "gamma": (_is_real, "a finite number"),
+    "margin": (_is_real, "a finite number"),
+    "softmax_weight": (lambda v: _is_real(v) and v >= 0, ">= 0 and finite"),
+    "label_smoothing": (lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: _is_real(v) and v > 0, "a positive number"),
+    "lr_min": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
+    "momentum": (lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
+    "anneal_fraction": (lambda v: _is_real(v) and 0 < v <= 1, "in (0, 1]"),
+    "rise_threshold": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
+    "patience": _int_at_least(1),
+    "max_epochs": _int_at_least(1),
+    "time_budget": (lambda v: v is None or (_is_real(v) and v > 0), "a positive number of seconds"),
+    "epoch_batches": _optional_int_at_least(1),
+    "train_subset": _optional_int_at_least(1),
+    "val_subset": _optional_int_at_least(1),
+    "k_max": _int_at_least(1),
+    "monitor_gallery": _int_at_least(0),
+    "synthetic_train_per_class": _int_at_least(1),
+    "synthetic_val_per_class": _int_at_least(1),
+    "synthetic_test_per_class": _int_at_least(1),
+    "seed": _int_at_least(0),
+    "log_every": _int_at_least(1),
+    "eval_batch_size": _int_at_least(1),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Raise a ValueError naming the first field with a value a run cannot use; returns cfg.
+
+    Checks the choices, the numeric ranges and the combinations; the device is checked
+    where it is opened (:func:`dnnrl.runtime.pick_device`)."""
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ValueError("%s must be one of %s, got %r" % (name, allowed, value))
+    for name, (ok, expected) in RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ValueError("%s must be %s, got %r" % (name, expected, value))
+    if cfg.lr_min > cfg.lr:
+        raise ValueError("lr_min (%r) must not exceed lr (%r): it is the floor the lr decays to"
+                         % (cfg.lr_min, cfg.lr))
     if cfg.cuda_graph == "on" and cfg.compile:
         raise ValueError("cuda_graph 'on' does not combine with compile (torch.compile with "
                          "compile_mode='reduce-overhead' records its own CUDA graphs)")
-    if cfg.cudnn_benchmark not in SWITCHES:
-        raise ValueError("cudnn_benchmark must be one of %s, got %r" % (SWITCHES, cfg.cudnn_benchmark))
-    if cfg.tta not in TTA_MODES:
-        raise ValueError("tta must be one of %s, got %r" % (TTA_MODES, cfg.tta))
     return cfg

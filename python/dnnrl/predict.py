@@ -26,6 +26,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import argtypes as A
 from . import faces as F
 from .bundle import (FORMAT, BundleError, build_bundle, bundle_from_dict, default_bundle_path,
                      export_bundle)
@@ -55,7 +56,7 @@ class Predictor:
         batch_size: faces per forward pass.
         margin: box growth per side before cropping (faces.DEFAULT_MARGIN).
         detector: faces.DetectorConfig (downscale limit, cascade settings).
-        k: override the bundle's k.
+        k: override the bundle's k (>= 1; capped at the gallery size).
     """
 
     def __init__(self, model=None, data=None, device: str = "auto", detect: bool = True,
@@ -64,9 +65,12 @@ class Predictor:
                  k: Optional[int] = None, cache_dir: Optional[str] = None, k_max: int = 50):
         from .runtime import pick_device, resolve_backend
         from .train import augment_config
+        for name, value in (("batch_size", batch_size), ("k", 1 if k is None else k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError("%s must be an integer >= 1, got %r" % (name, value))
         self.device = pick_device(device or "auto")
         self.backend = resolve_backend(backend, self.device)
-        self.detect, self.batch_size, self.margin = detect, max(1, int(batch_size)), margin
+        self.detect, self.batch_size, self.margin = detect, batch_size, margin
         self.detector = detector or F.DetectorConfig()
         if detect:
             F._cascade(self.detector.cascade)  # fail now, with the fix, not on the first image
@@ -74,7 +78,7 @@ class Predictor:
         (self.model, self.classifier, self.class_names, self.config,
          self.meta) = bundle_from_dict(bundle, self.device, self.backend)
         if k is not None:
-            self.classifier.k = max(1, min(int(k), self.classifier.gallery.shape[0]))
+            self.classifier.k = min(k, self.classifier.gallery.shape[0])
         self.aug = augment_config(self.config)
         self.amp = self.config.amp if self.device.type == "cuda" else "off"
 
@@ -448,21 +452,24 @@ def add_predict_parser(subparsers) -> "argparse.ArgumentParser":
                                                 "k-NN gallery, its validation split chooses k")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="no face detection: every image is one pre-cropped face")
-    p.add_argument("--every", type=int, default=1, help="videos: classify every Nth frame")
-    p.add_argument("--output", default=None, help="write the results to FILE (.json or .csv)")
-    p.add_argument("--annotate", default=None, metavar="DIR",
+    p.add_argument("--every", type=A.int_at_least(1), default=1, help="videos: classify every Nth frame")
+    p.add_argument("--output", type=A.path_with_suffix((".json", ".csv")), default=None,
+                   help="write the results to FILE (.json or .csv)")
+    p.add_argument("--annotate", type=A.directory, default=None, metavar="DIR",
                    help="write copies with boxes and labels drawn into DIR (videos as MJPG .avi)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
                    help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
-    p.add_argument("--batch-size", type=int, default=64, help="faces per forward pass")
-    p.add_argument("--margin", type=float, default=F.DEFAULT_MARGIN, help="box growth per side before cropping")
-    p.add_argument("--max-side", type=int, default=F.DEFAULT_MAX_SIDE,
+    p.add_argument("--batch-size", type=A.int_at_least(1), default=64, help="faces per forward pass")
+    p.add_argument("--margin", type=A.float_above(-0.5), default=F.DEFAULT_MARGIN,
+                   help="box growth per side before cropping, a fraction of the box (negative: shrink)")
+    p.add_argument("--max-side", type=A.int_at_least(1), default=F.DEFAULT_MAX_SIDE,
                    help="longer side of the image face detection runs on (larger images are downscaled)")
-    p.add_argument("--min-neighbors", type=int, default=5,
+    p.add_argument("--min-neighbors", type=A.int_at_least(0), default=5,
                    help="Haar cascade minNeighbors (higher: fewer, surer faces)")
-    p.add_argument("--k", type=int, default=None, help="override the bundle's k")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--k", type=A.int_at_least(1), default=None,
+                   help="override the bundle's k (capped at the gallery size)")
+    p.add_argument("--threads", type=A.int_at_least(1), default=None,
                    help="CPU threads for torch and OpenCV (default: torch's; 1 is often faster on a busy machine)")
     p.add_argument("--quiet", action="store_true", help="no table on the terminal")
     return p
@@ -480,9 +487,6 @@ def _set_threads(n: Optional[int]) -> None:
 
 def run_predict(args) -> int:
     """``dnnrl predict``; returns the exit code (0 ok, 1 some input failed, 2 no model / detector)."""
-    if getattr(args, "every", 1) < 1:
-        print("dnnrl predict: --every must be >= 1", file=sys.stderr)
-        return 2
     _set_threads(getattr(args, "threads", None))
     model = args.bundle or args.checkpoint
     if args.checkpoint and not args.data:
@@ -493,7 +497,7 @@ def run_predict(args) -> int:
         pred = Predictor(model, data=args.data, device=args.device, detect=args.detect,
                          batch_size=args.batch_size, margin=args.margin, k=args.k, backend=args.backend,
                          detector=F.DetectorConfig(max_side=args.max_side, min_neighbors=args.min_neighbors))
-    except (BundleError, F.DetectorUnavailable, FileNotFoundError, RuntimeError) as exc:
+    except (BundleError, F.DetectorUnavailable, FileNotFoundError, RuntimeError, ValueError) as exc:
         print("dnnrl predict: %s" % exc, file=sys.stderr)
         return 2
     ann = _Annotator(args.annotate) if args.annotate else None
@@ -566,21 +570,21 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--gallery-dim", type=_gallery_dim, default=None,
                    help="store the gallery in a PCA space of this many dims, or 'auto': the most dims "
                         "that keep the file under 12 MB (default: full embedding)")
-    p.add_argument("--gallery-per-class", type=int, default=None,
+    p.add_argument("--gallery-per-class", type=A.int_at_least(1), default=None,
                    help="keep at most this many gallery images per class (seeded random subset)")
     p.add_argument("--sweep-dims", default="", help="also report val accuracy for these PCA dims, e.g. 32,64,128")
-    p.add_argument("--k-max", type=int, default=50, help="largest k tried on validation")
+    p.add_argument("--k-max", type=A.int_at_least(1), default=50, help="largest k tried on validation")
     p.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging stored in the bundle: the gallery is embedded with it and "
                         "predictions use it (default: the run's setting)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
                    help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
-    p.add_argument("--batch-size", type=int, default=512, help="images per forward pass")
+    p.add_argument("--batch-size", type=A.int_at_least(1), default=512, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of --gallery-per-class")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default $DNNRL_CACHE or ~/.cache/dnnrl)")
     p.add_argument("--note", default=None, help="free text stored in the bundle's meta (e.g. the training command)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=A.int_at_least(1), default=None, help="CPU threads for torch (default: torch's)")
     return p
 
 

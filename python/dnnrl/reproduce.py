@@ -29,7 +29,7 @@ _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "tr
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     from .cli import _bool
-    from .config import SCHEDULES, SELECT_BY, TTA_MODES
+    from .config import CHOICES, SCHEDULES, SELECT_BY, TTA_MODES
     p = sub.add_parser(
         "reproduce", help="train DNN, T-DNN and DNNRL and write a Table 2-style table",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -68,26 +68,26 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
                    help="label smoothing of every softmax head in training (dnnrl train's; not in the paper)")
     p.add_argument("--tta", default=None, choices=TTA_MODES,
                    help="test-time averaging: flip (image + mirror image) or crops (10 views); not in the paper")
-    p.add_argument("--sampler", default=None, choices=("random", "pk"),
+    p.add_argument("--sampler", default=None, choices=CHOICES["sampler"],
                    help="batches: random (the paper's) or class-balanced P x K (dnnrl train's default)")
     p.add_argument("--mining", default=None,
-                   choices=("batch_hard", "semi_hard", "random_triplets", "easy_positive"),
+                   choices=CHOICES["mining"],
                    help="triplets of T-DNN and DNNRL (default: dnnrl train's)")
     p.add_argument("--gamma", type=float, default=None, help="DNNRL's gamma (default: dnnrl train's)")
     p.add_argument("--alpha", type=float, default=None, help="DNNRL's alpha (default: dnnrl train's)")
-    p.add_argument("--reduction", default=None, choices=("sum", "mean"),
+    p.add_argument("--reduction", default=None, choices=CHOICES["reduction"],
                    help="triplet loss reduction of T-DNN and DNNRL (default: dnnrl train's)")
     p.add_argument("--softmax-weight", type=float, default=None,
                    help="T-DNN and DNNRL: add W x softmax cross-entropy (joint training, docs/app.md); "
                         "default 0 = the paper's pure triplet losses")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default=None, choices=("auto", "compiled", "reference"), help="dnnrl_ext backend")
-    p.add_argument("--amp", default=None, choices=("auto", "bf16", "off"), help="autocast on CUDA")
+    p.add_argument("--backend", default=None, choices=CHOICES["backend"], help="dnnrl_ext backend")
+    p.add_argument("--amp", default=None, choices=CHOICES["amp"], help="autocast on CUDA")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
-    p.add_argument("--cudnn-benchmark", default=None, choices=("auto", "on", "off"),
+    p.add_argument("--cudnn-benchmark", default=None, choices=CHOICES["cudnn_benchmark"],
                    help="cuDNN times its convolution algorithms (auto: on CUDA; dnnrl train's)")
-    p.add_argument("--cuda-graph", default=None, choices=("on", "off"),
+    p.add_argument("--cuda-graph", default=None, choices=CHOICES["cuda_graph"],
                    help="the network's training forward and backward as CUDA graphs (dnnrl train's)")
     p.add_argument("--skip-bad", action="store_true", default=None, help="skip corrupt images / CSV rows")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache")

@@ -19,9 +19,26 @@ _warned_backend = False
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device a run uses: ``"auto"`` is CUDA when available, else the CPU.
+
+    A name torch cannot parse, or a CUDA device this machine does not have, raises a
+    ValueError that names ``device`` (torch's own errors come from deep inside the
+    first CUDA call)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got %r" % (name,)) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError("device %r: torch sees no CUDA GPU here (torch.cuda.is_available() is "
+                             "False); use --device cpu or auto" % (name,))
+        if dev.index is not None and dev.index >= count:
+            raise ValueError("device %r: this machine has %d CUDA GPU(s), cuda:0 to cuda:%d"
+                             % (name, count, count - 1))
+    return dev
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

@@ -38,7 +38,7 @@ from torch import Tensor
 from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_loss_from_triplets
 
 from . import distributed
-from .config import SELECT_BY, Config
+from .config import SELECT_BY, Config, validate
 from .evaluate import evaluate_model, write_results
 from .model import DNNRLNet
 from .graphs import GraphedForward
@@ -777,6 +777,7 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
         saved.progress = cfg.progress
         saved.out = cfg.out  # the directory it is resumed in, wherever it was first written
         cfg = saved
+    validate(cfg)  # an API caller's own Config, or a resumed run's overrides
     ctx = distributed.setup(cfg.device)
     try:
         return _train(cfg, ctx, resume, stop_after)
