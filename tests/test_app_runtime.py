@@ -1,6 +1,10 @@
-"""dnnrl.runtime: which backend a run gets when the compiled kernels cannot serve its device."""
+"""dnnrl.runtime: which backend a run gets when the compiled kernels cannot serve its device;
+a data set without a validation split, or with fewer training images than a batch."""
+import json
 import logging
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +57,86 @@ def test_reference_is_always_granted_and_cuda_needs_cuda_kernels(monkeypatch):
     assert runtime.resolve_backend("auto", torch.device("cuda")) == "reference"
     with pytest.raises(dnnrl_ext.ExtensionNotAvailable, match="cuda"):
         runtime.resolve_backend("compiled", torch.device("cuda"))
+
+
+# --------------------------------------------------------------------------- no validation split
+def _dataset(counts, with_val=False):
+    from dnnrl.data import Dataset
+    y = np.concatenate([np.full(n, c, dtype=np.int64) for c, n in enumerate(counts)])
+    x = np.arange(y.size, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2)  # image i holds i
+    splits = {"train": (x, y), "test": (x[:3], y[:3])}
+    if with_val:
+        splits["val"] = (x[:2], y[:2])
+    return Dataset(splits=splits, class_names=["c%d" % c for c in range(len(counts))])
+
+
+def test_carve_validation_takes_a_tenth_of_each_class_and_no_image_twice():
+    ds = _dataset([50, 20, 1, 2])
+    moved = runtime.carve_validation(ds)
+    (xt, yt), (xv, yv) = ds.splits["train"], ds.splits["val"]
+    assert moved == yv.size == 5 + 2 + 0 + 1
+    assert np.bincount(yv, minlength=4).tolist() == [5, 2, 0, 1]
+    assert np.bincount(yt, minlength=4).tolist() == [45, 18, 1, 1]  # a lone image stays in training
+    ids = np.concatenate([xt[:, 0, 0], xv[:, 0, 0]])
+    assert sorted(ids.tolist()) == list(range(73))  # a partition of the training images
+    again = _dataset([50, 20, 1, 2])
+    runtime.carve_validation(again)
+    assert np.array_equal(again.splits["val"][0], xv)  # fixed: the same images every time
+
+
+def test_carve_validation_leaves_a_validation_split_alone_and_needs_two_images_of_a_class():
+    ds = _dataset([10, 10], with_val=True)
+    assert runtime.carve_validation(ds) == 0 and ds.splits["train"][1].size == 20
+    with pytest.raises(ValueError, match="no class has two training images"):
+        runtime.carve_validation(_dataset([1, 1, 1]))
+
+
+def test_training_without_a_validation_split_carves_one(tmp_path):
+    """A train/ + test/ folder pair (no val): the run steers by a carved validation split
+    (before: the val loss was NaN every epoch and the protocol never saw a best), and 22
+    training images with --batch-size 128 give one batch of 22 a step (before: none)."""
+    from PIL import Image
+    from dnnrl.config import resolve
+    from dnnrl.train import train
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 3)):
+        for c in ("happy", "sad"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(d / ("%d.png" % i))
+    cfg = resolve(dict(data=str(tmp_path / "data"), out=str(tmp_path / "run"), preset="cpu", image_size=32,
+                       width=0.125, max_epochs=2, batch_size=128, progress=False, method="dnn",
+                       cache_dir=str(tmp_path / "cache")))
+    seen = _Records()
+    logging.getLogger("dnnrl").addHandler(seen)
+    try:
+        res = train(cfg)
+    finally:
+        logging.getLogger("dnnrl").removeHandler(seen)
+    text = "\n".join(r.getMessage() for r in seen.records)
+    assert "no validation split: 2 of its training images" in text
+    assert "fewer than one batch of 128 (--batch-size): batches of 22" in text
+    assert res["val_accuracy"] is not None and res["test_accuracy"] is not None
+    hist = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert all(math.isfinite(r["val_loss"]) for r in hist) and all(r["steps"] == 1 for r in hist)
+    # `dnnrl eval` of the run carves the same split, so it scores the same images
+    from dnnrl.cli import main
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ev"),
+                 "--cache-dir", str(tmp_path / "cache"), "--k-max", str(cfg.k_max)]) == 0
+    again = json.load(open(tmp_path / "ev" / "results.json"))
+    assert (again["val_accuracy"], again["test_accuracy"]) == (res["val_accuracy"], res["test_accuracy"])
+
+
+def test_a_training_split_of_one_image_is_an_error(tmp_path, monkeypatch):
+    import dnnrl.train as T
+    from dnnrl.config import resolve
+
+    def one_training_image(cfg, need_val=False):
+        ds = _dataset([1, 3], with_val=True)
+        ds.splits["train"] = (ds.splits["train"][0][:1], ds.splits["train"][1][:1])
+        return ds
+    monkeypatch.setattr(T, "load_data", one_training_image)
+    cfg = resolve(dict(out=str(tmp_path / "run"), preset="cpu", image_size=32, width=0.125, progress=False))
+    with pytest.raises(ValueError, match="training split has 1 image"):
+        T.Trainer(cfg)

@@ -1,5 +1,7 @@
 """dnnrl.samplers."""
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dnnrl.samplers import PKSampler, RandomBatchSampler, make_sampler
 
@@ -51,3 +53,25 @@ def test_pk_walks_each_class_without_repeats_until_it_is_used_up():
         if len(seq) >= length:
             assert len(set(seq[:length])) == length
     assert set(draws[3]) <= {731, 732, 733} and len(draws[3]) > 3  # 3 images, k = 8: repeats
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=8).filter(lambda c: sum(c) >= 2),
+       batch_size=st.integers(2, 300), kind=st.sampled_from(["random", "pk"]))
+def test_a_training_set_smaller_than_a_batch_still_gives_batches(counts, batch_size, kind):
+    """Any N >= 2 labels give at least one batch per epoch, no batch larger than N, valid
+    indices; with N >= batch_size the batch is the requested one (P x K as before)."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    s = make_sampler(kind, labels, batch_size)
+    n = labels.numel()
+    assert len(s) >= 1 and s.batch_size <= n
+    batches = list(s.epoch(torch.Generator().manual_seed(0)))
+    assert len(batches) == len(s)
+    for b in batches:
+        assert b.numel() == s.batch_size and 0 <= int(b.min()) and int(b.max()) < n
+    classes = sum(1 for c in counts if c)
+    if n >= batch_size:
+        expected = batch_size if kind == "random" else classes * max(2, batch_size // classes)
+        assert s.batch_size == expected or (kind == "pk" and expected > n)
+    if kind == "pk":
+        assert s.k >= 2  # every anchor of a drawn class has a positive

@@ -149,8 +149,10 @@ def _val_accuracy(clf: KNNClassifier, emb: Tensor, y: Tensor, k_max: int) -> Tup
 def _load_data(data, cache_dir: Optional[str] = None):
     """A data path / Dataset / {split: (x, y)} dict -> ({split: (uint8 (N,S,S), int64 (N,))}, source)."""
     from .data import Dataset, load_dataset
+    from .runtime import carve_validation
     if isinstance(data, (str, os.PathLike)):
         ds = load_dataset(str(data), cache_dir=cache_dir)
+        carve_validation(ds)  # k is chosen on the validation split training steered by
         return ds.splits, str(data), ds.class_names
     if isinstance(data, Dataset):
         return data.splits, data.source, data.class_names

@@ -243,8 +243,9 @@ def _load_checkpoint(path: str):
     return path, Config.from_dict(st["config"]), st["class_names"], model_state
 
 
-def _restore(args):
-    """(cfg, model, data placed on device, class_names, device, backend) for eval / embed."""
+def _restore(args, need_val: bool):
+    """(cfg, model, data placed on device, class_names, device, backend) for eval / embed;
+    ``need_val``: carve a validation split as training did when the data has none."""
     from .runtime import load_data, pick_device, place_data, resolve_backend
     from .train import augment_config, build, setup_logging
     path, cfg, class_names, state = _load_checkpoint(args.checkpoint)
@@ -257,7 +258,7 @@ def _restore(args):
     cfg.train_subset = cfg.val_subset = None
     device = pick_device(cfg.device)
     backend = resolve_backend(cfg.backend, device)
-    ds = load_data(cfg)
+    ds = load_data(cfg, need_val=need_val)
     if ds.class_names != list(class_names):
         log.warning("data classes %s differ from the model's %s", ds.class_names, class_names)
     data, _ = place_data(ds, device)
@@ -277,7 +278,7 @@ def _eval(args) -> int:
         raise ValueError("give a checkpoint or --bundle, not both")
     if args.bundle is not None or args.checkpoint is None or is_bundle_file(args.checkpoint):
         return _eval_bundle(args, args.bundle or args.checkpoint)
-    path, cfg, model, data, names, device, backend = _restore(args)
+    path, cfg, model, data, names, device, backend = _restore(args, need_val=True)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "eval")
     setup_logging(out)
     if "train" not in data:
@@ -329,7 +330,7 @@ def _embed(args) -> int:
     from .runtime import embed, use_channels_last
     from .train import augment_config, setup_logging
     setup_logging(None)
-    path, cfg, model, data, names, device, _ = _restore(args)
+    path, cfg, model, data, names, device, _ = _restore(args, need_val=False)
     cl = use_channels_last(cfg.channels_last, device)
     out = {"class_names": np.array(names)}
     for s, (x, y) in data.items():

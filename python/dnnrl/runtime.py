@@ -92,13 +92,19 @@ def use_cudnn_benchmark(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def load_data(cfg) -> Dataset:
-    """The configured data set (synthetic without ``cfg.data``), subsets applied."""
+def load_data(cfg, need_val: bool = False) -> Dataset:
+    """The configured data set (synthetic without ``cfg.data``), subsets applied.
+
+    ``need_val`` (training, evaluating a checkpoint): a data set without a validation
+    split gets one carved from its training split (:func:`carve_validation`), since the
+    protocol and the choice of k steer by it; the same images every time."""
     if cfg.data:
         ds = load_dataset(cfg.data, skip_bad=cfg.skip_bad, cache_dir=cfg.cache_dir)
     else:
         ds = make_synthetic(cfg.synthetic_train_per_class, cfg.synthetic_val_per_class,
                             cfg.synthetic_test_per_class, seed=cfg.seed)
+    if need_val:
+        carve_validation(ds)
     rng = np.random.default_rng(cfg.seed + 1)
     for split, n in (("train", cfg.train_subset), ("val", cfg.val_subset)):
         if n and split in ds.splits and n < len(ds.splits[split][1]):
@@ -106,6 +112,39 @@ def load_data(cfg) -> Dataset:
             idx = np.sort(_stratified(y, n, rng))
             ds.splits[split] = (x[idx], y[idx])
     return ds
+
+
+# A data set with train (and perhaps test) but no val, e.g. a train/ + test/ folder pair: the
+# share of its training images that become validation, as in the 80/10/10 split of a flat folder.
+VAL_FRACTION = 0.1
+
+
+def carve_validation(ds: Dataset) -> int:
+    """Move VAL_FRACTION of each class's training images (classes with at least two) into a
+    new "val" split when ``ds`` has none; returns how many moved (0 when it has one).
+
+    The draw uses a fixed seed, not the run's, so runs with different seeds are scored
+    on the same images. Raises ValueError when no class has two training images."""
+    if len(ds.splits.get("val", ((), ()))[1]) > 0 or "train" not in ds.splits:
+        return 0
+    x, y = ds.splits["train"]
+    rng = np.random.default_rng(0)
+    val = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        if members.size >= 2:
+            take = min(members.size - 1, max(1, int(round(VAL_FRACTION * members.size))))
+            val.append(rng.permutation(members)[:take])
+    if not val:
+        raise ValueError("the data has no validation split, and no class has two training images to carve "
+                         "one from (split sizes: %s)" % {s: len(v[1]) for s, v in ds.splits.items()})
+    is_val = np.zeros(len(y), dtype=bool)
+    is_val[np.concatenate(val)] = True
+    ds.splits["val"] = (x[is_val], y[is_val])
+    ds.splits["train"] = (x[~is_val], y[~is_val])
+    log.warning("the data has no validation split: %d of its training images (%.0f %%, stratified, the same "
+                "for every seed) are the validation split here", int(is_val.sum()), 100 * VAL_FRACTION)
+    return int(is_val.sum())
 
 
 def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

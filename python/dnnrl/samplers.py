@@ -94,11 +94,20 @@ class PKSampler:
 
 
 def make_sampler(kind: str, labels: Tensor, batch_size: int, p: Optional[int] = None, device=None):
-    """"random" or "pk" (P = the number of classes, K = batch_size // P unless p is given)."""
+    """"random" or "pk" (P = the number of classes, K = batch_size // P unless p is given).
+
+    Both keep a batch within the N labels, so an epoch has at least one batch whenever
+    N >= 2: the random batch is capped at N, and P x K shrinks K (to N // P, at least 2),
+    then P. Check ``sampler.batch_size`` against ``batch_size`` to tell the user."""
     if kind == "random":
         return RandomBatchSampler(labels.numel(), batch_size, device)
     if kind == "pk":
+        n = labels.numel()
         num_classes = int(torch.unique(labels.cpu()).numel())
         p = min(p or num_classes, num_classes)
-        return PKSampler(labels, p, max(2, batch_size // p), device)
+        k = max(2, batch_size // p)
+        if p * k > n:  # fewer images than one batch
+            k = max(2, n // p)
+            p = max(1, min(p, n // k))
+        return PKSampler(labels, p, k, device)
     raise ValueError("sampler must be 'random' or 'pk', got %r" % (kind,))

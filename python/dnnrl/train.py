@@ -274,7 +274,7 @@ class Trainer:
         self.backend = resolve_backend(cfg.backend, self.device)
         seed_everything(cfg.seed)
         t0 = time.time()
-        ds = load_data(cfg)
+        ds = load_data(cfg, need_val=True)
         self.class_names = ds.class_names
         self.data_summary = ds.summary()
         if ds.skipped:
@@ -309,8 +309,13 @@ class Trainer:
                                             generator=self.val_triplet_gen)
         self.optimizer = self._optimizer(cfg.lr)
         ytr = self.data["train"][1]
-        self.sampler = distributed.shard_sampler(
-            make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device), self.dist)
+        sampler = make_sampler(cfg.sampler, ytr.cpu(), cfg.batch_size, device=self.device)
+        if len(sampler) == 0:
+            raise ValueError("the training split has %d image(s): too few for one batch" % ytr.numel())
+        if ytr.numel() < cfg.batch_size:
+            log.warning("the training split has %d images, fewer than one batch of %d (--batch-size): "
+                        "batches of %d", ytr.numel(), cfg.batch_size, sampler.batch_size)
+        self.sampler = distributed.shard_sampler(sampler, self.dist)
         if self.dist.enabled and cfg.method != "dnn":  # mining over the global batch (or per rank)
             self.criterion = distributed.DistributedLoss(self.criterion, self.dist, cfg.mining_scope,
                                                          cfg.reduction, global_batch=self.sampler.batch_size)
@@ -322,6 +327,10 @@ class Trainer:
         self.anneal_start_lr = None  # late_cosine: the lr its final cosine starts from
         self.history = []
         self._val_batches = self._fixed_val_batches()
+        if not self._val_batches:
+            log.warning("the validation split has %d image(s): the validation loss needs 2 and is NaN, so "
+                        "only --select-by val_knn / val_accuracy can steer this run",
+                        len(self.data.get("val", ((), ()))[1]))
         self._monitor_idx = self._monitor_subset()
         if resume:
             self._load_checkpoint()
