@@ -115,6 +115,10 @@ MUTANTS = [
     ("bundle_dims_checked_after_embedding", "python/dnnrl/bundle.py",
      "    _check_dims(gallery_dim, sweep_dims, gallery_per_class, cfg.embed_dim)  # before minutes of embedding\n",
      "", None, ["tests/test_app_bad_options.py"]),
+    ("pk_batch_larger_than_the_set", "python/dnnrl/samplers.py", "        if p * k > n:  # fewer images than one batch",
+     "        if False:", None, ["tests/test_app_samplers.py"]),
+    ("no_validation_split_not_carved", "python/dnnrl/runtime.py", "    if need_val:\n        carve_validation(ds)\n",
+     "", None, ["tests/test_app_runtime.py"]),
 ]
 
 
