@@ -610,6 +610,25 @@ def test_cli_resume_keeps_the_run_length_and_writes_where_resumed(tmp_path):
     assert [json.loads(x)["epoch"] for x in open(moved / "log.jsonl")] == [1, 2, 3, 4]
 
 
+def test_cli_resume_names_the_options_it_ignores_and_takes_the_machine_ones(tmp_path):
+    """Options that would change what the run computes are not applied on --resume, and a
+    warning names those given with a new value (before: dropped silently); the device,
+    backend and the like of the machine it resumes on are applied."""
+    run = tmp_path / "run"
+    assert train(_cfg(run, max_epochs=2, lr=0.01), stop_after=1) is None
+    argv = ["train", "--out", str(run), "--resume", "--no-progress", "--lr", "0.5", "--batch-size", "28",
+            "--device", "cpu", "--backend", "reference", "--eval-batch-size", "32"]
+    assert cli_main(argv) == 0
+    log_text = open(run / "run.log").read()
+    assert "ignoring the given lr (a resumed run may change only max_epochs" in log_text
+    assert "batch_size" not in log_text.split("ignoring the given")[1].split("(")[0]  # same value: no warning
+    saved = json.load(open(run / "config.json"))
+    assert saved["lr"] == 0.01 and saved["backend"] == "reference" and saved["device"] == "cpu"
+    assert saved["eval_batch_size"] == 32
+    hist = [json.loads(x) for x in open(run / "log.jsonl")]
+    assert [r["epoch"] for r in hist] == [1, 2] and hist[1]["lr"] <= 0.01  # not the given 0.5
+
+
 def test_cli_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, capsys):
     """A checkpoint.pt that is not one (overwritten, truncated by a full disk) ends
     `dnnrl train --resume` with one line naming the file, not an unpickling traceback;

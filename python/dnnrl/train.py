@@ -764,8 +764,10 @@ def _cosine(hi: float, lo: float, progress: float) -> float:
     return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
 
 
-# What a resumed run may change: how long it goes on (the rest is the run's own config).
-RESUME_OVERRIDABLE = ("max_epochs", "time_budget", "patience")
+# What a resumed run may change: how long it goes on, and where and with what it runs
+# (the device and backend of another machine, its cache, its logging); not what it computes.
+RESUME_OVERRIDABLE = ("max_epochs", "time_budget", "patience", "device", "backend", "cache_dir", "log_every",
+                      "eval_batch_size")
 
 
 def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
@@ -778,25 +780,31 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
     was moved since), except for RESUME_OVERRIDABLE fields: taken from ``cfg`` when named
     in ``resume_given`` (the CLI passes the options given on its command line), or all
     of them when ``resume_given`` is None (an API caller's explicit config)."""
+    ignored = []
     if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         saved = Config.load(os.path.join(cfg.out, "config.json"))
         given = RESUME_OVERRIDABLE if resume_given is None else set(resume_given) & set(RESUME_OVERRIDABLE)
         for name in given:
             setattr(saved, name, getattr(cfg, name))
+        ignored = sorted(n for n in set(resume_given or ()) - set(RESUME_OVERRIDABLE) - {"out", "progress"}
+                         if getattr(cfg, n) != getattr(saved, n))
         saved.progress = cfg.progress
         saved.out = cfg.out  # the directory it is resumed in, wherever it was first written
         cfg = saved
     validate(cfg)  # an API caller's own Config, or a resumed run's overrides
     ctx = distributed.setup(cfg.device)
     try:
-        return _train(cfg, ctx, resume, stop_after)
+        return _train(cfg, ctx, resume, stop_after, ignored)
     finally:
         distributed.cleanup()
 
 
-def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int]) -> Optional[dict]:
+def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int], ignored=()) -> Optional[dict]:
     # only rank 0 writes the run directory (other ranks log warnings to stderr)
     setup_logging(cfg.out if ctx.is_main else None, logging.INFO if ctx.is_main else logging.WARNING)
+    if ignored:
+        log.warning("--resume continues the run as its config.json says: ignoring the given %s (a resumed run "
+                    "may change only %s)", ", ".join(ignored), ", ".join(RESUME_OVERRIDABLE))
     t0 = time.time()
     trainer = Trainer(cfg, resume=resume)
     if ctx.is_main:
