@@ -233,7 +233,8 @@ def _check_dims(gallery_dim, sweep_dims: Sequence[int], gallery_per_class, embed
     if bad:
         raise BundleError("sweep_dims must be integers in [1, %d] (the model's embedding size), got %s"
                           % (embed_dim, ", ".join(map(repr, bad))))
-    if gallery_per_class is not None and not (isinstance(gallery_per_class, int) and gallery_per_class >= 1):
+    if gallery_per_class is not None and (isinstance(gallery_per_class, bool)
+                                          or not isinstance(gallery_per_class, int) or gallery_per_class < 1):
         raise BundleError("gallery_per_class must be an integer >= 1 or None, got %r" % (gallery_per_class,))
 
 

@@ -30,7 +30,7 @@ from . import argtypes as A
 from . import faces as F
 from .bundle import (FORMAT, BundleError, build_bundle, bundle_from_dict, default_bundle_path,
                      export_bundle)
-from .config import TTA_MODES
+from .config import CHOICES, TTA_MODES
 from .data import IMAGE_EXTS
 
 log = logging.getLogger("dnnrl")
@@ -458,7 +458,7 @@ def add_predict_parser(subparsers) -> "argparse.ArgumentParser":
     p.add_argument("--annotate", type=A.directory, default=None, metavar="DIR",
                    help="write copies with boxes and labels drawn into DIR (videos as MJPG .avi)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
+    p.add_argument("--backend", default="auto", choices=CHOICES["backend"],
                    help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
     p.add_argument("--batch-size", type=A.int_at_least(1), default=64, help="faces per forward pass")
     p.add_argument("--margin", type=A.float_above(-0.5), default=F.DEFAULT_MARGIN,
@@ -578,7 +578,7 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
                    help="test-time averaging stored in the bundle: the gallery is embedded with it and "
                         "predictions use it (default: the run's setting)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
-    p.add_argument("--backend", default="auto", choices=["auto", "compiled", "reference"],
+    p.add_argument("--backend", default="auto", choices=CHOICES["backend"],
                    help="dnnrl_ext k-NN ops (auto: compiled kernels, else the reference with a warning)")
     p.add_argument("--batch-size", type=A.int_at_least(1), default=512, help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of --gallery-per-class")
