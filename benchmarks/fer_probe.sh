@@ -36,7 +36,7 @@ dnnrl_joint=--method dnnrl --mining easy_positive --softmax-weight 1 --reduction
 tdnn_joint=--method tdnn --mining easy_positive --softmax-weight 1 --reduction mean --lr 0.01 $F"
 IFS=';' read -ra ITEMS <<< "${PROBE_CONFIGS:-$DEFAULT_CONFIGS}"
 run() {  # name flags
-  timeout "$LIMIT" python3 -m dnnrl train --data "$FER_ARCHIVE" --out "/tmp/probe-$1" \
+  timeout "$LIMIT" python3 -m dnnrl train --data "$FER_ARCHIVE" --out "/tmp/probe-$1" --overwrite \
     --max-epochs "$EPOCHS" --no-progress $2 > "/tmp/probe-$1.log" 2>&1
 }
 names=(); later=()

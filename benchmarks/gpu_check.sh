@@ -55,7 +55,7 @@ fi
 if [ -n "${FER_ARCHIVE:-}" ] && [ -f "$FER_ARCHIVE" ]; then
   step "FER-2013 training check (${FER_EPOCHS:-2} epochs, ${FER_METHOD:-dnnrl})"
   export DNNRL_CACHE=/tmp/dnnrl-cache
-  timeout ${TRAIN_TIMEOUT:-240} python3 -m dnnrl train --data "$FER_ARCHIVE" --out /tmp/fer-run \
+  timeout ${TRAIN_TIMEOUT:-240} python3 -m dnnrl train --data "$FER_ARCHIVE" --out /tmp/fer-run --overwrite \
     --method ${FER_METHOD:-dnnrl} --max-epochs ${FER_EPOCHS:-2} --no-progress ${FER_ARGS:-} > "$OUTDIR/train.log" 2>&1
   echo "train exit $?"; tail -n 15 "$OUTDIR/train.log"
   [ -f /tmp/fer-run/results.json ] && cp /tmp/fer-run/results.json "$OUTDIR/fer_results.json"

@@ -155,7 +155,7 @@ PY
       EXTRA_FLAGS=${EXTRA_FLAGS:-"--method ${EXTRA_METHOD:-dnnrl} $FLAGS $EXTRA_ADD"}
     fi
     EXTRA_FLAGS=${EXTRA_FLAGS:-"--method dnn ${FLAGS/--weight-decay 0.002/--weight-decay 0.001}"}
-    timeout $run_limit python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" \
+    timeout $run_limit python3 -m dnnrl train --data "$FER_ARCHIVE" --out "$WORK/extra/$EXTRA_NAME" --overwrite \
       --no-progress --time-budget "$BUDGET" $EXTRA_FLAGS $BACKEND_FLAG $GRAPH_FLAG > "$WORK/extra.log" 2>&1 &
     lit_pid=$!
   fi

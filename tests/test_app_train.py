@@ -629,6 +629,24 @@ def test_cli_resume_names_the_options_it_ignores_and_takes_the_machine_ones(tmp_
     assert [r["epoch"] for r in hist] == [1, 2] and hist[1]["lr"] <= 0.01  # not the given 0.5
 
 
+def test_a_fresh_run_does_not_replace_an_unfinished_one(tmp_path, capsys):
+    """The same command without --resume over an interrupted run stops with one line that
+    names --resume and --overwrite (before: its first epoch replaced the checkpoint, and
+    the interrupted run's progress was lost); a finished run may be rerun in place."""
+    run = tmp_path / "run"
+    assert train(_cfg(run, max_epochs=2), stop_after=1) is None
+    before = (run / "checkpoint.pt").read_bytes()
+    argv = ["train", "--out", str(run), "--no-progress", "--max-epochs", "2"]
+    assert cli_main(argv) == 2
+    assert "holds an unfinished run (checkpoint.pt, no results.json): --resume" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(ValueError, match="--overwrite starts over"):
+        train(_cfg(run, max_epochs=2))
+    assert train(_cfg(run, max_epochs=2), overwrite=True) is not None  # starts over: a fresh log
+    assert [json.loads(x)["epoch"] for x in open(run / "log.jsonl")] == [1, 2]
+    assert train(_cfg(run, max_epochs=1)) is not None  # a finished run: rerun in place
+
+
 def test_cli_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, capsys):
     """A checkpoint.pt that is not one (overwritten, truncated by a full disk) ends
     `dnnrl train --resume` with one line naming the file, not an unpickling traceback;

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: Table 1 network at 108 px; cpu: 48 px, width 0.25, 12 epochs "
                         "(default: cpu without --data, paper with it)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even where --out holds an unfinished one (its checkpoint is replaced)")
     g = t.add_argument_group("network / input")
     g.add_argument("--image-size", type=int, default=None, help="network input side (preset; paper 108)")
     g.add_argument("--width", type=float, default=None, help="channel multiplier (preset; paper 1.0)")
@@ -221,7 +223,8 @@ def _train(args) -> int:
     over["out"] = args.out
     cfg = resolve(over)
     # on --resume only the options given here may change the saved run (its length)
-    results = train(cfg, resume=args.resume, resume_given=[k for k, v in over.items() if v is not None])
+    results = train(cfg, resume=args.resume, resume_given=[k for k, v in over.items() if v is not None],
+                    overwrite=args.overwrite)
     if results is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
         print(json.dumps({k: results.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
     return 0

@@ -171,7 +171,7 @@ def _train_job(job) -> float:
     from .train import train
     cfg_dict, resume = job
     t0 = time.time()
-    train(Config.from_dict(cfg_dict), resume=resume)
+    train(Config.from_dict(cfg_dict), resume=resume, overwrite=True)  # (fresh: no checkpoint, or --force)
     return time.time() - t0
 
 

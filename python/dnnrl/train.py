@@ -771,7 +771,7 @@ RESUME_OVERRIDABLE = ("max_epochs", "time_budget", "patience", "device", "backen
 
 
 def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
-          resume_given: Optional[Iterable[str]] = None) -> Optional[dict]:
+          resume_given: Optional[Iterable[str]] = None, overwrite: bool = False) -> Optional[dict]:
     """Train (or resume) and evaluate; returns the results dict (None when stopped early
     by ``stop_after``). Writes config.json, log.jsonl, checkpoint.pt, best.pt,
     results.json, report.md and confusion matrices into ``cfg.out``.
@@ -779,7 +779,15 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
     On resume the run's saved config rules, in ``cfg.out`` (also when the run directory
     was moved since), except for RESUME_OVERRIDABLE fields: taken from ``cfg`` when named
     in ``resume_given`` (the CLI passes the options given on its command line), or all
-    of them when ``resume_given`` is None (an API caller's explicit config)."""
+    of them when ``resume_given`` is None (an API caller's explicit config).
+
+    A fresh run (no ``resume``) into a directory that holds an unfinished run
+    (checkpoint.pt without results.json) raises ValueError unless ``overwrite``: the
+    first epoch would replace that run's checkpoint, and with it its progress."""
+    if not resume and not overwrite and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")) \
+            and not os.path.exists(os.path.join(cfg.out, "results.json")):
+        raise ValueError("%s holds an unfinished run (checkpoint.pt, no results.json): --resume continues it, "
+                         "--overwrite starts over in its place, or choose another --out" % cfg.out)
     ignored = []
     if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         saved = Config.load(os.path.join(cfg.out, "config.json"))
