@@ -25,6 +25,26 @@ def test_two_ad_hoc_variants_run_and_are_summarised(tmp_path):
     assert cfg["mining"] == "semi_hard" and cfg["width"] == 0.125 and cfg["max_epochs"] == 2
 
 
+def test_an_interrupted_variant_continues_where_it_stopped(tmp_path, monkeypatch):
+    """Rerunning a grid after an interruption resumes the variant that was cut short (a
+    fresh start would stop: its directory holds an unfinished run)."""
+    import dnnrl.train
+    real = dnnrl.train.train
+    argv = ["--out", str(tmp_path), "--epochs", "2", "--grid", "none",
+            *["--set=%s=%s" % (k, json.dumps(v)) for k, v in TINY.items()], "--variant", 'semi={"gamma": 0}']
+
+    def interrupted(cfg, resume=False):  # Ctrl-C after the first epoch's checkpoint
+        real(cfg, stop_after=1)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dnnrl.train, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(dnnrl.train, "train", real)
+    results = main(argv)
+    assert [e["epoch"] for e in results["semi"]["epochs"]] == [1, 2]
+    assert "resumed" in open(tmp_path / "semi" / "run.log").read()
+
+
 def test_variants_filter_selects_by_substring(tmp_path, monkeypatch):
     """--variants picks from the built-in grid by substring (training faked: only the
     selection and the configs it builds are under test here)."""
@@ -32,7 +52,7 @@ def test_variants_filter_selects_by_substring(tmp_path, monkeypatch):
     import dnnrl.train
     ran = []
 
-    def fake_train(cfg):
+    def fake_train(cfg, resume=False):
         ran.append(cfg)
         os.makedirs(cfg.out, exist_ok=True)
         open(os.path.join(cfg.out, "log.jsonl"), "w").write('{"epoch": 1}\n')

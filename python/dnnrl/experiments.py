@@ -102,7 +102,10 @@ def main(argv=None):
         over.update(v)
         cfg = resolve(over)
         t0 = time.time()
-        res = train(cfg)
+        # a variant cut short by an interruption continues where it stopped; a finished one reruns
+        unfinished = os.path.exists(os.path.join(cfg.out, "checkpoint.pt")) and \
+            not os.path.exists(os.path.join(cfg.out, "results.json"))
+        res = train(cfg, resume=unfinished)
         hist = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
         results[name] = {"config": v, "seconds": time.time() - t0,
                          "epochs": [{k: r.get(k) for k in ("epoch", "train_loss", "val_loss",
