@@ -186,3 +186,23 @@ def test_predictor_rejects_k_and_batch_size_below_one(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match="%s must be an integer >= 1" % name):
         Predictor(None, detect=False, device="cpu", **kw)
+
+
+def test_eval_of_a_softmax_model_on_other_classes_is_an_error(tmp_path, capsys):
+    """A dnn model's head scores only its own classes: on a cat/dog folder `dnnrl eval`
+    stops with one line (before: a reshape traceback in the confusion matrix); a k-NN
+    model takes its gallery from the data, so it is scored, with a warning."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        folder = tmp_path / "animals" / c
+        folder.mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray((rng.random((48, 48)) * 255).astype(np.uint8)).save(folder / ("%d.png" % i))
+    argv = ["--data", str(tmp_path / "animals"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    for method in ("dnn", "dnnrl"):
+        assert train(resolve(dict(TINY, out=str(tmp_path / method), method=method))) is not None
+    assert main(["eval", str(tmp_path / "dnn"), "--out", str(tmp_path / "e1"), *argv]) == 2
+    assert "differ from the model's" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "dnnrl"), "--out", str(tmp_path / "e2"), *argv]) == 0

@@ -246,9 +246,12 @@ def _load_checkpoint(path: str):
     return path, Config.from_dict(st["config"]), st["class_names"], model_state
 
 
-def _restore(args, need_val: bool):
-    """(cfg, model, data placed on device, class_names, device, backend) for eval / embed;
-    ``need_val``: carve a validation split as training did when the data has none."""
+def _restore(args, for_eval: bool):
+    """(cfg, model, data placed on device, class_names, device, backend) for eval / embed.
+
+    ``for_eval``: carve a validation split as training did when the data has none, and
+    refuse data of other classes for a softmax (dnn) model, whose head scores only its own
+    (a k-NN model takes its gallery from the data, so other classes are a warning)."""
     from .runtime import load_data, pick_device, place_data, resolve_backend
     from .train import augment_config, build, setup_logging
     path, cfg, class_names, state = _load_checkpoint(args.checkpoint)
@@ -261,8 +264,11 @@ def _restore(args, need_val: bool):
     cfg.train_subset = cfg.val_subset = None
     device = pick_device(cfg.device)
     backend = resolve_backend(cfg.backend, device)
-    ds = load_data(cfg, need_val=need_val)
+    ds = load_data(cfg, need_val=for_eval)
     if ds.class_names != list(class_names):
+        if for_eval and cfg.method == "dnn":
+            raise ValueError("the data's classes %s differ from the model's %s: a dnn (softmax) model can only "
+                             "be scored on data of its own classes" % (ds.class_names, list(class_names)))
         log.warning("data classes %s differ from the model's %s", ds.class_names, class_names)
     data, _ = place_data(ds, device)
     model = build(cfg, len(class_names), device)
@@ -281,7 +287,7 @@ def _eval(args) -> int:
         raise ValueError("give a checkpoint or --bundle, not both")
     if args.bundle is not None or args.checkpoint is None or is_bundle_file(args.checkpoint):
         return _eval_bundle(args, args.bundle or args.checkpoint)
-    path, cfg, model, data, names, device, backend = _restore(args, need_val=True)
+    path, cfg, model, data, names, device, backend = _restore(args, for_eval=True)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "eval")
     setup_logging(out)
     if "train" not in data:
@@ -333,7 +339,7 @@ def _embed(args) -> int:
     from .runtime import embed, use_channels_last
     from .train import augment_config, setup_logging
     setup_logging(None)
-    path, cfg, model, data, names, device, _ = _restore(args, need_val=False)
+    path, cfg, model, data, names, device, _ = _restore(args, for_eval=False)
     cl = use_channels_last(cfg.channels_last, device)
     out = {"class_names": np.array(names)}
     for s, (x, y) in data.items():
