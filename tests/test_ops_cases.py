@@ -83,6 +83,21 @@ def test_semi_hard_picks_nearest_negative_beyond_threshold_with_ties(impl):
     assert bh.neg[0] == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("B", [16, 32, 48])
+def test_semi_hard_tie_at_the_threshold_in_a_full_tile(impl, B, dtype):
+    """The case above padded with far rows of a third class to B rows, so that the CPU
+    kernel's tiles hold 16 columns or more and its AVX2 sweep (16 columns a step), not
+    the scalar remainder, meets the negative that lies exactly at the threshold. Random
+    grid inputs reach that tie only now and then (a full mutation run once missed it)."""
+    base = [[0, 0], [2, 0], [0, 1], [1, 2], [0, 3], [-3, 0], [0, -4]]
+    x = T(base + [[100 + i, 100] for i in range(B - len(base))], dtype)  # float32: the AVX2 sweep
+    labels = L([0, 0, 1, 1, 1, 1, 1] + [2] * (B - len(base)))
+    out, _ = mined(impl, x, labels, grad=False, mining="semi_hard", gamma=1.0)
+    assert out.pos[0] == 1 and out.neg[0] == 4 and out.r[0] == 9 - 4
+    assert out.neg[1] == 4 and out.r[1] == 13 - 4  # anchor 1: negatives 2 and 3 at exactly d = 5
+
+
 @pytest.mark.parametrize("extra", [1e154, math.inf])
 def test_mining_with_a_row_the_norm_expansion_cannot_take(impl, extra):
     """The semi-hard case above plus a far negative whose squared norm overflows the
