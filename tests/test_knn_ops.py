@@ -193,6 +193,20 @@ def test_knn_distance_of_a_query_to_its_own_copy_is_clamped_at_zero(impl, dtype)
     assert float(d[:, 0].max()) <= 1e-3 * float(d[:, 1].min())
 
 
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_knn_equal_distances_in_one_simd_step_keep_the_smaller_indices(impl, k):
+    """k + 1 gallery rows at the same distance, right after the k rows that fill a
+    query's list: the CPU kernel scans them in one AVX2 step of 8 rows, and once the k-th
+    of them is in, the last is not below the worst and must stay out (ties keep the
+    smaller index). Random grid inputs reach that only now and then."""
+    rows = [[20.0 + j, 0.0] for j in range(40)]
+    for j in range(k, 2 * k + 1):
+        rows[j] = [3.0, 4.0] if j % 2 else [5.0, 0.0]  # d = 25 each, below every far row
+    g = torch.tensor(rows, dtype=torch.float32, device=impl.device)
+    d, i = dnnrl_ext.knn(torch.zeros(1, 2, device=impl.device), g, k, backend=impl.backend)
+    assert i[0].cpu().tolist() == list(range(k, 2 * k)) and d[0].cpu().tolist() == [25.0] * k
+
+
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("mem", ["transposed", "strided"])
 def test_knn_non_contiguous(impl, dtype, mem):

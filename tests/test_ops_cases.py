@@ -98,6 +98,21 @@ def test_semi_hard_tie_at_the_threshold_in_a_full_tile(impl, B, dtype):
     assert out.neg[1] == 4 and out.r[1] == 13 - 4  # anchor 1: negatives 2 and 3 at exactly d = 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("B", [64, 80])
+def test_batch_hard_ties_in_one_simd_lane_go_to_the_smaller_index(impl, B, dtype):
+    """Two positives at the same largest distance and two negatives at the same smallest
+    one, 16 columns apart: in the CPU kernel's 32-column tiles (B = 64, 80) the AVX2 sweep
+    keeps both members of each pair in the same lane, where only a strict comparison keeps
+    the first. Random grid inputs put a tie in one lane only now and then."""
+    rows = [[100 + i, 100] for i in range(B)]
+    labels = [2] * B
+    for j, xy, lab in ((0, [0, 0], 0), (1, [2, 0], 0), (17, [0, 2], 0), (3, [1, 0], 1), (19, [0, 1], 1)):
+        rows[j], labels[j] = xy, lab
+    out, _ = mined(impl, T(rows, dtype), L(labels), grad=False, mining="batch_hard")
+    assert out.pos[0] == 1 and out.neg[0] == 3 and out.r[0] == 1 - 4
+
+
 @pytest.mark.parametrize("extra", [1e154, math.inf])
 def test_mining_with_a_row_the_norm_expansion_cannot_take(impl, extra):
     """The semi-hard case above plus a far negative whose squared norm overflows the
