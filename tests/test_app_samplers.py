@@ -75,3 +75,12 @@ def test_a_training_set_smaller_than_a_batch_still_gives_batches(counts, batch_s
         assert s.batch_size == expected or (kind == "pk" and expected > n)
     if kind == "pk":
         assert s.k >= 2  # every anchor of a drawn class has a positive
+
+
+def test_pk_batch_shrinks_to_a_set_smaller_than_one_batch():
+    """Hand cases of the rule above: one class of 20 with a batch of 128 gives one batch
+    of 20 (P 1, K 20); 3 + 3 images give P 2 x K 3; 2 + 1 give P 1 x K 2."""
+    for counts, p, k in (([20], 1, 20), ([3, 3], 2, 3), ([2, 1], 1, 2)):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        s = make_sampler("pk", labels, 128)
+        assert (s.p, s.k, len(s)) == (p, k, 1), counts
