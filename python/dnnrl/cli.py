@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="paper: Table 1 network at 108 px; cpu: 48 px, width 0.25, 12 epochs "
                         "(default: cpu without --data, paper with it)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoint.pt with its own config.json (the run's length "
+                        "and the machine options may change; others given anew are named in a warning)")
     t.add_argument("--overwrite", action="store_true",
                    help="start a fresh run even where --out holds an unfinished one (its checkpoint is replaced)")
     g = t.add_argument_group("network / input")
@@ -222,7 +224,7 @@ def _train(args) -> int:
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     over["out"] = args.out
     cfg = resolve(over)
-    # on --resume only the options given here may change the saved run (its length)
+    # on --resume only the options given here may change the saved run (its length, the machine it runs on)
     results = train(cfg, resume=args.resume, resume_given=[k for k, v in over.items() if v is not None],
                     overwrite=args.overwrite)
     if results is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
