@@ -68,7 +68,7 @@ def parse_setting(text: str):
 
 
 def main(argv=None):
-    from .train import train
+    from .train import is_unfinished_run, train
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default="runs/experiments")
@@ -103,9 +103,7 @@ def main(argv=None):
         cfg = resolve(over)
         t0 = time.time()
         # a variant cut short by an interruption continues where it stopped; a finished one reruns
-        unfinished = os.path.exists(os.path.join(cfg.out, "checkpoint.pt")) and \
-            not os.path.exists(os.path.join(cfg.out, "results.json"))
-        res = train(cfg, resume=unfinished)
+        res = train(cfg, resume=is_unfinished_run(cfg.out))
         hist = [json.loads(line) for line in open(os.path.join(cfg.out, "log.jsonl"))]
         results[name] = {"config": v, "seconds": time.time() - t0,
                          "epochs": [{k: r.get(k) for k in ("epoch", "train_loss", "val_loss",

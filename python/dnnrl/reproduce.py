@@ -192,6 +192,7 @@ def _write_curves(out: str, methods: List[str]) -> Optional[str]:
 
 def run_reproduce(args) -> int:
     from .config import resolve
+    from .train import is_unfinished_run
     methods = [m for m in METHOD_ORDER if m in (args.method or METHOD_ORDER)]
     jobs_wanted = getattr(args, "jobs", 1)
     if jobs_wanted < 1:
@@ -209,7 +210,7 @@ def run_reproduce(args) -> int:
             overrides["progress"] = args.progress
         if jobs_wanted > 1:
             overrides["progress"] = False  # bars of parallel runs would interleave
-        resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt")) and not args.force
+        resume = is_unfinished_run(run_dir) and not args.force  # (a finished one was skipped above)
         jobs[method] = (resolve(overrides).to_dict(), resume)
     if jobs_wanted > 1 and len(jobs) > 1:
         import multiprocessing

@@ -770,6 +770,12 @@ RESUME_OVERRIDABLE = ("max_epochs", "time_budget", "patience", "device", "backen
                       "eval_batch_size")
 
 
+def is_unfinished_run(out: str) -> bool:
+    """Whether run directory ``out`` holds a run that was cut short: a checkpoint.pt and
+    no results.json (what ``--resume`` continues)."""
+    return os.path.exists(os.path.join(out, "checkpoint.pt")) and not os.path.exists(os.path.join(out, "results.json"))
+
+
 def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
           resume_given: Optional[Iterable[str]] = None, overwrite: bool = False) -> Optional[dict]:
     """Train (or resume) and evaluate; returns the results dict (None when stopped early
@@ -784,8 +790,7 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
     A fresh run (no ``resume``) into a directory that holds an unfinished run
     (checkpoint.pt without results.json) raises ValueError unless ``overwrite``: the
     first epoch would replace that run's checkpoint, and with it its progress."""
-    if not resume and not overwrite and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")) \
-            and not os.path.exists(os.path.join(cfg.out, "results.json")):
+    if not resume and not overwrite and is_unfinished_run(cfg.out):
         raise ValueError("%s holds an unfinished run (checkpoint.pt, no results.json): --resume continues it, "
                          "--overwrite starts over in its place, or choose another --out" % cfg.out)
     ignored = []
