@@ -218,15 +218,7 @@ __global__ void __launch_bounds__(256) knn_merge_kernel(
     }
     acc_t md = bd;
     int mj = bj;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const acc_t od = __shfl_xor_sync(0xffffffffu, md, off);
-      const int oj = __shfl_xor_sync(0xffffffffu, mj, off);
-      if (knn_less(od, oj, md, mj)) {
-        md = od;
-        mj = oj;
-      }
-    }
+    warp_min_pair(md, mj);
     if (mj >= 0 && bj == mj) {  // indices are unique: exactly one lane owns the minimum
 #pragma unroll
       for (int u = 0; u < kListsPerLane; ++u) {
@@ -523,19 +515,6 @@ constexpr int kBoundMaxGroups = kBoundMaxSplits * 2 * kBoundBuckets;
 __device__ __forceinline__ float filter_slack(float rn, float gmax, float c_dot) {
   const float e = 2.f * c_dot * (sqrtf(rn) * sqrtf(gmax)) + ldexpf(rn + gmax, -20);
   return 2.f * e + ldexpf(rn + gmax, -20);
-}
-
-// Warp-wide minimum of (d, j) in the k-NN order; every lane ends with it.
-__device__ __forceinline__ void warp_min_pair(float& d, int& j) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float od = __shfl_xor_sync(0xffffffffu, d, off);
-    const int oj = __shfl_xor_sync(0xffffffffu, j, off);
-    if (knn_less(od, oj, d, j)) {
-      d = od;
-      j = oj;
-    }
-  }
 }
 
 // Warp per subset row i: gallery row ((i * mult) mod Ns) * stride of the float16 copy (Dp % 8

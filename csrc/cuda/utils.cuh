@@ -100,6 +100,20 @@ __device__ __forceinline__ bool knn_less(acc_t d1, int j1, acc_t d2, int j2) {
   return d1 < d2 || (d1 == d2 && j1 < j2);
 }
 
+// Warp-wide minimum of (d, j) in the k-NN order; every lane ends with it.
+template <typename acc_t>
+__device__ __forceinline__ void warp_min_pair(acc_t& d, int& j) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const acc_t od = __shfl_xor_sync(0xffffffffu, d, off);
+    const int oj = __shfl_xor_sync(0xffffffffu, j, off);
+    if (knn_less(od, oj, d, j)) {
+      d = od;
+      j = oj;
+    }
+  }
+}
+
 // Mining candidates: an empty candidate (j < 0) never wins; otherwise common.h's rules.
 template <typename acc_t>
 __device__ __forceinline__ bool take_max(acc_t d, int j, acc_t best, int best_j) {
