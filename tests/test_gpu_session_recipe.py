@@ -1,0 +1,90 @@
+"""The command lines of benchmarks/gpu_session.sh still parse and validate.
+
+A GPU session is the scarcest thing this project has (15 minutes, one in five
+sessions): a recipe option that the CLI renamed, or a value that config.validate now
+rejects, would cost a whole session's training runs. These tests read the recipe and
+the extra run's options out of the script itself, so they fail when the script and the
+CLI drift apart, and check them the way `dnnrl reproduce` and `dnnrl train` do, without
+training anything.
+"""
+import dataclasses
+import os
+import re
+import shlex
+
+import pytest
+
+from dnnrl.cli import build_parser
+from dnnrl.config import Config, resolve
+from dnnrl.reproduce import _PASSTHROUGH
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = open(os.path.join(ROOT, "benchmarks", "gpu_session.sh")).read()
+
+
+def _default(var: str, env: str) -> str:
+    """The default of ``VAR=${ENV:-"..."}`` in the script."""
+    m = re.search(r'%s=\$\{%s:-"([^"]*)"\}' % (var, env), SCRIPT)
+    assert m, "%s's default not found in gpu_session.sh" % var
+    return m.group(1)
+
+
+RECIPE = shlex.split(_default("FLAGS", "FER_FLAGS"))
+GRAPH = ["--cuda-graph", "on"]                 # what the CUDA-graph probe may add
+REFERENCE = ["--backend", "reference"]         # what a failed smoke check adds
+ARCHIVE = "fer2013.tar.xz"
+
+
+def test_the_script_passes_the_switches_these_tests_add():
+    assert 'print("--cuda-graph on")' in SCRIPT and 'BACKEND_FLAG="--backend reference"' in SCRIPT
+    assert "$FLAGS $BACKEND_FLAG $GRAPH_FLAG" in SCRIPT  # reproduce
+    assert "$EXTRA_FLAGS $BACKEND_FLAG $GRAPH_FLAG" in SCRIPT  # the extra run
+
+
+@pytest.mark.parametrize("extra", [[], GRAPH, REFERENCE], ids=["eager", "graph", "reference"])
+def test_reproduce_recipe_parses_and_validates_for_every_method(extra):
+    argv = ["reproduce", "--data", ARCHIVE, "--out", "runs/t2", "--jobs", "3", "--no-progress",
+            "--time-budget", "290"] + RECIPE + extra
+    args = build_parser().parse_args(argv)
+    for method in ("dnn", "tdnn", "dnnrl"):
+        overrides = {k: getattr(args, k, None) for k in _PASSTHROUGH}
+        overrides.update(method=method, out="runs/t2/" + method)
+        cfg = resolve(overrides)  # raises on a value config.validate rejects
+        assert cfg.schedule == "cosine" and cfg.time_budget == 290 and cfg.select_by == "val_accuracy"
+        assert cfg.flip and cfg.tta == "crops" and cfg.mining == "easy_positive"
+        assert (cfg.lr, cfg.weight_decay) == (0.05, 0.002)
+        assert cfg.cuda_graph == ("on" if extra == GRAPH else "off")
+
+
+def _train_config(argv):
+    args = build_parser().parse_args(["train"] + argv)
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    return resolve(over)
+
+
+@pytest.mark.parametrize("add, check", [
+    ("--erase 0.5", lambda c: c.erase == 0.5),                       # the planned erase run
+    ("--erase 0.5 --label-smoothing 0.1", lambda c: c.erase == 0.5 and c.label_smoothing == 0.1),
+])
+def test_extra_run_with_added_options(add, check):
+    cfg = _train_config(["--method", "dnnrl", "--data", ARCHIVE, "--out", "x", "--overwrite", "--no-progress",
+                         "--time-budget", "290"] + RECIPE + shlex.split(add) + GRAPH)
+    assert cfg.method == "dnnrl" and check(cfg)
+
+
+def test_default_extra_run_is_dnn_at_weight_decay_1e3():
+    m = re.search(r'EXTRA_FLAGS=\$\{EXTRA_FLAGS:-"--method dnn \$\{FLAGS/--weight-decay 0.002/'
+                  r'--weight-decay 0.001\}"\}', SCRIPT)
+    assert m, "the default extra run's line changed: update this test"
+    flags = [f if f != "0.002" else "0.001" for f in RECIPE]
+    assert "0.001" in flags
+    cfg = _train_config(["--method", "dnn", "--data", ARCHIVE, "--out", "x"] + flags)
+    assert cfg.weight_decay == 0.001
+
+
+def test_a_renamed_option_would_fail_here():
+    """The check can fail: an option the CLI does not know stops argparse."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["reproduce", "--data", ARCHIVE, "--out", "x", "--no-such-option", "1"])
+    with pytest.raises(ValueError):
+        resolve({"data": ARCHIVE, "lr": -1.0})
