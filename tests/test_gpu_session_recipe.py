@@ -88,3 +88,42 @@ def test_a_renamed_option_would_fail_here():
         build_parser().parse_args(["reproduce", "--data", ARCHIVE, "--out", "x", "--no-such-option", "1"])
     with pytest.raises(ValueError):
         resolve({"data": ARCHIVE, "lr": -1.0})
+
+
+def _bench_train_lines():
+    """Each `python3 benchmarks/bench_train.py ...` command of the script, continuation
+    lines joined, shell variables replaced by what they hold on a GPU machine."""
+    joined = SCRIPT.replace("\\\n", " ")
+    lines = re.findall(r"python3 benchmarks/bench_train\.py ([^\n]*)", joined)
+    subs = {'"$FER_ARCHIVE"': ARCHIVE, "$graphs_timed": "off,on", "$BACKEND_FLAG": "",
+            "${TRAIN_BENCH_FLAGS:-}": ""}
+    out = []
+    for line in lines:
+        for k, v in subs.items():
+            line = line.replace(k, v)
+        line = re.sub(r'"\$WORK/([^"]*)"', r"/tmp/\1", line)
+        assert "$" not in line, "a shell variable this test does not know: " + line
+        out.append(shlex.split(line))
+    return out
+
+
+def test_bench_train_command_lines_parse():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "benchmarks", "bench_train.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lines = _bench_train_lines()
+    assert len(lines) == 2  # the CUDA-graph probe and the solo throughput benchmark
+    for argv in lines:
+        args, train_argv = bench.parse(argv)
+        assert args.cuda_graphs == ["off", "on"] and args.cudnn == ["on"]
+        # what trainer_for hands to `dnnrl train`'s parser, checked as it would be
+        cfg = _train_config(["--out", "x", "--method", "dnnrl", "--no-progress"] + bench.RECIPE + train_argv)
+        assert cfg.data == ARCHIVE and cfg.mining == "easy_positive"
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".sh")))
+def test_benchmark_shell_scripts_have_valid_syntax(script):
+    import subprocess
+    res = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
