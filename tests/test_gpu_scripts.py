@@ -91,21 +91,30 @@ def test_a_renamed_option_would_fail_here():
         resolve({"data": ARCHIVE, "lr": -1.0})
 
 
-def _bench_train_lines():
-    """Each `python3 benchmarks/bench_train.py ...` command of the script, continuation
-    lines joined, shell variables replaced by what they hold on a GPU machine."""
+def _command_lines(command: str):
+    """The arguments of each ``command ...`` line of the script, continuation lines
+    joined, shell variables replaced by what they hold on a GPU machine."""
     joined = SCRIPT.replace("\\\n", " ")
-    lines = re.findall(r"python3 benchmarks/bench_train\.py ([^\n]*)", joined)
+    lines = re.findall(re.escape(command) + r" ([^\n]*)", joined)
     subs = {'"$FER_ARCHIVE"': ARCHIVE, "$graphs_timed": "off,on", "$BACKEND_FLAG": "",
-            "${TRAIN_BENCH_FLAGS:-}": ""}
+            "${TRAIN_BENCH_FLAGS:-}": "", "${GALLERY_DIM:-auto}": "auto"}
     out = []
     for line in lines:
         for k, v in subs.items():
             line = line.replace(k, v)
         line = re.sub(r'"\$WORK/([^"]*)"', r"/tmp/\1", line)
+        line = re.sub(r'--note "[^"]*"', "--note NOTE", line)  # free text (shell variables inside)
+        line = re.split(r"\s+>", line)[0]  # up to the redirection
         assert "$" not in line, "a shell variable this test does not know: " + line
         out.append(shlex.split(line))
     return out
+
+
+def test_export_command_line_parses():
+    lines = _command_lines("python3 -m dnnrl export")
+    assert len(lines) == 1
+    args = build_parser().parse_args(["export"] + lines[0])
+    assert args.sweep_dims == "64,96,128" and args.gallery_dim == "auto" and args.note == "NOTE"
 
 
 def test_bench_train_command_lines_parse():
@@ -113,7 +122,7 @@ def test_bench_train_command_lines_parse():
     spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "benchmarks", "bench_train.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    lines = _bench_train_lines()
+    lines = _command_lines("python3 benchmarks/bench_train.py")
     assert len(lines) == 2  # the CUDA-graph probe and the solo throughput benchmark
     for argv in lines:
         args, train_argv = bench.parse(argv)
