@@ -16,7 +16,9 @@ class ExpTripletLoss(nn.Module):
         alpha: trade-off (slope) parameter, the paper's 0.2.
         gamma: learning margin, the paper's 0; negative values let violating
             triplets be learned from.
-        mining: "batch_hard" or "semi_hard".
+        mining: "batch_hard" or "semi_hard". With gamma >= 0, batch-hard triplets of an
+            untrained network all violate (r < 0): loss 1, no gradient, nothing learned.
+            "semi_hard" learns with gamma = 0 (examples/drop_in.py shows both).
         reduction: "mean" over valid anchors, "sum" or "none".
         backend: "auto" (fused kernels) or "reference" (pure PyTorch).
 
@@ -25,7 +27,7 @@ class ExpTripletLoss(nn.Module):
 
     Example::
 
-        criterion = dnnrl_ext.ExpTripletLoss(alpha=0.2, gamma=0.0)
+        criterion = dnnrl_ext.ExpTripletLoss(alpha=0.2, gamma=0.0, mining="semi_hard", reduction="sum")
         loss = criterion(model(images), labels)
         loss.backward()
     """
