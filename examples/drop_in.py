@@ -96,8 +96,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.epochs < 1 or args.classes < 2 or args.per_class < 4 or args.k_per_class < 2:
-        ap.error("need --epochs >= 1, --classes >= 2, --per-class >= 4 and --k-per-class >= 2")
+    if args.epochs < 1 or args.classes < 2 or args.per_class < 4 or not 2 <= args.k_per_class <= args.per_class:
+        ap.error("need --epochs >= 1, --classes >= 2, --per-class >= 4 and 2 <= --k-per-class <= --per-class")
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = split(args.seed, args.classes, args.per_class)

@@ -34,9 +34,11 @@ def test_drop_in_example_with_batch_hard_mining_learns_nothing():
     assert res["test_accuracy"] < res["untrained_test_accuracy"] + 0.15
 
 
-def test_drop_in_example_rejects_bad_options():
-    with pytest.raises(SystemExit):
-        _example().main(["--epochs", "0"])
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--per-class", "8", "--k-per-class", "9"],
+                                  ["--k-per-class", "1"], ["--classes", "1"]])
+def test_drop_in_example_rejects_bad_options(argv):
+    with pytest.raises(SystemExit):  # (a K above the class size would train on no batch at all)
+        _example().main(argv)
 
 
 def test_readme_uses_the_example_s_loss_settings():
