@@ -1,5 +1,4 @@
 """Drop-in nn.Module losses backed by the fused kernels."""
-import torch
 from torch import Tensor, nn
 
 from . import ops

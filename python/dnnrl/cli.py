@@ -255,7 +255,7 @@ def _restore(args, for_eval: bool):
     refuse data of other classes for a softmax (dnn) model, whose head scores only its own
     (a k-NN model takes its gallery from the data, so other classes are a warning)."""
     from .runtime import load_data, pick_device, place_data, resolve_backend
-    from .train import augment_config, build, setup_logging
+    from .train import build
     path, cfg, class_names, state = _load_checkpoint(args.checkpoint)
     for k in ("device", "backend", "amp", "eval_batch_size", "cache_dir", "tta"):
         if getattr(args, k, None) is not None:

@@ -107,7 +107,7 @@ def evaluate_model(model, data: Dict[str, tuple], class_names: List[str], aug: A
         embed, clf = _embed, KNNClassifier(num_classes=C, backend=backend)
     emb = {s: embed(model, x, **kw) for s, (x, _) in data.items()}
     labels = {s: y.to(device) for s, (_, y) in data.items()}
-    has_val, has_test = "val" in data, "test" in data
+    has_val = "val" in data
     clf.fit(emb["train"], labels["train"],
             val=(emb["val"], labels["val"]) if has_val else None, k_max=k_max)
     results: Dict[str, object] = {"method": method, "class_names": list(class_names),

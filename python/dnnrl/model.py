@@ -39,7 +39,7 @@ average pool is an adaptive 2x2 pool, which is exactly 3x3/3 at 6x6 and lets
 smaller inputs (the CPU preset) keep a 2x2x288 feature map. ``width`` scales every
 channel count (rounded to multiples of 8) for reduced-scale runs.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,7 @@
 import contextlib
 import logging
 import platform
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
