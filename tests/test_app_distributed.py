@@ -1,8 +1,6 @@
 """dnnrl.distributed: 2 gloo processes on 127.0.0.1 against the single-process answers.
 
-* the global-mining loss and the DDP parameter gradients equal one process on the
-  concatenated batch (sum / mean, batch-hard / semi-hard, uneven shards; local scope;
-  with the global batch size given, the shard sizes are not exchanged);
+* (the global-mining loss is the ops library's: tests/test_distributed_loss.py);
 * the merged sharded k-NN (and vote) equals dnnrl_ext.knn / knn_vote, ties and NaN
   rows included;
 * the sampler shards are disjoint, cover the global batch and are deterministic;
@@ -12,7 +10,6 @@
 import json
 import os
 import socket
-import sys
 
 import pytest
 import torch
@@ -41,90 +38,6 @@ def _join(rank: int, port: int) -> D.DistContext:
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % port, rank=rank,
                             world_size=WORLD)
     return D.setup("cpu")
-
-
-# --------------------------------------------------------------------------- loss + grads
-def _no_size_exchange(*args, **kwargs):
-    raise AssertionError("the shard sizes were exchanged although global_batch was given")
-
-
-def _grad_worker(rank: int, port: int):
-    ctx = _join(rank, port)
-    assert ctx.enabled and ctx.rank == rank and ctx.world_size == WORLD
-    try:
-        for mining, reduction, B in (("semi_hard", "sum", 12), ("batch_hard", "mean", 11),
-                                     ("semi_hard", "mean", 9)):
-            g = torch.Generator().manual_seed(B)
-            net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
-            for p in net.parameters():
-                torch.nn.init.normal_(p, generator=g)
-            x = torch.randn(B, 6, generator=g, dtype=torch.float64)
-            y = torch.randint(0, 3, (B,), generator=g)
-            net = net.double()
-            crit = dnnrl_ext.ExpTripletLoss(alpha=0.5, gamma=-0.5, mining=mining, reduction=reduction,
-                                            backend=BACKEND)
-            # single process on the concatenated batch (and the per-shard losses of the
-            # local scope), before DDP hooks onto the parameters
-            loss1 = crit(net(x), y)
-            grads1 = torch.autograd.grad(loss1, list(net.parameters()))
-            parts = [crit(net(x[a:b]), y[a:b]) for a, b in (D.shard_range(B, r, WORLD) for r in range(WORLD))]
-            want = sum(parts) / (WORLD if reduction == "mean" else 1)
-            grads_l = torch.autograd.grad(want, list(net.parameters()))
-            # DDP, each rank its shard, global mining
-            ddp = torch.nn.parallel.DistributedDataParallel(net)
-            s, e = ctx.shard_range(B)
-            dl = D.DistributedLoss(crit, ctx, "global", reduction)
-            out = dl(ddp(x[s:e]), y[s:e], return_details=True)
-            out.loss.backward()
-            torch.testing.assert_close(out.loss, loss1, rtol=1e-12, atol=1e-12)
-            assert out.valid.shape == (B,)
-            for p, g1 in zip(net.parameters(), grads1):
-                torch.testing.assert_close(p.grad, g1, rtol=1e-9, atol=1e-12)
-            # local mining: the sum (or mean) of the per-shard losses
-            net.zero_grad()
-            dl = D.DistributedLoss(crit, ctx, "local", reduction)
-            loss_l = dl(ddp(x[s:e]), y[s:e])
-            loss_l.backward()
-            torch.testing.assert_close(loss_l, want.detach(), rtol=1e-12, atol=1e-12)
-            for p, g1 in zip(net.parameters(), grads_l):
-                torch.testing.assert_close(p.grad, g1, rtol=1e-9, atol=1e-12)
-            # global mining told the global batch size (as the trainer does): the same loss and
-            # gradients, with the shard sizes computed instead of exchanged (no read-back)
-            exchange = D.gather_sizes
-            D.gather_sizes = _no_size_exchange
-            try:
-                net.zero_grad()
-                dl = D.DistributedLoss(crit, ctx, "global", reduction, global_batch=B)
-                loss_g = dl(ddp(x[s:e]), y[s:e])
-                loss_g.backward()
-                torch.testing.assert_close(loss_g, loss1, rtol=1e-12, atol=1e-12)
-                for p, g1 in zip(net.parameters(), grads1):
-                    torch.testing.assert_close(p.grad, g1, rtol=1e-9, atol=1e-12)
-                # a batch that is not the global batch's shard on every rank: a clear error
-                # on every rank (B + 2 moves every shard), before any collective
-                with pytest.raises(ValueError, match="global_batch"):
-                    D.DistributedLoss(crit, ctx, "global", reduction, global_batch=B + 2)(net(x[s:e]), y[s:e])
-            finally:
-                D.gather_sizes = exchange
-        # gather_with_grad with uneven shards: every row's gradient reaches its owner
-        x = torch.arange(3 - rank, dtype=torch.float64).requires_grad_()
-        full = D.gather_with_grad(x, ctx)
-        assert full.tolist() == [0.0, 1.0, 2.0, 0.0, 1.0]
-        (full * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
-        assert x.grad.tolist() == ([1.0, 2.0, 3.0] if rank == 0 else [4.0, 5.0])
-    finally:
-        dist.destroy_process_group()
-    # Passed: leave without the interpreter's teardown. About every other run a C++
-    # static destructor in torch (no Python frame left; seen with and without our
-    # extension's changes, and with the DDP objects deleted first) aborted this worker
-    # at exit with "terminate called without an active exception".
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def test_global_mining_loss_and_grads_equal_single_process():
-    _spawn(_grad_worker)
 
 
 # --------------------------------------------------------------------------- k-NN

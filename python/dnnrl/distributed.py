@@ -11,10 +11,8 @@ Pieces, each a no-op in a single process (``DistContext.enabled`` false):
 * :class:`ShardedBatchSampler` — every rank draws the same *global* batch from the same
   generator and keeps its contiguous slice: no duplicates across ranks, the same global
   batches for a seed whatever the world size, no per-rank sampler state.
-* :class:`DistributedLoss` — mining over the global batch ("global": embeddings and
-  labels all-gathered, the local tensor re-inserted so autograd reaches this rank's
-  shard) or per rank ("local"), with the gradient scaled so that DDP's averaging gives
-  the gradient of the global loss.
+* mining over the global batch or per rank: :class:`dnnrl_ext.DistributedLoss` (the ops
+  library's, re-exported here with ``shard_range`` and ``all_gather_rows``).
 * :func:`embed_sharded`, :func:`sharded_knn`, :class:`ShardedKNNClassifier` — the
   evaluation gallery embedded in shards; each rank's top-k merged into the global
   top-k (ties -> smaller gallery index), then the usual vote.
@@ -27,6 +25,10 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+# the pieces a user of the ops library needs too live there (DistributedLoss: mining over
+# the global batch); the rest of this module is the application's (launch, sampler, evaluation)
+from dnnrl_ext.distributed import DistributedLoss, all_gather_rows, shard_range  # noqa: F401 (re-exported)
 
 log = logging.getLogger("dnnrl")
 _OWN_GROUP = False  # True when setup() created the process group (cleanup() destroys it)
@@ -51,14 +53,6 @@ class DistContext:
 
     def shard_range(self, n: int) -> Tuple[int, int]:
         return shard_range(n, self.rank, self.world_size)
-
-
-def shard_range(n: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """[start, stop) of rank's contiguous shard of n rows: the first n % world_size ranks
-    get one row more (the split of ``torch.tensor_split``)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 def setup(device: str = "auto") -> DistContext:
@@ -223,133 +217,6 @@ def shard_sampler(sampler, ctx: DistContext):
 
 
 # --------------------------------------------------------------------------- gathers
-def gather_sizes(n: int, ctx: DistContext, device=None) -> List[int]:
-    """Every rank's n, in rank order."""
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    out = [torch.zeros_like(t) for _ in range(ctx.world_size)]
-    dist.all_gather(out, t)
-    return [int(s) for s in out]
-
-
-def _gather_padded(x: Tensor, ctx: DistContext, sizes: Optional[List[int]] = None) -> List[Tensor]:
-    """Every rank's x (n_r, ...) (n_r may differ; ``sizes`` if known), as a list in rank
-    order; no grad."""
-    if sizes is None:
-        sizes = gather_sizes(x.shape[0], ctx, x.device)
-    m = max(sizes)
-    buf = x.detach()
-    if buf.shape[0] < m:
-        buf = torch.cat([buf, buf.new_zeros((m - buf.shape[0],) + tuple(buf.shape[1:]))])
-    out = [torch.empty_like(buf) for _ in range(ctx.world_size)]
-    dist.all_gather(out, buf.contiguous())
-    return [t[:s] for t, s in zip(out, sizes)]
-
-
-def all_gather_rows(x: Tensor, ctx: DistContext, sizes: Optional[List[int]] = None) -> Tensor:
-    """(sum n_r, ...) concatenation of every rank's x in rank order; no gradient."""
-    if not ctx.enabled:
-        return x
-    return torch.cat(_gather_padded(x, ctx, sizes))
-
-
-def gather_with_grad(x: Tensor, ctx: DistContext, sizes: Optional[List[int]] = None) -> Tensor:
-    """Like :func:`all_gather_rows`, but this rank's rows are ``x`` itself, so a loss of
-    the gathered tensor back-propagates into x (the other ranks' rows are constants
-    here; each rank back-propagates into its own shard)."""
-    if not ctx.enabled:
-        return x
-    parts = _gather_padded(x, ctx, sizes)
-    parts[ctx.rank] = x
-    return torch.cat(parts)
-
-
-def all_reduce(t: Tensor, ctx: DistContext, op=dist.ReduceOp.SUM) -> Tensor:
-    if ctx.enabled:
-        t = t.clone()
-        dist.all_reduce(t, op=op)
-    return t
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by ``scale``."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
-# --------------------------------------------------------------------------- loss
-class DistributedLoss(nn.Module):
-    """A triplet criterion (``criterion(emb, labels, return_details)``) over the ranks.
-
-    scope "global": embeddings and labels are gathered from all ranks (this rank's own
-    rows stay in the graph) and every rank computes the same loss L of the global
-    batch, so batch-hard / semi-hard mining sees the whole batch. Rank r's backward
-    yields dL/dx_r only; DDP averages the parameter gradients over W ranks, so the
-    gradient is scaled by W: the averaged gradient is dL/dtheta, equal (up to rounding)
-    to one process on the concatenated batch.
-
-    scope "local": each rank mines in its own shard; the run's loss is the sum
-    ("sum" reduction) or the mean ("mean") of the per-rank losses, with the gradient
-    scaled so that DDP's average is its gradient. The returned loss value is the
-    all-reduced one (the same on every rank).
-
-    The returned details (pos, neg, r, valid) are per global row for "global", per local
-    row for "local".
-    """
-
-    def __init__(self, criterion: nn.Module, ctx: DistContext, scope: str = "global",
-                 reduction: str = "sum", global_batch: Optional[int] = None):
-        super().__init__()
-        if scope not in ("global", "local"):
-            raise ValueError("mining_scope must be 'global' or 'local', got %r" % (scope,))
-        if reduction not in ("sum", "mean"):
-            raise ValueError("distributed training needs reduction 'sum' or 'mean', got %r" % (reduction,))
-        self.criterion, self.ctx, self.scope, self.reduction = criterion, ctx, scope, reduction
-        # the training batches' global size (every rank shards the same global batch with
-        # shard_range): the shard sizes then need no exchange, whose read-back would make
-        # the host wait for the card in every step
-        self.global_batch = global_batch
-
-    def _shard_sizes(self, n_local: int, device) -> List[int]:
-        """Every rank's number of rows: the shards of ``global_batch`` where it is given,
-        else exchanged. (No fallback to the exchange for a batch of another size: a rank
-        that exchanged while the others did not would wait forever.)"""
-        if not self.global_batch:
-            return gather_sizes(n_local, self.ctx, device)
-        sizes = [b - a for a, b in (shard_range(self.global_batch, r, self.ctx.world_size)
-                                    for r in range(self.ctx.world_size))]
-        if sizes[self.ctx.rank] != n_local:
-            raise ValueError("rank %d got %d rows, but its shard of the global batch of %d (global_batch) "
-                             "has %d" % (self.ctx.rank, n_local, self.global_batch, sizes[self.ctx.rank]))
-        return sizes
-
-    def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
-        W = self.ctx.world_size
-        if not self.ctx.enabled:
-            return self.criterion(embeddings, labels, return_details=return_details)
-        if self.scope == "global":
-            sizes = self._shard_sizes(embeddings.shape[0], labels.device)
-            emb = gather_with_grad(embeddings, self.ctx, sizes)
-            lab = all_gather_rows(labels, self.ctx, sizes)
-            out = self.criterion(emb, lab, return_details=True)
-            loss = _ScaleGrad.apply(out.loss, float(W))
-        else:
-            out = self.criterion(embeddings, labels, return_details=True)
-            total = all_reduce(out.loss.detach(), self.ctx)
-            if self.reduction == "mean":
-                total = total / W
-            scale = float(W) if self.reduction == "sum" else 1.0
-            # value: the run's loss; gradient: scale * d(local loss)
-            loss = _ScaleGrad.apply(out.loss, scale) + (total - out.loss.detach())
-        return out._replace(loss=loss) if return_details else loss
-
-
 # --------------------------------------------------------------------------- evaluation
 def embed_sharded(model, images: Tensor, ctx: DistContext, gather: bool = True, **kw) -> Tensor:
     """Embeddings of ``images`` (N, S, S) computed in shards: this rank embeds rows
@@ -358,7 +225,7 @@ def embed_sharded(model, images: Tensor, ctx: DistContext, gather: bool = True, 
     from .runtime import embed
     s, e = ctx.shard_range(images.shape[0])
     local = embed(model, images[s:e], **kw)
-    return all_gather_rows(local, ctx) if gather else local
+    return all_gather_rows(local) if gather and ctx.enabled else local
 
 
 def merge_topk(dist_parts: List[Tensor], idx_parts: List[Tensor], k: int) -> Tuple[Tensor, Tensor]:

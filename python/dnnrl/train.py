@@ -42,8 +42,8 @@ from .config import SELECT_BY, Config, validate
 from .evaluate import evaluate_model, write_results
 from .model import DNNRLNet
 from .graphs import GraphedForward
-from .runtime import (amp_context, amp_enabled, embed, load_data, pick_device, place_data, resolve_backend,
-                      device_name, seed_everything, use_channels_last, use_cudnn_benchmark)
+from .runtime import (amp_context, amp_enabled, embed, load_data, place_data, resolve_backend, device_name,
+                      seed_everything, use_channels_last, use_cudnn_benchmark)
 from .samplers import make_sampler
 from .transforms import AugmentConfig, augment, evaluate_transform
 from dnnrl_ext.knn import accuracy_per_k
@@ -317,8 +317,8 @@ class Trainer:
                         "batches of %d", ytr.numel(), cfg.batch_size, sampler.batch_size)
         self.sampler = distributed.shard_sampler(sampler, self.dist)
         if self.dist.enabled and cfg.method != "dnn":  # mining over the global batch (or per rank)
-            self.criterion = distributed.DistributedLoss(self.criterion, self.dist, cfg.mining_scope,
-                                                         cfg.reduction, global_batch=self.sampler.batch_size)
+            self.criterion = distributed.DistributedLoss(self.criterion, cfg.mining_scope, cfg.reduction,
+                                                         global_batch=self.sampler.batch_size)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed)             # batches (CPU)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)  # augmentation
         self.epoch, self.lr = 0, cfg.lr
@@ -489,7 +489,7 @@ class Trainer:
             return {"val_loss": float("nan")}
         x_all, y_all = self.data["val"]
         self.val_triplet_gen.manual_seed(self.cfg.seed + 13)
-        total, count, correct, act_sum = 0.0, 0, 0, 0.0
+        count, correct, act_sum = 0, 0, 0.0
         losses = []
         for idx in self._val_batches:
             xb = x_all[idx.to(x_all.device)].to(self.device, non_blocking=True)
