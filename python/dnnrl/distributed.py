@@ -216,7 +216,6 @@ def shard_sampler(sampler, ctx: DistContext):
     return ShardedBatchSampler(sampler, ctx) if ctx.enabled else sampler
 
 
-# --------------------------------------------------------------------------- gathers
 # --------------------------------------------------------------------------- evaluation
 def embed_sharded(model, images: Tensor, ctx: DistContext, gather: bool = True, **kw) -> Tensor:
     """Embeddings of ``images`` (N, S, S) computed in shards: this rank embeds rows
