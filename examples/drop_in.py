@@ -15,7 +15,9 @@ untrained network only violating triplets (r < 0), whose loss is exactly 1 with 
 gradient, so nothing is learned. Semi-hard mining picks, per anchor, the nearest
 negative beyond the positive, which the exp loss does learn from; the loss is summed
 over the batch as in the paper's Eq. 1 (with the mean, the steps are B times smaller).
-Class-balanced batches (P classes x K images) give every anchor positives.
+Class-balanced batches (P classes x K images) give every anchor positives. Under
+DistributedDataParallel, wrap the criterion in ``dnnrl_ext.DistributedLoss`` so that the
+mining sees the rows of every process, not only this one's shard.
 """
 import argparse
 from typing import Iterator, Tuple
