@@ -357,3 +357,14 @@ def knn_tie_free(q: torch.Tensor, g: torch.Tensor, k: int, rel: float = None) ->
     if d.shape[1] < 2:
         return True
     return bool((np.diff(d, axis=1) > rel * scale).all())
+
+
+def spawn_gloo(fn, world: int, *args) -> None:
+    """Run ``fn(rank, port, *args)`` in ``world`` spawned processes, which join a gloo
+    group at tcp://127.0.0.1:port (a port free when it was picked)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(port,) + args, nprocs=world, join=True)

@@ -9,28 +9,21 @@
 """
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dnnrl_ext
 from dnnrl import distributed as D
+from ops_testutil import spawn_gloo
 
 BACKEND = "auto" if dnnrl_ext.extension_available() else "reference"
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, *args):
-    mp.spawn(fn, args=(_free_port(),) + args, nprocs=WORLD, join=True)
+    spawn_gloo(fn, WORLD, *args)
 
 
 def _join(rank: int, port: int) -> D.DistContext:

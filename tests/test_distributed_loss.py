@@ -10,25 +10,18 @@
   are named.
 """
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import dnnrl_ext
 from dnnrl_ext import distributed as DL
+from ops_testutil import spawn_gloo
 
 BACKEND = "auto" if dnnrl_ext.extension_available() else "reference"
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _no_size_exchange(*args, **kwargs):
@@ -114,7 +107,7 @@ def _grad_worker(rank: int, port: int):
 
 
 def test_global_and_local_mining_equal_one_process_on_the_whole_batch():
-    mp.spawn(_grad_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    spawn_gloo(_grad_worker, WORLD)
 
 
 def test_one_process_is_the_criterion_itself():
