@@ -131,7 +131,7 @@ def test_fewer_launches_switch_gives_the_same_loss_and_gradient(B, reduction, mo
 @pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
 def test_the_three_mining_tiles_agree(B, mining, dtype, monkeypatch):
     """DNNRL_MINE_TILE=tiny / small / large on the same batch (the tile is otherwise chosen
-    by B: tiny up to 320 rows on a 132-SM card, large from ~1,450). Each product is
+    by B: tiny up to 320 rows on a 132-SM card, large from 1,409 (ceil(B / 128)^2 >= 132)). Each product is
     accumulated in the same order whatever the tile, so the mined indices and r agree
     exactly; the loss and gradient to rounding, and the tiny tile's with the reference."""
     require_compiled("cuda")
