@@ -155,6 +155,7 @@ def main():
     if args.quick:
         args.Q, args.N = 500, 4000
     info = common.machine("cpu")
+    info["gemm_gflops_per_core_512x1024x512"] = common.cpu_gemm_gflops()
     print("machine:", info, flush=True)
     loss_rows = bench_loss(sizes, repeats=5 if args.quick else 10)
     knn_rows = bench_knn(args.Q, args.N, args.D, args.k, args.repeats)

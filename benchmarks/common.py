@@ -10,15 +10,49 @@ import time
 import torch
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown cpu"
+    return fields
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or "unknown cpu"
+
+
+def cpu_details() -> dict:
+    """Family / model / widest vector ISA: a VM may call every host "AMD EPYC", and two
+    hosts of one pool differed 2.4x in float32 GEMM rate per core (benchmarks/README.md)."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return {"cpu_family": info.get("cpu family"), "cpu_model": info.get("model"), "cpu_isa": isa}
+
+
+def cpu_gemm_gflops(m: int = 512, n: int = 1024, k: int = 512) -> dict:
+    """One thread's float32 matrix-multiply rate (GFLOP/s) through at::mm (MKL) and, where
+    torch has it, oneDNN (the CPU kernels' tile product): the yardstick that makes CPU
+    figures from different hosts comparable. About a second."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        rates = {"mkl": 2 * m * n * k / time_cpu(lambda: torch.mm(a, w.t()), repeats=20) / 1e9}
+        if torch.backends.mkldnn.is_available():
+            linear = torch.ops.mkldnn._linear_pointwise
+            rates["onednn"] = 2 * m * n * k / time_cpu(lambda: linear(a, w, None, "none", [], ""), repeats=20) / 1e9
+        return {name: round(rate, 1) for name, rate in rates.items()}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def machine(device: str = "cpu") -> dict:
@@ -26,6 +60,7 @@ def machine(device: str = "cpu") -> dict:
     info = {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_name(),
+        **cpu_details(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -253,3 +253,25 @@ def test_filter_path_model_mirrors_the_kernel_and_its_proof_holds():
             assert r["max_err_over_e"] < 0.5, r
             assert r["top_k_covered"] == 1.0 and r["overflow_rows"] == 0, r
             assert k <= r["reranked_mean"] < 4 * k + 8, r  # the exact re-rank stays small
+
+
+def test_machine_record_names_the_cpu_and_its_gemm_rate(monkeypatch):
+    """CPU figures from two hosts of one pool ("AMD EPYC" both) differed 2x: the record
+    carries family / model / ISA and a measured GEMM rate, and survives a missing /proc."""
+    sys_path = os.path.join(ROOT, "benchmarks")
+    monkeypatch.syspath_prepend(sys_path)
+    common = _load("common")
+    info = common.machine("cpu")
+    assert {"cpu", "cpu_family", "cpu_model", "cpu_isa", "cores", "torch"} <= set(info)
+    assert info["cpu_isa"] in ("avx512", "avx2", "other")
+    threads = torch.get_num_threads()
+    rates = common.cpu_gemm_gflops(64, 64, 64)
+    assert rates["mkl"] > 0 and all(r > 0 for r in rates.values())
+    assert torch.get_num_threads() == threads  # restored
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+    monkeypatch.setattr("builtins.open", no_proc)
+    bare = common.cpu_details()
+    assert bare == {"cpu_family": None, "cpu_model": None, "cpu_isa": "other"}
+    assert common.cpu_name()  # platform's name or "unknown cpu"
