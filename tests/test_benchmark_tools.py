@@ -82,6 +82,16 @@ def test_ingest_refuses_bundles_that_break_the_rules(tmp_path, monkeypatch):
     assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 1 and not os.path.exists(ing.ASSET)
     _bundle_file(src / "dnnrl_bundle.pt", good)
     assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 0 and os.path.exists(ing.ASSET)
+    # a worse model does not replace the packaged one, unless forced
+    worse = dict(good, val_accuracy=0.60, val_accuracy_float32=0.60)
+    _bundle_file(src / "dnnrl_bundle.pt", worse)
+    assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 1
+    assert ing._bundle_meta(ing.ASSET)["val_accuracy"] == 0.712
+    assert ing.main([str(src), "--ship", "--force", "--date", "2026-01-01"]) == 0
+    assert ing._bundle_meta(ing.ASSET)["val_accuracy"] == 0.60
+    _bundle_file(src / "dnnrl_bundle.pt", dict(worse, val_accuracy=0.601, val_accuracy_float32=0.601))
+    assert ing.main([str(src), "--ship", "--date", "2026-01-01"]) == 0  # better: shipped
+    assert ing._bundle_meta(ing.ASSET)["val_accuracy"] == 0.601
 
 
 def test_bench_train_times_each_method_and_cudnn_setting(tmp_path, capsys):
