@@ -4,7 +4,8 @@ Environment switches (pytorch_scatter's convention):
   FORCE_CUDA=1   build the CUDA kernels even where torch.cuda.is_available() is False
                  (e.g. a CI machine without a GPU); fails if nvcc is missing.
   FORCE_CPU=1    build the CPU kernels only.
-  TORCH_CUDA_ARCH_LIST  architectures for nvcc (default "8.0;9.0").
+  TORCH_CUDA_ARCH_LIST  architectures for nvcc (default "8.0;9.0+PTX": sm_80 and sm_90 code,
+                        plus compute_90 PTX that the driver compiles for newer cards).
   DNNRL_DEBUG=1  -O0 -g builds.
 """
 import glob
@@ -25,6 +26,7 @@ except ImportError:  # pip's build isolation hides torch: say how to install ins
     sys.exit(1)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _flag(name):
@@ -91,7 +93,9 @@ def make_extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # +PTX: B200 (sm_100) and RTX 50xx (sm_120) run the compute_90 PTX, compiled by the
+        # driver on first use (ptxas takes ~8 s for all three files; the driver caches it)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         define_macros.append(("DNNRL_WITH_CUDA", None))
         include_dirs += _nvidia_wheel_includes()
         nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

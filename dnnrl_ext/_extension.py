@@ -38,17 +38,49 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.compiled_with_cuda())
 
 
-def require(device: torch.device) -> None:
-    """Raise ExtensionNotAvailable unless the compiled kernels can run on `device`."""
+# The CUDA kernels use what Ampere brought (cp.async, bfloat16 and TF32 tensor cores). The
+# default build holds sm_80 and sm_90 code plus compute_90 PTX, which the driver compiles
+# for newer cards (sm_100, sm_120) on first use; an older card would fail at its first
+# launch with "no kernel image is available", which does not say what to do.
+MIN_CUDA_CAPABILITY = (8, 0)
+_cuda_capability = {}  # device index -> (major, minor), read once per device
+
+
+def _unavailable_reason(device: torch.device):
+    """Why the compiled kernels cannot run on `device`, or None when they can."""
     if _C is None:
-        raise ExtensionNotAvailable(
-            "dnnrl_ext._C could not be loaded (%s); %s, or pass backend='reference'"
-            % (_LOAD_ERROR, REBUILD_HINT))
-    if device.type == "cuda" and not _C.compiled_with_cuda():
-        raise ExtensionNotAvailable(
-            "dnnrl_ext._C was built without CUDA kernels, so it cannot run on %s; %s, "
-            "or pass backend='reference'" % (device, REBUILD_HINT))
-    if device.type not in ("cpu", "cuda", "meta"):
-        raise ExtensionNotAvailable(
-            "dnnrl_ext has kernels for cpu and cuda tensors, got device %s; "
-            "pass backend='reference'" % device)
+        return "dnnrl_ext._C could not be loaded (%s); %s" % (_LOAD_ERROR, REBUILD_HINT)
+    if device.type == "cuda":
+        if not _C.compiled_with_cuda():
+            return ("dnnrl_ext._C was built without CUDA kernels, so it cannot run on %s; %s"
+                    % (device, REBUILD_HINT))
+        if torch.compiler.is_compiling():  # checked in eager calls; keep traces free of it
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA device is available here (torch.cuda.is_available() is False)"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _cuda_capability:
+            _cuda_capability[index] = tuple(torch.cuda.get_device_capability(index))
+        major, minor = _cuda_capability[index]
+        if (major, minor) < MIN_CUDA_CAPABILITY:
+            return ("dnnrl_ext's CUDA kernels need compute capability %d.%d or newer (Ampere: A100, "
+                    "RTX 30xx and later); cuda:%d (%s) has %d.%d" % (
+                        MIN_CUDA_CAPABILITY + (index, torch.cuda.get_device_name(index), major, minor)))
+        return None
+    if device.type not in ("cpu", "meta"):
+        return "dnnrl_ext has kernels for cpu and cuda tensors, got device %s" % device
+    return None
+
+
+def kernels_available(device) -> bool:
+    """True when the compiled kernels can run on `device` (a torch.device or string):
+    the extension loaded, and for a CUDA device it has CUDA kernels and the card is an
+    Ampere (compute capability 8.0) or newer one."""
+    return _unavailable_reason(torch.device(device)) is None
+
+
+def require(device: torch.device) -> None:
+    """Raise ExtensionNotAvailable, saying why, unless the compiled kernels can run on `device`."""
+    reason = _unavailable_reason(device)
+    if reason is not None:
+        raise ExtensionNotAvailable(reason + ", or pass backend='reference'")

@@ -334,6 +334,40 @@ def test_cuda_tensor_without_cuda_kernels_raises(monkeypatch):
         dnnrl_ext._extension.require(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("capability, supported", [((7, 5), False), ((7, 0), False), ((8, 0), True),
+                                                   ((8, 9), True), ((9, 0), True), ((12, 0), True)])
+def test_cuda_card_older_than_ampere_is_refused_by_name(monkeypatch, capability, supported):
+    """A pre-Ampere card would fail at the first launch ("no kernel image is available");
+    the ops refuse it first, naming the card, its capability and the way out; newer cards
+    (compute_90 PTX in the default build) pass. Faked device queries, no GPU needed."""
+    from ops_testutil import require_compiled
+    require_compiled("cpu")
+    ext = dnnrl_ext._extension
+    monkeypatch.setattr(ext._C, "compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(ext, "_cuda_capability", {})
+    if not torch.cuda.is_available():
+        assert not dnnrl_ext.kernels_available("cuda")  # no driver: False, not an exception
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Fake Card %d" % index)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert dnnrl_ext.kernels_available("cuda:0") is supported
+    assert dnnrl_ext.kernels_available("cpu")
+    if supported:
+        dnnrl_ext._extension.require(torch.device("cuda"))
+        return
+    with pytest.raises(ExtensionNotAvailable) as info:
+        dnnrl_ext._extension.require(torch.device("cuda"))  # no index: the current device
+    msg = str(info.value)
+    assert "8.0 or newer" in msg and "cuda:1 (Fake Card 1) has %d.%d" % capability in msg
+    assert "backend='reference'" in msg
+    from dnnrl import runtime  # the application falls back to the reference, saying why
+    monkeypatch.setattr(runtime, "_warned_backend", False)
+    assert runtime.resolve_backend("auto", torch.device("cuda:0")) == "reference"
+    with pytest.raises(ExtensionNotAvailable, match="Fake Card 0"):
+        runtime.resolve_backend("compiled", torch.device("cuda:0"))
+
+
 # --------------------------------------------------------------------------- raw ops
 def test_raw_ops_reject_bad_shapes_without_crashing():
     """Calling torch.ops.dnnrl_ext.* directly (no Python checks) with inconsistent

@@ -1,5 +1,4 @@
 """The build itself: importing dnnrl_ext, and device code for sm_90 in the built _C."""
-import glob
 import os
 import shutil
 import subprocess
@@ -102,3 +101,20 @@ def test_extension_has_sm90_device_code():
     out = subprocess.run([tool, "--list-elf", _so_path()], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "sm_90" in out.stdout, "no sm_90 ELF in %s:\n%s" % (_so_path(), out.stdout[-3000:])
+
+
+def test_default_build_carries_ptx_for_newer_cards():
+    """The default arch list ends in +PTX: compute_90 PTX in the .so is what lets a card
+    newer than the built SASS (B200 sm_100, RTX 50xx sm_120) run the kernels at all."""
+    why = _cpu_only_on_purpose()
+    if why or not dnnrl_ext.has_cuda_kernels():
+        pytest.skip(why or "no CUDA kernels in this build")
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("TORCH_CUDA_ARCH_LIST=%s chooses the architectures" % os.environ["TORCH_CUDA_ARCH_LIST"])
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.fail("cuobjdump not found (PATH, /usr/local/cuda/bin, triton's backends/nvidia/bin)")
+    out = subprocess.run([tool, "--list-ptx", _so_path()], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.count("sm_90.ptx") == 3, (
+        "expected one compute_90 PTX per .cu file (default TORCH_CUDA_ARCH_LIST 8.0;9.0+PTX):\n"
+        + out.stdout[-2000:] + out.stderr[-2000:])

@@ -139,6 +139,18 @@ def test_benchmark_shell_scripts_have_valid_syntax(script):
     assert res.returncode == 0, res.stderr
 
 
+def test_device_build_tells_the_tests_its_arch_list():
+    """The device build compiles sm_90 only; the variable must stay exported, or the GPU
+    tests (-k "cuda or build") would hold that build to the default list's PTX."""
+    import subprocess
+    common = os.path.join(ROOT, "benchmarks", "gpu_common.sh")
+    # every command build_inplace runs is a no-op function here: no compiler starts
+    probe = ('step() { :; }; timeout() { return 0; }; grep() { :; }; source "%s"; '
+             'unset TORCH_CUDA_ARCH_LIST; build_inplace /dev/null; echo "list=$(printenv TORCH_CUDA_ARCH_LIST)"' % common)
+    res = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip().endswith("list=9.0"), res.stdout + res.stderr
+
+
 def _benchmark_scripts():
     return sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py"))
 

@@ -42,21 +42,23 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
-    """The dnnrl_ext backend to use: the compiled kernels when they load (and have
-    CUDA kernels for a CUDA device), else "reference" with one logged warning."""
+    """The dnnrl_ext backend to use: the compiled kernels when they can run on `device`
+    (loaded; for a CUDA device built with CUDA kernels, on an Ampere or newer card), else
+    "reference" with one logged warning."""
     global _warned_backend
     if requested == "reference":
         return "reference"
+    from dnnrl_ext import _extension
     ok = dnnrl_ext.extension_available() and (device.type != "cuda" or dnnrl_ext.has_cuda_kernels())
-    if ok:
+    reason = None if not ok else _extension._unavailable_reason(device)
+    if ok and reason is None:
         return "auto"
     if requested == "compiled":
         raise dnnrl_ext.ExtensionNotAvailable("backend='compiled' requested but the kernels cannot "
-                                              "run on %s" % device)
+                                              "run on %s%s" % (device, " (%s)" % reason if reason else ""))
     if not _warned_backend:
-        from dnnrl_ext import _extension
         log.warning("dnnrl_ext compiled kernels unavailable on %s (%s); using the pure-PyTorch "
-                    "reference backend (slower)", device, _extension._LOAD_ERROR or "no CUDA kernels")
+                    "reference backend (slower)", device, reason or _extension._LOAD_ERROR or "no CUDA kernels")
         _warned_backend = True
     return "reference"
 
