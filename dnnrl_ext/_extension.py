@@ -56,12 +56,15 @@ def _unavailable_reason(device: torch.device):
                     % (device, REBUILD_HINT))
         if torch.compiler.is_compiling():  # checked in eager calls; keep traces free of it
             return None
-        if not torch.cuda.is_available():
-            return "no CUDA device is available here (torch.cuda.is_available() is False)"
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _cuda_capability:
-            _cuda_capability[index] = tuple(torch.cuda.get_device_capability(index))
-        major, minor = _cuda_capability[index]
+        capability = _cuda_capability.get(device.index)  # the per-call path: one dict lookup
+        if capability is None:
+            if not torch.cuda.is_available():
+                return "no CUDA device is available here (torch.cuda.is_available() is False)"
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            capability = _cuda_capability[index] = tuple(torch.cuda.get_device_capability(index))
+        else:
+            index = device.index
+        major, minor = capability
         if (major, minor) < MIN_CUDA_CAPABILITY:
             return ("dnnrl_ext's CUDA kernels need compute capability %d.%d or newer (Ampere: A100, "
                     "RTX 30xx and later); cuda:%d (%s) has %d.%d" % (
