@@ -84,6 +84,25 @@ def test_loss_matches_reference_on_both_gemm_paths(path, mining):
     torch.testing.assert_close(got_grad, xr.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("B, dtype", [(300, torch.float32), (3000, torch.float32), (2100, torch.float64)])
+def test_semi_hard_with_and_without_the_kept_tiles(B, dtype):
+    """Semi-hard mining keeps its first pass's tile products for the second pass up to
+    16 MiB of tiles (csrc/cpu/triplet_loss_cpu.cpp, kTileCacheBytes); beyond that (float32
+    B = 3000, float64 B = 2100) it computes them again. Both agree with the reference, and
+    the kept tiles give the second pass the very values the first pass mined with."""
+    require_compiled("cpu")
+    gen = torch.Generator().manual_seed(B)
+    x = torch.nn.functional.normalize(torch.randn(B, 16, generator=gen, dtype=dtype), dim=1)
+    labels = torch.randint(0, 7, (B,), generator=gen)
+    kw = dict(mining="semi_hard", loss="exp", alpha=0.5, gamma=0.1, margin=0.2, reduction="sum")
+    want, _ = run_triplet("reference", x, labels, **kw)
+    got, _ = run_triplet("compiled", x, labels, **kw)
+    ok = torch.as_tensor(tie_free_anchors(x, labels, "semi_hard", 0.1, "exp", 0.2))
+    assert ok.sum() >= len(ok) // 2
+    assert torch.equal(got.pos[ok], want.pos[ok]) and torch.equal(got.neg[ok], want.neg[ok])
+    torch.testing.assert_close(got.r, want.r, atol=r_atol(x), rtol=0)
+
+
 def test_the_two_gemm_paths_are_both_taken():
     """oneDNN and MKL sum in different orders: some distance differs in the last bits.
     (Were one path silently used for both, the tests above would compare it twice.)"""

@@ -294,18 +294,36 @@ void reduce_tile(const acc_t* tile, int64_t i0, int64_t ni, int64_t j0, int64_t 
   }
 }
 
+// Semi-hard mining reads every tile twice (hardest positive, then the negative above its
+// threshold). The first pass's products are kept for the second while they fit in this
+// many bytes (float32: B up to about 2,800) instead of a second round of GEMMs, which
+// made semi-hard cost 1.8-1.9x batch-hard (B = 128 / 512 / 2048, 2-core Zen 4).
+constexpr int64_t kTileCacheBytes = int64_t(16) << 20;
+
+// Tile pairs J >= I of a B-row batch.
+int64_t tile_pair_count(int64_t B) {
+  const int64_t T = tile_rows(B), nb = (B + T - 1) / T;
+  return nb * (nb + 1) / 2;
+}
+
 // One pass over all tile pairs J >= I: workers take tiles dynamically, compute the
 // tile with one GEMM call (tile_product.h) and reduce it into their own AnchorBest. Returns the
 // per-worker results (merged by the caller; the merge is order-independent).
+// `cache` (optional): empty, it is filled with every pair's product; filled, the pass
+// reads the products from it instead of computing them (the same values, bit for bit).
 template <Pass kPass, typename acc_t>
 std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, const int32_t* lab,
-                                          const acc_t* thr) {
+                                          const acc_t* thr, std::vector<Tensor>* cache = nullptr) {
   const int64_t B = xf.size(0);
   const int64_t T = tile_rows(B);
   const int64_t nb = (B + T - 1) / T;
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t bi = 0; bi < nb; ++bi)
     for (int64_t bj = bi; bj < nb; ++bj) pairs.emplace_back(bi, bj);
+  const bool reuse = cache != nullptr && !cache->empty();
+  const bool keep = cache != nullptr && cache->empty();
+  if (keep) cache->resize(pairs.size());  // each worker then writes only the slots of its own pairs
+  TORCH_INTERNAL_ASSERT(!reuse || cache->size() == pairs.size());
   // One worker for small batches (a 128-row batch is ~0.1 ms of BLAS).
   const bool small = B * B * xf.size(1) / 2 < cpu::kParallelTileWork;
   const int64_t nworkers =
@@ -317,13 +335,23 @@ std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, con
   cpu::SingleThreadBlas single_thread_blas(nworkers == 1);
   const bool onednn = cpu::use_onednn_tiles(xf.scalar_type());
   at::parallel_for(0, nworkers, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<acc_t> buf(T * T);
+    std::vector<acc_t> buf(reuse || keep ? 0 : T * T);
     ColumnBest<acc_t> col(T);
     for (int64_t w = w0; w < w1; ++w) {
       for (size_t p = next.fetch_add(1); p < pairs.size(); p = next.fetch_add(1)) {
         const int64_t i0 = pairs[p].first * T, j0 = pairs[p].second * T;
         const int64_t ni = std::min(T, B - i0), nj = std::min(T, B - j0);
-        const Tensor prod = cpu::tile_product(xf.narrow(0, i0, ni), xf.narrow(0, j0, nj), onednn, buf.data());
+        Tensor prod;
+        if (reuse) {
+          prod = (*cache)[p];
+        } else if (keep) {
+          // the at::mm path writes into `slot`; the oneDNN path returns a tensor of its own
+          Tensor slot = at::empty({ni, nj}, xf.options());
+          prod = cpu::tile_product(xf.narrow(0, i0, ni), xf.narrow(0, j0, nj), onednn, slot.data_ptr());
+          (*cache)[p] = prod.data_ptr() == slot.data_ptr() ? slot : prod;
+        } else {
+          prod = cpu::tile_product(xf.narrow(0, i0, ni), xf.narrow(0, j0, nj), onednn, buf.data());
+        }
         reduce_tile<kPass>(prod.data_ptr<acc_t>(), i0, ni, j0, nj, sq, lab, thr, best[w], col);
       }
     }
@@ -351,8 +379,11 @@ void mine_tiled(const Tensor& xf, const acc_t* sq, const int32_t* lab, int64_t m
                 int64_t* pos, int64_t* neg) {
   const int64_t B = xf.size(0);
   std::vector<acc_t> pos_v(B);
+  std::vector<Tensor> tiles;  // the first pass's products, for the semi-hard pass
+  const int64_t tile_bytes = tile_pair_count(B) * tile_rows(B) * tile_rows(B) * int64_t(sizeof(acc_t));
+  const bool cache_tiles = mining == kSemiHard && tile_bytes <= kTileCacheBytes;
   {
-    auto parts = tiled_pass<Pass::kHard, acc_t>(xf, sq, lab, nullptr);
+    auto parts = tiled_pass<Pass::kHard, acc_t>(xf, sq, lab, nullptr, cache_tiles ? &tiles : nullptr);
     for (int64_t i = 0; i < B; ++i) {
       acc_t pv = -kInf<acc_t>, nv = kInf<acc_t>;
       int64_t pj = -1, nj = -1;
@@ -370,7 +401,7 @@ void mine_tiled(const Tensor& xf, const acc_t* sq, const int32_t* lab, int64_t m
   // exactly the positive's distance (a duplicate row) is never taken as semi-hard.
   std::vector<acc_t> thr(B);
   for (int64_t i = 0; i < B; ++i) thr[i] = pos[i] >= 0 ? pos_v[i] + gamma : kInf<acc_t>;
-  auto parts = tiled_pass<Pass::kSemi, acc_t>(xf, sq, lab, thr.data());
+  auto parts = tiled_pass<Pass::kSemi, acc_t>(xf, sq, lab, thr.data(), cache_tiles ? &tiles : nullptr);
   for (int64_t i = 0; i < B; ++i) {
     acc_t nv = kInf<acc_t>;
     int64_t nj = -1;
