@@ -164,8 +164,10 @@ def _load_data(data, cache_dir: Optional[str] = None):
 
 def model_from_state(cfg: Config, num_classes: int, state: Dict[str, Tensor],
                      device: Union[str, torch.device] = "cpu"):
-    """The network of ``cfg`` with ``state`` loaded (float32), in eval mode, on ``device``."""
-    from .model import DNNRLNet
+    """The network of ``cfg`` with ``state`` loaded (float32) on ``device``, for inference:
+    its batch norms folded into the convolutions (:func:`dnnrl.model.fold_batch_norm`; eval
+    mode only)."""
+    from .model import DNNRLNet, fold_batch_norm
     from .runtime import use_channels_last
     device = torch.device(device)
     model = DNNRLNet(num_classes=num_classes, width=cfg.width, embed_dim=cfg.embed_dim, dropout=cfg.dropout)
@@ -173,7 +175,7 @@ def model_from_state(cfg: Config, num_classes: int, state: Dict[str, Tensor],
     model = model.to(device).eval()
     if use_channels_last(cfg.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return fold_batch_norm(model)
 
 
 def load_checkpoint(path: str):

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("machinery")
     g.add_argument("--seed", type=int, default=None, help="(%d)" % d.seed)
     _add_runtime_args(g)
-    g.add_argument("--channels-last", default=None, choices=CHOICES["channels_last"], help="(auto: on CUDA)")
+    g.add_argument("--channels-last", default=None, choices=CHOICES["channels_last"],
+                   help="(auto: on CUDA and the CPU)")
     g.add_argument("--cudnn-benchmark", default=None, choices=CHOICES["cudnn_benchmark"],
                    help="let cuDNN time its convolution algorithms on the first batches and keep the "
                         "fastest (auto: on CUDA; off: its heuristic choice, fewer surprises in run-to-run "
@@ -253,7 +254,9 @@ def _restore(args, for_eval: bool):
 
     ``for_eval``: carve a validation split as training did when the data has none, and
     refuse data of other classes for a softmax (dnn) model, whose head scores only its own
-    (a k-NN model takes its gallery from the data, so other classes are a warning)."""
+    (a k-NN model takes its gallery from the data, so other classes are a warning). The
+    model's batch norms are folded into its convolutions (inference only)."""
+    from .model import fold_batch_norm
     from .runtime import load_data, pick_device, place_data, resolve_backend
     from .train import build
     path, cfg, class_names, state = _load_checkpoint(args.checkpoint)
@@ -275,8 +278,7 @@ def _restore(args, for_eval: bool):
     data, _ = place_data(ds, device)
     model = build(cfg, len(class_names), device)
     model.load_state_dict(state)
-    model.eval()
-    return path, cfg, model, data, ds.class_names, device, backend
+    return path, cfg, fold_batch_norm(model), data, ds.class_names, device, backend
 
 
 def _eval(args) -> int:

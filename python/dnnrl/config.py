@@ -79,7 +79,7 @@ class Config:
     device: str = "auto"              # "auto" = cuda when available
     backend: str = "auto"             # dnnrl_ext backend: "auto" (compiled) or "reference"
     amp: str = "auto"                 # "auto" = bf16 autocast on cuda; "bf16"; "off"
-    channels_last: str = "auto"       # "auto" = on cuda
+    channels_last: str = "auto"       # "auto" = on cuda and cpu
     cudnn_benchmark: str = "auto"     # cuDNN picks its convolution algorithms by timing them
                                       # ("auto" = on cuda: the input shape is fixed); "on" / "off"
     cuda_graph: str = "off"           # "on": the network's training fwd + bwd replayed as CUDA graphs
