@@ -78,11 +78,13 @@ def test_folded_batch_norms_compute_the_eval_network(width, size, batch, channel
     assert folded.conv2[0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     net.eval()
     x = torch.randn(batch, 1, size, size, dtype=dtype)
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
     with torch.no_grad():
-        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(folded.features(x), net.features(x), **tol)
-        torch.testing.assert_close(folded(x), net(x), **tol)
-        torch.testing.assert_close(folded.logits(x), net.logits(x), **tol)
+        for name in ("features", "forward", "logits"):
+            want, got = getattr(net, name)(x), getattr(folded, name)(x)
+            # rounding error scales with the whole output, not with each (possibly tiny) element:
+            # a seed's random batch norms left one feature at 2e-3 next to features of 1, 1.3e-5 off
+            torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()), msg=name)
 
 
 def test_a_folded_network_can_be_evaluated_but_not_trained():
