@@ -536,6 +536,26 @@ def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path, monkeypa
     assert res["val_accuracy"] is not None
 
 
+def test_time_budget_leaves_the_warm_up_epoch_out_of_its_estimate(tmp_path, monkeypatch):
+    """The first epoch carries the warm-up (on the H200 2-3x the next ones): a fake clock
+    of 30 s, then 10 s per epoch, and a 65 s budget. After three epochs (50 s) the next one
+    is estimated at 10 s, not at the mean 16.7 s, so a fourth runs (60 s) and no fifth."""
+    from dnnrl import train as train_mod
+    clock = {"t": 0.0, "n": 0}
+    orig_train_epoch = train_mod.Trainer.train_epoch
+
+    def timed_epoch(self):
+        clock["t"] += 30.0 if clock["n"] == 0 else 10.0
+        clock["n"] += 1
+        return orig_train_epoch(self)
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", timed_epoch)
+    monkeypatch.setattr(train_mod.time, "time", lambda: clock["t"])
+    train(_cfg(tmp_path / "w", max_epochs=50, patience=50, schedule="cosine", time_budget=65.0))
+    hist = [json.loads(x) for x in open(tmp_path / "w" / "log.jsonl")]
+    assert [r["epoch_seconds"] for r in hist] == [30.0, 10.0, 10.0, 10.0]
+    assert json.load(open(tmp_path / "w" / "results.json"))["training"]["stopped_by"] == "time_budget"
+
+
 def test_schedule_and_budget_errors_name_the_option(tmp_path):
     with pytest.raises(ValueError, match="schedule must be one of"):
         _cfg(tmp_path / "x", schedule="linear")

@@ -605,7 +605,8 @@ class Trainer:
     def _next_epoch_seconds(self) -> float:
         """Estimate of one more epoch: the mean of the last three (the first one carries
         the warm-up, so it only counts while it is alone)."""
-        recent = [r.get("epoch_seconds", 0.0) for r in self.history[-3:]]
+        timed = self.history[1:] or self.history  # on the H200 the first epoch took 2-3x the next ones
+        recent = [r.get("epoch_seconds", 0.0) for r in timed[-3:]]
         return sum(recent) / len(recent) if recent else 0.0
 
     def stop_reason(self) -> Optional[str]:
