@@ -395,3 +395,32 @@ def test_load_image_modes(tmp_path):
     box = F.expand_box([10, 10, 100, 50], 0.1)
     assert box == (0, 5, 120, 60)
     assert F.crop_face(g, [-10, -10, 30, 30], 0.0).shape == (48, 48)
+
+
+@pytest.mark.parametrize("box", [[-10, -6, 30, 30], [25, 14, 30, 30], [-4, 3, 60, 20]])
+def test_crop_past_the_border_keeps_each_pixel_in_its_place(box):
+    """The part of a (grown) box outside the image is zero and the rest is the image
+    where it lies: at the top-left, the bottom-right and both sides of a wide box."""
+    g = (np.arange(40 * 50).reshape(40, 50) % 251 + 1).astype(np.uint8)  # no zeros inside the image
+    x, y, w, h = box
+    want = np.zeros((h, w), dtype=np.uint8)
+    for r in range(h):
+        for c in range(w):
+            if 0 <= y + r < 40 and 0 <= x + c < 50:
+                want[r, c] = g[y + r, x + c]
+    got = F.crop_face(g, box, 0.0, size=max(w, h))
+    np.testing.assert_array_equal(got, F.resize_face(want, max(w, h)))
+    if w == h:  # no resize: the canvas itself
+        np.testing.assert_array_equal(got, want)
+
+
+def test_face_crops_are_resized_like_training_images():
+    """A detected face is resized as dnnrl.data.decode_image resizes a training image of
+    another size (pillow's bilinear filter), so the network sees the same kind of pixels."""
+    from dnnrl.data import decode_image
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 256, (97, 83), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(face).save(buf, format="PNG")
+    np.testing.assert_array_equal(F.resize_face(face, 48), decode_image(buf.getvalue(), 48, "face.png"))
+    np.testing.assert_array_equal(F.crop_face(face, [0, 0, 83, 97], 0.0, size=48), F.resize_face(face, 48))
