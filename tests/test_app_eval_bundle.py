@@ -251,3 +251,44 @@ def test_reduce_gallery_dim_equals_an_export_at_that_dim(setup, tmp_path):
             B.reduce_gallery_dim(raw24, bad)
     with pytest.raises(B.BundleError, match="no PCA projection"):
         B.reduce_gallery_dim(dict(raw24, projection=None), 5)
+
+
+@pytest.mark.parametrize("rows", [400, 12])  # N > D: the covariance's eigenvectors; N <= D: an SVD
+def test_fit_pca_orders_components_by_variance(rows):
+    """Six axes of the data carry spreads 6, 5, ..., 1 (in a shuffled order of axes; the
+    columns are centred and orthogonal, so the axes are the principal directions exactly)
+    and the rest none: the i-th component must be the axis with the i-th largest spread,
+    its sign fixed positive, and the mean the offset the data was moved by."""
+    g = torch.Generator().manual_seed(0)
+    D = 16
+    axes = torch.randperm(D, generator=g)[:6]
+    a = torch.randn(rows, 6, generator=g, dtype=torch.float64)
+    q = torch.linalg.qr(a - a.mean(0))[0]  # orthonormal, zero-mean columns
+    x = torch.full((rows, D), 3.0, dtype=torch.float64)
+    x[:, axes] += q * torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64) * rows ** 0.5
+    mean, comps = B.fit_pca(x, 4)
+    assert comps.shape == (D, 4) and mean.shape == (D,)
+    torch.testing.assert_close(mean, torch.full((D,), 3.0), atol=1e-5, rtol=0)
+    for i in range(4):
+        assert int(comps[:, i].abs().argmax()) == int(axes[i]), (i, comps[:, i])
+        assert float(comps[int(axes[i]), i]) > 0.999
+
+
+def test_projected_vote_shares_are_votes_over_k():
+    """ProjectedKNNClassifier.vote (what dnnrl predict reports as "scores"): the predicted
+    class and each class's share of the k votes, summing to 1 per query, from a search of
+    the PCA coordinates ((q - mean) @ components)."""
+    from dnnrl_ext import knn_vote
+    g = torch.Generator().manual_seed(1)
+    D, d, C, k = 12, 5, 4, 7
+    mean, comps = torch.randn(D, generator=g), torch.linalg.qr(torch.randn(D, d, generator=g))[0]
+    gallery, labels = torch.randn(60, d, generator=g), torch.randint(0, C, (60,), generator=g)
+    clf = B.ProjectedKNNClassifier(k=k, num_classes=C, backend="reference", mean=mean, components=comps)
+    clf.fit(gallery, labels)
+    clf.k = k
+    q = torch.randn(9, D, generator=g)
+    pred, shares = clf.vote(q)
+    want_pred, votes = knn_vote((q - mean) @ comps, gallery, labels, k, C, return_votes=True, backend="reference")
+    torch.testing.assert_close(pred, want_pred)
+    torch.testing.assert_close(shares, votes.float() / k)
+    torch.testing.assert_close(shares.sum(1), torch.ones(9))
