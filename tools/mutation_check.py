@@ -2,7 +2,10 @@
 
 Each mutant below changes one rule of SPEC sections 2-3 in the CPU kernels or in the
 reference (a tie rule, a strict comparison, a clamp, a normaliser), or of the training
-protocol of section 6 (the 10 % rule, the reload, the lr floor, the patience). For each, this
+protocol of section 6 (the 10 % rule, the reload, the lr floor, the patience), or of the
+application (the schedules and the time budget, the scoring of each method, the packaged
+model's PCA gallery and vote shares, face crops, the shipping gate of the GPU session's
+ingest, DistributedLoss's gradients, the refusal of pre-Ampere cards). For each, this
 script applies it in a scratch git worktree of HEAD (committed work only), builds
 the extension there (CPU kernels only, about a minute on two cores; first the
 unmutated tree, which must pass), runs the op tests with ``-x`` and restores the file. A mutant the tests let pass is a rule no test pins down; the
@@ -40,6 +43,11 @@ TESTS = ["tests/test_ops_cases.py", "tests/test_ops_triplet.py", "tests/test_ops
 
 # the training protocol's tests (SPEC section 6), for the mutants of python/dnnrl/train.py
 PROTOCOL_TESTS = ["tests/test_app_train.py", "-k", "protocol or cosine or budget"]
+
+SELECT_TESTS = ["tests/test_app_train.py", "-k", "select_by"]
+INGEST_TESTS = ["tests/test_benchmark_tools.py", "-k", "ingest"]
+DISTRIBUTED_TESTS = ["tests/test_distributed_loss.py"]
+BUNDLE_TESTS = ["tests/test_app_eval_bundle.py", "tests/test_app_predict.py", "tests/test_app_packaged_model.py"]
 
 # (id, file, text, replacement, why it is equivalent or None[, tests to run instead of TESTS])
 MUTANTS = [
@@ -125,6 +133,72 @@ MUTANTS = [
      "        if False:", None, ["tests/test_app_samplers.py"]),
     ("no_validation_split_not_carved", "python/dnnrl/runtime.py", "    if need_val:\n        carve_validation(ds)\n",
      "", None, ["tests/test_app_runtime.py"]),
+    # added 2026-12-07 (session 17) for the code of sessions 13-16, which no full run had seen
+    ("semi_hard_cache_keeps_the_unused_slot", "csrc/cpu/triplet_loss_cpu.cpp",
+     "(*cache)[p] = prod.data_ptr() == slot.data_ptr() ? slot : prod;", "(*cache)[p] = slot;", None),
+    ("label_smoothing_in_validation", "python/dnnrl/train.py",
+     "smoothing = self.cfg.label_smoothing if self.model.training else 0.0",
+     "smoothing = self.cfg.label_smoothing", None, ["tests/test_app_train.py", "-k", "label_smoothing"]),
+    ("select_by_accuracy_not_its_error", "python/dnnrl/train.py", "            return 1.0 - rec[key]\n",
+     "            return rec[key]\n", None, SELECT_TESTS),
+    ("select_by_val_accuracy_scores_dnn_by_knn", "python/dnnrl/train.py",
+     '"val_accuracy" if self.cfg.method == "dnn" else "val_knn_accuracy"', '"val_knn_accuracy"', None, SELECT_TESTS),
+    ("time_budget_ignores_the_next_epoch", "python/dnnrl/train.py",
+     "self._spent_seconds() + self._next_epoch_seconds() > self.cfg.time_budget",
+     "self._spent_seconds() > self.cfg.time_budget", None, PROTOCOL_TESTS),
+    ("time_budget_estimate_counts_the_warm_up", "python/dnnrl/train.py", "timed = self.history[1:] or self.history",
+     "timed = self.history", None, PROTOCOL_TESTS),
+    ("cosine_ignores_the_time_budget", "python/dnnrl/train.py",
+     "progress = max(progress, self._spent_seconds() / self.cfg.time_budget)", "progress = progress", None,
+     PROTOCOL_TESTS),
+    ("cosine_rises", "python/dnnrl/train.py", "0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))",
+     "0.5 * (hi - lo) * (1.0 - math.cos(math.pi * progress))", None, PROTOCOL_TESTS),
+    ("late_cosine_starts_from_the_initial_lr", "python/dnnrl/train.py", "self.anneal_start_lr = self.lr",
+     "self.anneal_start_lr = self.cfg.lr", None, PROTOCOL_TESTS),
+    ("folded_copy_left_in_train_mode", "python/dnnrl/model.py", "folded = copy.deepcopy(model).eval()",
+     "folded = copy.deepcopy(model)", None, ["tests/test_app_model.py"]),
+    ("folded_network_accepts_train", "python/dnnrl/model.py",
+     'if mode and getattr(self, "batch_norm_folded", False):', "if False:", None, ["tests/test_app_model.py"]),
+    ("reduced_gallery_keeps_the_last_components", "python/dnnrl/bundle.py",
+     '"components": proj["components"][:, :dim].contiguous()',
+     '"components": proj["components"][:, -dim:].contiguous()', None,
+     ["tests/test_app_eval_bundle.py", "-k", "reduce_gallery_dim"]),
+    ("ship_a_worse_bundle", "benchmarks/ingest_gpu_session.py", "(new is None or new < old)", "(new is None)", None,
+     INGEST_TESTS),
+    ("ship_a_gallery_3_points_under_the_full_one", "benchmarks/ingest_gpu_session.py", "acc < acc32 - 0.003",
+     "acc < acc32 - 0.03", None, INGEST_TESTS),
+    ("global_gather_drops_the_own_gradient", "dnnrl_ext/distributed.py", "    parts[rank] = x\n", "", None,
+     DISTRIBUTED_TESTS),
+    ("global_loss_gradient_not_scaled_by_world", "dnnrl_ext/distributed.py",
+     "loss = _ScaleGrad.apply(out.loss, float(W))", "loss = out.loss", None, DISTRIBUTED_TESTS),
+    ("local_sum_gradient_not_scaled_by_world", "dnnrl_ext/distributed.py",
+     'scale = float(W) if self.reduction == "sum" else 1.0', "scale = 1.0", None, DISTRIBUTED_TESTS),
+    ("crop_past_the_border_pasted_at_the_corner", "python/dnnrl/faces.py",
+     "canvas[y0 - y:y1 - y, x0 - x:x1 - x] = gray[y0:y1, x0:x1]", "canvas[:y1 - y0, :x1 - x0] = gray[y0:y1, x0:x1]",
+     None, ["tests/test_app_predict.py"]),
+    ("face_crop_resized_nearest", "python/dnnrl/faces.py", ".resize((size, size), Image.BILINEAR)",
+     ".resize((size, size), Image.NEAREST)", None, ["tests/test_app_predict.py"]),
+    ("box_grown_on_one_side", "python/dnnrl/faces.py", "int(round(w + 2 * dx)), int(round(h + 2 * dy))",
+     "int(round(w + dx)), int(round(h + dy))", None, ["tests/test_app_predict.py"]),
+    ("gallery_query_not_centred", "python/dnnrl/bundle.py", "return (t.float() - m) @ c", "return t.float() @ c",
+     None, BUNDLE_TESTS),
+    ("vote_shares_not_divided_by_k", "python/dnnrl/bundle.py", "return pred, votes.float() / self.k",
+     "return pred, votes.float()", None, BUNDLE_TESTS),
+    ("pca_keeps_the_least_variance", "python/dnnrl/bundle.py", "torch.argsort(evals, descending=True)[:dim]",
+     "torch.argsort(evals, descending=False)[:dim]", None, BUNDLE_TESTS),
+    ("auto_gallery_dim_forgets_the_components", "python/dnnrl/bundle.py",
+     "d = int((limit_bytes - base) // (2 * rows + 4 * dim))", "d = int((limit_bytes - base) // (2 * rows))", None,
+     BUNDLE_TESTS),
+    ("per_class_accuracy_is_precision", "python/dnnrl/evaluate.py", "float(cm[i, i] / cm[i].sum())",
+     "float(cm[i, i] / cm[:, i].sum())", None, ["tests/test_app_metrics.py"]),
+    ("dnn_scored_by_knn", "python/dnnrl/evaluate.py",
+     "preds[s] = embed(model, data[s][0], head=True, **kw).argmax(1)", "preds[s] = clf.predict(emb[s])", None,
+     ["tests/test_app_metrics.py", "tests/test_app_train.py"]),
+    ("k_not_chosen_on_validation", "python/dnnrl/evaluate.py",
+     'val=(emb["val"], labels["val"]) if has_val else None, k_max=k_max)', "val=None, k_max=k_max)", None,
+     ["tests/test_app_metrics.py", "tests/test_app_train.py"]),
+    ("pre_ampere_card_accepted", "dnnrl_ext/_extension.py", "if (major, minor) < MIN_CUDA_CAPABILITY:",
+     "if (major, minor) < (7, 0):", None, ["tests/test_bad_input.py", "-k", "ampere"]),
 ]
 
 
