@@ -223,3 +223,20 @@ def test_cache_invalidated_when_source_changes(tmp_path, cache):
     os.utime(path, ns=(1, 10 ** 18))
     ds = load_dataset(path, cache_dir=cache)
     assert not ds.from_cache and ds.splits["train"][1].tolist() == [3, 4]
+
+
+def test_csv_pixels_are_read_row_by_row_and_survive_the_cache(tmp_path, cache):
+    """FER-2013's CSV lists each image's pixels row by row (left to right, top to bottom).
+    The other tests use flat images, which read the same in any order; these have a
+    different value at every pixel, and must come back the same from the cache."""
+    path = str(tmp_path / "grid.csv")
+    imgs = [(np.arange(48 * 48).reshape(48, 48) * (i + 1)) % 251 for i in range(3)]
+    rows = ['%d,"%s",%s' % (i, " ".join(map(str, im.ravel())), u)
+            for i, (im, u) in enumerate(zip(imgs, ["Training", "Training", "PublicTest"]))]
+    _csv(path, "emotion,pixels,Usage", rows)
+    for attempt in range(2):  # the second load comes from the cache
+        ds = load_dataset(path, cache_dir=cache)
+        assert ds.from_cache == (attempt == 1)
+        np.testing.assert_array_equal(ds.splits["train"][0], np.stack(imgs[:2]).astype(np.uint8))
+        np.testing.assert_array_equal(ds.splits["val"][0][0], imgs[2].astype(np.uint8))
+        assert ds.splits["train"][0][0, 0, 1] == 1 and ds.splits["train"][0][0, 1, 0] == 48
