@@ -569,7 +569,6 @@ def test_late_cosine_keeps_the_plateau_protocol_then_anneals(tmp_path, monkeypat
     to lr_min; a resumed run continues the same way."""
     import math
     from dnnrl import train as train_mod
-    losses = {}
     orig = train_mod.Trainer.validate
 
     def fake_validate(self):
