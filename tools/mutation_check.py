@@ -197,6 +197,11 @@ MUTANTS = [
     ("k_not_chosen_on_validation", "python/dnnrl/evaluate.py",
      'val=(emb["val"], labels["val"]) if has_val else None, k_max=k_max)', "val=None, k_max=k_max)", None,
      ["tests/test_app_metrics.py", "tests/test_app_train.py"]),
+    ("csv_pixels_read_column_major", "python/dnnrl/data.py", "img = values.astype(np.uint8).reshape(side, side)\n",
+     "img = values.astype(np.uint8).reshape(side, side).T\n", None, ["tests/test_app_data.py"]),
+    ("cache_ignores_a_changed_source", "python/dnnrl/data.py",
+     "ident = [os.path.abspath(path), _fingerprint(path), sorted(options.items()), _CACHE_VERSION]",
+     "ident = [os.path.abspath(path), sorted(options.items()), _CACHE_VERSION]", None, ["tests/test_app_data.py"]),
     ("pre_ampere_card_accepted", "dnnrl_ext/_extension.py", "if (major, minor) < MIN_CUDA_CAPABILITY:",
      "if (major, minor) < (7, 0):", None, ["tests/test_bad_input.py", "-k", "ampere"]),
 ]
