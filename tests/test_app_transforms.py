@@ -54,6 +54,25 @@ def test_no_jitter_no_rotation_centre_crop_equals_eval():
     torch.testing.assert_close(augment(x, cfg, torch.Generator().manual_seed(0)), evaluate_transform(x, cfg))
 
 
+@pytest.mark.parametrize("out_size", [108, 48])
+def test_flip_mirrors_left_right_about_half_the_images(out_size):
+    """--flip: with no jitter, rotation or crop offset, each training image is the
+    evaluation image or its left-right mirror (never upside down), mirrored for about
+    half of a batch; without --flip none is mirrored."""
+    x = _images(200, seed=3)
+    base = dict(scale_jitter=0, rotation=0, pad_to=108, out_size=out_size)
+    plain = evaluate_transform(x, AugmentConfig(**base))
+    mirror = torch.flip(plain, dims=[-1])
+    out = augment(x, AugmentConfig(flip=True, **base), torch.Generator().manual_seed(0))
+    err_plain = (out - plain).abs().amax(dim=(1, 2, 3))
+    err_mirror = (out - mirror).abs().amax(dim=(1, 2, 3))
+    assert torch.all(torch.minimum(err_plain, err_mirror) < 1e-4), "an image neither as is nor mirrored"
+    mirrored = (err_mirror < err_plain).float().mean().item()
+    assert 0.35 < mirrored < 0.65, mirrored
+    off = augment(x, AugmentConfig(**base), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(off, plain, atol=1e-4, rtol=0)
+
+
 def test_scaled_output_size():
     cfg = AugmentConfig(out_size=48)
     x = _images()
