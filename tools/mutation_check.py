@@ -202,6 +202,13 @@ MUTANTS = [
     ("cache_ignores_a_changed_source", "python/dnnrl/data.py",
      "ident = [os.path.abspath(path), _fingerprint(path), sorted(options.items()), _CACHE_VERSION]",
      "ident = [os.path.abspath(path), sorted(options.items()), _CACHE_VERSION]", None, ["tests/test_app_data.py"]),
+    ("train_flip_mirrors_vertically", "python/dnnrl/transforms.py",
+     "theta[:, :, 0] = theta[:, :, 0] * sign[:, None]", "theta[:, :, 1] = theta[:, :, 1] * sign[:, None]", None,
+     ["tests/test_app_transforms.py", "tests/test_app_train.py"]),
+    ("train_flip_never_drawn", "python/dnnrl/transforms.py", "sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0)",
+     "sign = torch.where(u[:, 4] < 0.0, -1.0, 1.0)", None, ["tests/test_app_transforms.py", "tests/test_app_train.py"]),
+    ("tta_mirror_is_vertical", "python/dnnrl/runtime.py", "views += [x, torch.flip(x, dims=[-1])] if aug.tta_flip",
+     "views += [x, torch.flip(x, dims=[-2])] if aug.tta_flip", None, ["tests/test_app_train.py", "-k", "tta"]),
     ("pre_ampere_card_accepted", "dnnrl_ext/_extension.py", "if (major, minor) < MIN_CUDA_CAPABILITY:",
      "if (major, minor) < (7, 0):", None, ["tests/test_bad_input.py", "-k", "ampere"]),
 ]
