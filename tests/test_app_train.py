@@ -317,6 +317,53 @@ def test_easy_positive_triplets_match_a_loop(B, C, D, seed, grid):
             assert abs(d[i, pg] - d[i, pw]) < 1e-4 and abs(d[i, ng] - d[i, nw]) < 1e-4
 
 
+def test_easy_positive_triplets_by_hand():
+    """Points on a line: 0 (class 0), 1 (class 0), 3 (class 1), 7 (class 0), 4 (class 1),
+    and a lone class-2 point at 20. Anchor 0's nearest positive is 1 (not the farthest,
+    7), its nearest negative 3; anchor 4's nearest negatives 1 and 7 tie (distance 3)
+    and the smaller index wins; the class-2 point has no positive and is dropped."""
+    from dnnrl.train import easy_positive_triplets
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0], [4.0], [20.0]])
+    y = torch.tensor([0, 0, 1, 0, 1, 2])
+    a, p, n = easy_positive_triplets(x, y)
+    assert a.tolist() == [0, 1, 2, 3, 4]
+    assert p.tolist() == [1, 0, 4, 1, 2]
+    assert n.tolist() == [2, 2, 1, 4, 1]
+    # one class only: no anchor has a negative, so no triplet at all
+    a, p, n = easy_positive_triplets(x[:2], y[:2])
+    assert a.numel() == p.numel() == n.numel() == 0
+
+
+@pytest.mark.parametrize("mining", ["easy_positive", "random_triplets", "batch_hard", "semi_hard"])
+@pytest.mark.parametrize("method", ["dnnrl", "tdnn"])
+def test_each_method_trains_its_own_loss(method, mining):
+    """DNNRL trains the exponential triplet loss, T-DNN the hinge, under every mining
+    (the explicit-triplet minings are built in Python, the others by the op)."""
+    import dnnrl_ext
+    from dnnrl.config import Config
+    from dnnrl.train import easy_positive_triplets, make_criterion, random_triplets
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(24) % 4
+    cfg = Config(method=method, mining=mining, alpha=0.5, gamma=-0.3, margin=0.7, reduction="sum")
+    got = make_criterion(cfg, "reference", generator=torch.Generator().manual_seed(1))(x, y)
+    kind = "exp" if method == "dnnrl" else "hinge"
+    kw = dict(loss=kind, alpha=0.5, gamma=-0.3 if kind == "exp" else 0.0, margin=0.7, reduction="sum",
+              backend="reference")
+    if mining in ("easy_positive", "random_triplets"):
+        a, p, n = (easy_positive_triplets(x, y) if mining == "easy_positive"
+                   else random_triplets(y, torch.Generator().manual_seed(1)))
+        want = dnnrl_ext.triplet_loss_from_triplets(x, a, p, n, **kw)
+    else:
+        want = dnnrl_ext.triplet_loss(x, y, mining=mining, **kw)
+    torch.testing.assert_close(got, want)
+    other = dict(kw, loss="hinge" if kind == "exp" else "exp", gamma=-0.3)
+    if mining in ("easy_positive", "random_triplets"):
+        assert not torch.allclose(got, dnnrl_ext.triplet_loss_from_triplets(x, a, p, n, **other))
+    else:
+        assert not torch.allclose(got, dnnrl_ext.triplet_loss(x, y, mining=mining, **other))
+
+
 def test_easy_positive_mining_trains(tmp_path):
     res = train(_cfg(tmp_path / "ep", method="dnnrl", mining="easy_positive"))
     hist = [json.loads(x) for x in open(tmp_path / "ep" / "log.jsonl")]
