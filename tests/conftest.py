@@ -14,7 +14,6 @@ import sys
 from collections import namedtuple
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ops_testutil

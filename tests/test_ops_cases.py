@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dnnrl_ext
-from ops_testutil import DTYPES, dtype_params, layout
+from ops_testutil import dtype_params, layout
 
 F64 = torch.float64
 

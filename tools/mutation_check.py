@@ -48,6 +48,8 @@ SELECT_TESTS = ["tests/test_app_train.py", "-k", "select_by"]
 INGEST_TESTS = ["tests/test_benchmark_tools.py", "-k", "ingest"]
 DISTRIBUTED_TESTS = ["tests/test_distributed_loss.py"]
 BUNDLE_TESTS = ["tests/test_app_eval_bundle.py", "tests/test_app_predict.py", "tests/test_app_packaged_model.py"]
+RESUME_TESTS = ["tests/test_app_train.py", "-k", "resume"]
+AMP_TESTS = ["tests/test_app_train.py", "tests/test_app_eval_bundle.py", "tests/test_app_metrics.py", "-k", "amp"]
 
 # (id, file, text, replacement, why it is equivalent or None[, tests to run instead of TESTS])
 MUTANTS = [
@@ -222,6 +224,33 @@ MUTANTS = [
      ["tests/test_app_train.py", "tests/test_app_reproduce.py"]),
     ("pre_ampere_card_accepted", "dnnrl_ext/_extension.py", "if (major, minor) < MIN_CUDA_CAPABILITY:",
      "if (major, minor) < (7, 0):", None, ["tests/test_bad_input.py", "-k", "ampere"]),
+    # a resumed run continues the interrupted one exactly (its RNG streams, momentum and log)
+    ("resume_forgets_the_augmentation_rng", "python/dnnrl/train.py",
+     '        self.aug_gen.set_state(rng["aug"].cpu() if self.device.type == "cpu" else rng["aug"])\n', "", None,
+     RESUME_TESTS),
+    ("resume_forgets_the_sampler_rng", "python/dnnrl/train.py", '        self.sample_gen.set_state(rng["sample"].cpu())\n',
+     "", None, RESUME_TESTS),
+    ("resume_forgets_the_triplet_rng", "python/dnnrl/train.py", 'if rng.get("triplet") is not None:', "if False:", None,
+     RESUME_TESTS),
+    ("resume_forgets_the_momentum", "python/dnnrl/train.py", '        self.optimizer.load_state_dict(st["optimizer"])\n',
+     "", None, RESUME_TESTS),
+    ("resume_appends_the_log", "python/dnnrl/train.py", 'with open(os.path.join(self.run_dir, "log.jsonl"), "w") as fh:',
+     'with open(os.path.join(self.run_dir, "log.jsonl"), "a") as fh:', None, RESUME_TESTS),
+    # the per-epoch k-NN monitor: best k <= 20, two flip views only
+    ("monitor_takes_k_1", "python/dnnrl/train.py", "        return float(acc.max())\n", "        return float(acc[0])\n",
+     None, ["tests/test_app_train.py"]),
+    ("monitor_embeds_ten_views", "python/dnnrl/train.py", "aug = dataclasses.replace(self.aug, tta_shift=0.0)",
+     "aug = self.aug", None, ["tests/test_app_train.py"]),
+    # bf16 autocast: "auto" means on for CUDA only, "bf16" on everywhere, "off" never
+    ("amp_auto_on_the_cpu", "python/dnnrl/runtime.py", 'return mode == "bf16" or (mode == "auto" and device.type == "cuda")',
+     'return mode == "bf16" or mode == "auto"', None, AMP_TESTS),
+    ("amp_bf16_ignored", "python/dnnrl/runtime.py", 'return mode == "bf16" or (mode == "auto" and device.type == "cuda")',
+     'return mode == "auto" and device.type == "cuda"', None, AMP_TESTS),
+    # videos: every Nth frame, stamped with its own frame number and time
+    ("video_every_ignored", "python/dnnrl/predict.py", "                if i % every == 0:\n",
+     "                if True:\n", None, ["tests/test_app_predict.py", "-k", "video"]),
+    ("video_time_counts_kept_frames", "python/dnnrl/predict.py", 'rec["time_s"] = i / fps if fps > 0 else None',
+     'rec["time_s"] = got / fps if fps > 0 else None', None, ["tests/test_app_predict.py", "-k", "video"]),
 ]
 
 
