@@ -140,3 +140,24 @@ def test_a_training_split_of_one_image_is_an_error(tmp_path, monkeypatch):
     cfg = resolve(dict(out=str(tmp_path / "run"), preset="cpu", image_size=32, width=0.125, progress=False))
     with pytest.raises(ValueError, match="training split has 1 image"):
         T.Trainer(cfg)
+
+
+def test_amp_modes_autocast_where_asked():
+    """--amp: "auto" is bf16 autocast on CUDA only, "bf16" on every device, "off" never.
+    The truth table, and what it does to embeddings on the CPU: "auto" gives the float32
+    result bit for bit, "bf16" a different one (bf16 rounding) that still agrees to ~1e-2."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no card
+    assert [runtime.amp_enabled(m, cpu) for m in ("auto", "bf16", "off")] == [False, True, False]
+    assert [runtime.amp_enabled(m, cuda) for m in ("auto", "bf16", "off")] == [True, True, False]
+
+    from dnnrl.model import DNNRLNet
+    from dnnrl.transforms import AugmentConfig
+    torch.manual_seed(0)
+    model = DNNRLNet(num_classes=7, width=0.125).eval()
+    images = torch.randint(0, 256, (6, 48, 48), dtype=torch.uint8)
+    aug = AugmentConfig(out_size=48)
+    off, auto, bf16 = (runtime.embed(model, images, aug, cpu, amp=m) for m in ("off", "auto", "bf16"))
+    assert off.dtype == auto.dtype == bf16.dtype == torch.float32
+    assert torch.equal(auto, off)
+    assert not torch.equal(bf16, off)
+    torch.testing.assert_close(bf16, off, atol=3e-2, rtol=0)

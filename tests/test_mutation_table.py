@@ -1,0 +1,35 @@
+"""tools/mutation_check.py's table stays in step with the code it mutates: a row whose
+text no longer occurs exactly once would stop a mutation run after its ten-minute
+baseline, so it is caught here, in a second."""
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table():
+    spec = importlib.util.spec_from_file_location("mutation_check", os.path.join(REPO, "tools", "mutation_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+MC = _table()
+
+
+@pytest.mark.parametrize("row", MC.MUTANTS, ids=[m[0] for m in MC.MUTANTS])
+def test_each_mutant_changes_one_place_of_an_existing_file(row):
+    ident, path, text, repl, equivalent, *own_tests = row
+    src = open(os.path.join(REPO, path)).read()
+    assert src.count(text) == 1, "%s: its text occurs %d times in %s" % (ident, src.count(text), path)
+    assert repl != text
+    for arg in (own_tests[0] if own_tests else MC.TESTS):
+        if arg.startswith("tests/"):
+            assert os.path.exists(os.path.join(REPO, arg)), "%s: no test file %s" % (ident, arg)
+
+
+def test_mutant_names_are_unique():
+    names = [m[0] for m in MC.MUTANTS]
+    assert len(names) == len(set(names))
