@@ -1,4 +1,5 @@
 """dnnrl.train / cli: end-to-end tiny runs, resume equivalence, CLI help."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -56,7 +57,8 @@ def test_resume_matches_uninterrupted(tmp_path):
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in a["history"]] == [r[key] for r in b["history"]], key
     assert full["val_accuracy"] == resumed["val_accuracy"] and full["k"] == resumed["k"]
     assert len(open(tmp_path / "cut" / "log.jsonl").readlines()) == 3
 
@@ -196,6 +198,10 @@ def test_random_triplets_are_valid_and_resume_exactly(tmp_path):
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    # the losses too: epoch 2 raises the validation loss here, so both runs reload epoch 1's
+    # weights, and equal weights alone would not show that epoch 2 drew the same triplets
+    for key in ("train_loss", "val_loss", "train_active_fraction"):
+        assert [r[key] for r in a["history"]] == [r[key] for r in b["history"]], key
     assert 0.3 < a["history"][0]["train_active_fraction"] < 1.0  # random triplets: ~half satisfied
 
 
@@ -424,7 +430,6 @@ def test_erase_and_label_smoothing_train(tmp_path, method):
 def test_every_train_option_reaches_the_config(tmp_path):
     """Each `dnnrl train` option whose name is a Config field lands in config.json
     (the new options once did not: the CLI kept a hand-written list)."""
-    import dataclasses
     from dnnrl.cli import build_parser
     from dnnrl.config import Config
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
@@ -451,7 +456,6 @@ def test_cli_reports_bad_option_values_in_one_line(tmp_path, capsys):
 
 
 def test_flip_tta_averages_an_image_and_its_mirror():
-    import dataclasses
     import torch.nn.functional as F
     from dnnrl.model import DNNRLNet
     from dnnrl.runtime import embed
@@ -650,6 +654,29 @@ def test_monitor_uses_flip_views_only_under_crops_tta(tmp_path, monkeypatch):
     trainer._monitor_knn()
     assert seen and all(s == (True, 0.0) for s in seen)
     assert trainer.aug.tta_shift == 4.0  # the final evaluation keeps the 10 views
+
+
+def test_monitor_scores_the_best_k_up_to_20(tmp_path):
+    """The per-epoch k-NN monitor: validation accuracy of the vote over the fixed gallery
+    subset, at the best k in 1..min(20, gallery), the same number a KNNClassifier fitted
+    on those embeddings reports. Seeds where k = 1 is not the best, so that k = 1 alone
+    could not pass."""
+    from dnnrl import train as train_mod
+    from dnnrl_ext import KNNClassifier
+    checked = 0
+    for seed in range(6):
+        trainer = train_mod.Trainer(_cfg(tmp_path / str(seed), seed=seed, max_epochs=1))
+        aug = dataclasses.replace(trainer.aug, tta_shift=0.0)
+        xg = trainer.data["train"][0][trainer._monitor_idx]
+        yg = trainer.data["train"][1][trainer._monitor_idx]
+        g = train_mod.embed(trainer.model, xg, aug, trainer.device)
+        q = train_mod.embed(trainer.model, trainer.data["val"][0], aug, trainer.device)
+        clf = KNNClassifier(num_classes=len(trainer.class_names), backend="reference")
+        clf.fit(g, yg, val=(q, trainer.data["val"][1]), k_max=min(20, g.shape[0]))
+        per_k = clf.val_accuracy_per_k
+        assert trainer._monitor_knn() == pytest.approx(max(per_k.values()), abs=1e-9)
+        checked += per_k[1] < max(per_k.values())
+    assert checked, "k = 1 was the best k for every seed: the test cannot tell"
 
 
 def test_cli_resume_keeps_the_run_length_and_writes_where_resumed(tmp_path):

@@ -251,6 +251,33 @@ MUTANTS = [
      "                if True:\n", None, ["tests/test_app_predict.py", "-k", "video"]),
     ("video_time_counts_kept_frames", "python/dnnrl/predict.py", 'rec["time_s"] = i / fps if fps > 0 else None',
      'rec["time_s"] = got / fps if fps > 0 else None', None, ["tests/test_app_predict.py", "-k", "video"]),
+    # a resumed run takes from the command line only its length and the machine's options
+    ("resume_applies_every_given_option", "python/dnnrl/train.py",
+     "else set(resume_given) & set(RESUME_OVERRIDABLE)", "else set(resume_given)", None, RESUME_TESTS),
+    ("resume_writes_where_first_run", "python/dnnrl/train.py",
+     "        saved.out = cfg.out  # the directory it is resumed in, wherever it was first written\n", "", None,
+     RESUME_TESTS),
+    # the network: unit-norm embeddings from both forward paths
+    ("embedding_not_normalised", "python/dnnrl/model.py", "return F.normalize(self.features(x).float(), dim=1)",
+     "return self.features(x).float()", None, ["tests/test_app_model.py", "tests/test_app_train.py"]),
+    ("joint_embedding_not_normalised", "python/dnnrl/model.py", "return F.normalize(f.float(), dim=1), self.head(f)",
+     "return f.float(), self.head(f)", None, ["tests/test_app_model.py", "tests/test_app_train.py"]),
+    # the geometry of the transforms, and erasing to the mean grey
+    ("eval_face_scaled_the_wrong_way", "python/dnnrl/transforms.py",
+     "theta[:, 0, 0] = theta[:, 1, 1] = crop / resize", "theta[:, 0, 0] = theta[:, 1, 1] = resize / crop", None,
+     ["tests/test_app_transforms.py"]),
+    ("rotation_becomes_a_shear", "python/dnnrl/transforms.py",
+     "theta[:, 0, 0], theta[:, 0, 1] = k * cos * h, k * sin * h", "theta[:, 0, 0], theta[:, 0, 1] = k * cos * h, -k * sin * h",
+     None, ["tests/test_app_transforms.py"]),
+    ("erase_fills_black", "python/dnnrl/transforms.py", "out.masked_fill_(mask[:, None], 0.0)",
+     "out.masked_fill_(mask[:, None], -PIXEL_MEAN / PIXEL_STD)", None, ["tests/test_app_transforms.py"]),
+    # P x K batches: a random choice of P classes when there are more
+    ("pk_always_the_first_classes", "python/dnnrl/samplers.py",
+     "chosen = torch.randperm(C, generator=g, device=g.device)[: self.p].tolist()", "chosen = list(range(self.p))",
+     None, ["tests/test_app_samplers.py"]),
+    # the distributed shards of a batch or a gallery cover each row once
+    ("shards_overlap", "dnnrl_ext/distributed.py", "start = rank * base + min(rank, extra)", "start = rank * base",
+     None, DISTRIBUTED_TESTS + ["tests/test_app_distributed.py"]),
 ]
 
 
@@ -285,6 +312,9 @@ def main(argv=None):
     scratch = tempfile.mkdtemp(prefix="dnnrl-mutants-")
     tree = os.path.join(scratch, "tree")
     subprocess.run(["git", "worktree", "add", "-q", "--detach", tree, "HEAD"], cwd=REPO, check=True)
+    shared = os.path.join(os.path.dirname(REPO), "shared")
+    if os.path.isdir(shared):  # the tests that read ../shared (FER-2013 faces) run in the worktree too
+        os.symlink(shared, os.path.join(scratch, "shared"))
     env = dict(os.environ, FORCE_CPU="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
                PYTHONPATH=tree + os.pathsep + os.path.join(tree, "python"), DNNRL_REQUIRE_EXTENSION="1")
     survived = []
