@@ -36,6 +36,11 @@ def test_embedding_is_unit_norm_and_head_shape(net):
     assert e.shape == (3, 512) and e.dtype == torch.float32
     torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
     assert logits.shape == (3, 7)
+    # the joint loss's single pass gives the same two, the embeddings unit-norm too
+    with torch.no_grad():
+        je, jl = net.embed_and_logits(x)
+    torch.testing.assert_close(je, e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(jl, logits, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])

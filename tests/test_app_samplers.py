@@ -33,6 +33,18 @@ def test_pk_deterministic_by_seed_and_p_capped():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_pk_draws_p_of_more_classes_at_random():
+    """P < number of classes: each batch's P classes are a fresh random choice, so every
+    class is drawn, about equally often, and the choice changes from batch to batch."""
+    labels = torch.arange(1000) % 10
+    s = PKSampler(labels, p=3, k=4)
+    chosen = [tuple(sorted(set(labels[b].tolist()))) for b in s.epoch(torch.Generator().manual_seed(0))]
+    assert all(len(c) == 3 for c in chosen) and len(chosen) == 1000 // 12
+    freq = torch.bincount(torch.tensor([c for cs in chosen for c in cs]), minlength=10)
+    assert int(freq.min()) >= 10 and int(freq.max()) <= 40, freq.tolist()  # 25 expected per class
+    assert len(set(chosen)) > 20
+
+
 def test_pk_walks_each_class_without_repeats_until_it_is_used_up():
     """Each class's images come from a walk over its own permutation: within one pass of
     floor(n / k) * k draws no image repeats, and the pass covers all but n mod k of them

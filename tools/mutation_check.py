@@ -5,12 +5,16 @@ reference (a tie rule, a strict comparison, a clamp, a normaliser), or of the tr
 protocol of section 6 (the 10 % rule, the reload, the lr floor, the patience), or of the
 application (the schedules and the time budget, the scoring of each method, the packaged
 model's PCA gallery and vote shares, face crops, the shipping gate of the GPU session's
-ingest, DistributedLoss's gradients, the refusal of pre-Ampere cards). For each, this
-script applies it in a scratch git worktree of HEAD (committed work only), builds
-the extension there (CPU kernels only, about a minute on two cores; first the
-unmutated tree, which must pass), runs the op tests with ``-x`` and restores the file. A mutant the tests let pass is a rule no test pins down; the
-summary lists those. Mutants marked ``equivalent`` cannot change any result (the
-reason is written beside them) and are listed for completeness, not run.
+ingest, DistributedLoss's gradients, the refusal of pre-Ampere cards, a resumed run's
+RNG streams and options, the k-NN monitor, bf16 autocast, video frame sampling, the
+transforms' geometry, P x K batches, distributed shards). For each, this script applies
+it in a scratch git worktree of HEAD (committed work only; it sees ``../shared`` through
+a link, so the tests that read FER-2013 faces run there too), builds the extension there
+(CPU kernels only, about a minute on two cores; first the unmutated tree, which must
+pass), runs the op tests (or the mutant's own tests) with ``-x`` and restores the file.
+A mutant the tests let pass is a rule no test pins down; the summary lists those.
+Mutants marked ``equivalent`` cannot change any result (the reason is written beside
+them) and are listed for completeness, not run.
 
 Why a hand-made table and not a mutation-testing package: the mutants worth running
 are the semantic rules of one C++ file and its reference, and a generic tool (mutmut,
