@@ -83,6 +83,25 @@ def test_zip_archive_in_place(tmp_path, cache):
     _check_kaggle(load_dataset(path, cache_dir=cache))
 
 
+def test_images_come_in_path_order_whatever_the_archive_order(tmp_path, cache):
+    """The same images stored in opposite orders read as the same arrays, row for row
+    (each image has its own grey value, so a different order shows)."""
+    entries = [(rel, 3 + 11 * i) for i, (rel, _) in enumerate(KAGGLE)]
+    read = []
+    for name, order in (("fwd", entries), ("rev", entries[::-1])):
+        path = str(tmp_path / (name + ".zip"))
+        with zipfile.ZipFile(path, "w") as zf:
+            for rel, value in order:
+                zf.writestr("fer2013/" + rel, _png(value))
+        read.append(load_dataset(path, cache_dir=cache))
+    fwd, rev = read
+    assert fwd.splits.keys() == rev.splits.keys()
+    for s in fwd.splits:
+        np.testing.assert_array_equal(fwd.splits[s][0], rev.splits[s][0])
+        np.testing.assert_array_equal(fwd.splits[s][1], rev.splits[s][1])
+    assert len(np.unique(fwd.splits["train"][0][:, 0, 0])) == 9  # distinct images, so order shows
+
+
 @pytest.mark.parametrize("mode,ext", [("w:gz", ".tar.gz"), ("w:xz", ".tar.xz"), ("w", ".tar")])
 def test_tar_archive_in_place(tmp_path, cache, mode, ext):
     path = str(tmp_path / ("fer" + ext))

@@ -102,3 +102,39 @@ def test_table_says_why_each_run_stopped(tmp_path):
     table = json.load(open(os.path.join(out, "table.json")))
     assert table["rows"][0]["stopped_by"] == "max_epochs"
     assert "| max_epochs |" in open(os.path.join(out, "table.md")).read()
+
+
+def test_table_columns_are_val_ours_test_ours_test_paper():
+    from dnnrl.reproduce import format_table
+    row = {"method": "dnnrl", "name": "DNNRL", "val_accuracy": 0.61, "test_accuracy": 0.62,
+           "paper_test_accuracy": 0.706, "k": 7, "epochs": 3, "stopped_by": "patience", "train_seconds": 12.5,
+           "images_per_s": 999.0}
+    header, _, line = format_table([row]).splitlines()
+    assert header.split(" | ")[1:4] == ["val accuracy (ours)", "test accuracy (ours)", "test accuracy (paper)"]
+    assert line == "| DNNRL | 61.00 % | 62.00 % | 70.60 % | 7 | 3 | patience | 12.5 | 999 |"
+
+
+def test_reproduce_resumes_an_interrupted_method_and_starts_a_new_one(tmp_path, monkeypatch):
+    """Rerunning the command after an interruption continues the interrupted method from its
+    checkpoint (its finished epoch is kept, not trained again); a method with no run yet
+    starts fresh."""
+    from dnnrl import train as train_mod
+    out = str(tmp_path / "t2")
+    real_train, calls = train_mod.train, []
+
+    def interrupted(cfg, resume=False, **kw):
+        calls.append((cfg.method, resume))
+        return real_train(cfg, resume=resume, stop_after=1, **kw)
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    # "killed" after epoch 1 of 2: no results.json to tabulate, which the command says
+    assert main(["reproduce", "--out", out, "--method", "dnn"] + TINY[:1] + ["2"] + TINY[2:]) != 0
+    first = json.loads(open(os.path.join(out, "dnn", "log.jsonl")).readline())
+
+    def recording(cfg, resume=False, **kw):
+        calls.append((cfg.method, resume))
+        return real_train(cfg, resume=resume, **kw)
+    monkeypatch.setattr(train_mod, "train", recording)
+    assert main(["reproduce", "--out", out, "--method", "dnn", "--method", "dnnrl"] + TINY[:1] + ["2"] + TINY[2:]) == 0
+    assert calls == [("dnn", False), ("dnn", True), ("dnnrl", False)]
+    log = [json.loads(x) for x in open(os.path.join(out, "dnn", "log.jsonl"))]
+    assert [r["epoch"] for r in log] == [1, 2] and log[0] == first  # epoch 1 kept as it was

@@ -54,6 +54,7 @@ DISTRIBUTED_TESTS = ["tests/test_distributed_loss.py"]
 BUNDLE_TESTS = ["tests/test_app_eval_bundle.py", "tests/test_app_predict.py", "tests/test_app_packaged_model.py"]
 RESUME_TESTS = ["tests/test_app_train.py", "-k", "resume"]
 AMP_TESTS = ["tests/test_app_runtime.py", "-k", "amp"]
+REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 
 # (id, file, text, replacement, why it is equivalent or None[, tests to run instead of TESTS])
 MUTANTS = [
@@ -282,6 +283,28 @@ MUTANTS = [
     # the distributed shards of a batch or a gallery cover each row once
     ("shards_overlap", "dnnrl_ext/distributed.py", "start = rank * base + min(rank, extra)", "start = rank * base",
      None, DISTRIBUTED_TESTS + ["tests/test_app_distributed.py"]),
+    # dnnrl reproduce: the paper's figures, the table's columns, what a rerun keeps
+    ("paper_tdnn_and_dnn_swapped", "python/dnnrl/reproduce.py",
+     'PAPER_TEST_ACCURACY = {"dnnrl": 0.7060, "tdnn": 0.7013, "dnn": 0.6922}',
+     'PAPER_TEST_ACCURACY = {"dnnrl": 0.7060, "tdnn": 0.6922, "dnn": 0.7013}', None, REPRODUCE_TESTS),
+    ("table_val_and_test_swapped", "python/dnnrl/reproduce.py",
+     'r["name"], _pct(r["val_accuracy"]), _pct(r["test_accuracy"])',
+     'r["name"], _pct(r["test_accuracy"]), _pct(r["val_accuracy"])', None, REPRODUCE_TESTS),
+    ("reproduce_restarts_an_interrupted_method", "python/dnnrl/reproduce.py",
+     "resume = is_unfinished_run(run_dir) and not args.force", "resume = False", None, REPRODUCE_TESTS),
+    ("reproduce_drops_erase", "python/dnnrl/reproduce.py", '"softmax_weight", "select_by", "erase",',
+     '"softmax_weight", "select_by",', None, REPRODUCE_TESTS),
+    # Kaggle folders: the file-name prefix names the split, classes in FER-2013's label order
+    ("kaggle_file_prefix_ignored", "python/dnnrl/data.py", "                split = s\n                break\n",
+     "                break\n", None, ["tests/test_app_data.py"]),
+    ("class_folders_in_alphabetical_order", "python/dnnrl/data.py",
+     "return (list(CLASS_NAMES) + extra) if names & set(CLASS_NAMES) else extra",
+     "return sorted(names)", None, ["tests/test_app_data.py"]),
+    ("images_in_archive_order", "python/dnnrl/data.py",
+     "            rows.sort(key=lambda r: r[0])  # deterministic order whatever the archive order\n", "", None,
+     ["tests/test_app_data.py"]),
+    ("lr_min_above_lr_accepted", "python/dnnrl/config.py", "    if cfg.lr_min > cfg.lr:", "    if False:", None,
+     ["tests/test_app_bad_options.py"]),
 ]
 
 
