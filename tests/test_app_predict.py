@@ -246,7 +246,11 @@ def test_error_paths_and_image_formats(bundle_file, fer, tmp_path, capsys):
     assert run_predict(args) == 1
     printed = capsys.readouterr()
     assert "ERROR" in printed.out and "(no face found)" in printed.out and "3 failed" not in printed.err
-    recs = {os.path.basename(r["source"]): r for r in json.load(open(out))["results"]}
+    results = json.load(open(out))["results"]
+    # in input order (a folder's files sorted), the unreadable ones too, though the readable
+    # ones wait for a batch of faces to fill before they are classified
+    assert [os.path.basename(r["source"]) for r in results] == sorted(os.listdir(d)) + ["emptydir", "missing.jpg"]
+    recs = {os.path.basename(r["source"]): r for r in results}
     for bad, why in (("truncated.jpg", "not a readable image"), ("notes.jpg", "not a readable image"),
                      ("empty.png", "empty file"), ("emptydir", "no images"), ("missing.jpg", "no such file")):
         assert why in recs[bad]["error"] and bad in recs[bad]["error"], recs[bad]

@@ -305,6 +305,11 @@ MUTANTS = [
      ["tests/test_app_data.py"]),
     ("lr_min_above_lr_accepted", "python/dnnrl/config.py", "    if cfg.lr_min > cfg.lr:", "    if False:", None,
      ["tests/test_app_bad_options.py"]),
+    # dnnrl predict: faces of many images embedded together, records in input order
+    ("batched_faces_not_split_back", "python/dnnrl/predict.py", "            at += n\n", "", None,
+     ["tests/test_app_predict.py"]),
+    ("error_record_jumps_the_queue", "python/dnnrl/predict.py", "            if gray is None:\n                if not pending:",
+     "            if gray is None:\n                if True:", None, ["tests/test_app_predict.py"]),
 ]
 
 
