@@ -108,6 +108,22 @@ def test_sampler_shards_disjoint_and_deterministic(kind, world):
         assert torch.equal(torch.cat(parts), batch)  # disjoint slices covering the batch
 
 
+def test_each_rank_and_epoch_draws_its_own_augmentation():
+    """Per-(epoch, rank) streams: two ranks of one epoch, or one rank in two epochs, draw
+    different training affines; the same (epoch, rank) draws the same ones again."""
+    from dnnrl.transforms import AugmentConfig, train_theta
+    cfg = AugmentConfig(out_size=32, flip=True)
+
+    def draw(rank, epoch):
+        g = torch.Generator()
+        D.reseed_epoch(g, 3, epoch, D.DistContext(rank, 2))
+        return train_theta(8, cfg, g)
+    assert torch.equal(draw(1, 4), draw(1, 4))
+    assert not torch.equal(draw(0, 4), draw(1, 4))
+    assert not torch.equal(draw(1, 4), draw(1, 5))
+    assert len({D.rank_seed(3, e, r) for e in range(5) for r in range(8)}) == 40
+
+
 # --------------------------------------------------------------------------- training
 TINY = dict(preset="cpu", image_size=24, width=0.125, batch_size=28, max_epochs=2, patience=5,
             synthetic_train_per_class=8, synthetic_val_per_class=4, synthetic_test_per_class=4,

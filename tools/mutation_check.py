@@ -310,6 +310,13 @@ MUTANTS = [
      ["tests/test_app_predict.py"]),
     ("error_record_jumps_the_queue", "python/dnnrl/predict.py", "            if gray is None:\n                if not pending:",
      "            if gray is None:\n                if True:", None, ["tests/test_app_predict.py"]),
+    # distributed runs: the merged top-k's tie order, per-rank augmentation streams
+    ("merge_topk_in_shard_order", "python/dnnrl/distributed.py",
+     "    o = torch.sort(i, dim=1, stable=True).indices\n    d, i = d.gather(1, o), i.gather(1, o)\n", "", None,
+     ["tests/test_app_distributed.py"]),
+    ("every_rank_same_augmentation", "python/dnnrl/distributed.py",
+     "return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (2 ** 63)",
+     "return (seed * 1_000_003 + epoch * 10_007) % (2 ** 63)", None, ["tests/test_app_distributed.py"]),
 ]
 
 
