@@ -1,7 +1,7 @@
 // Operator schemas of dnnrl_ext (the dispatcher's view of the library) and the
 // pybind11 module that `import dnnrl_ext._C` loads. Kernels live in cpu/ and cuda/
-// and register themselves with TORCH_LIBRARY_IMPL; autograd and fake (meta)
-// implementations are registered from Python in dnnrl_ext/ops.py.
+// and register themselves with TORCH_LIBRARY_IMPL; autograd is registered in C++
+// (autograd.cpp), the fake (meta) implementations from Python in dnnrl_ext/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/extension.h>

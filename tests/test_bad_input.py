@@ -103,6 +103,19 @@ def test_labels_on_other_device(backend):
         loss(backend, x=X().cuda(), y=Y())
 
 
+# the device checks without a card: a "meta" tensor is on another device and holds no data
+def test_labels_on_the_meta_device(backend):
+    with pytest.raises(ValueError, match="labels is on meta but the embeddings are on cpu"):
+        loss(backend, y=Y().to("meta"))
+
+
+@pytest.mark.parametrize("name", ["anchor", "positive", "negative"])
+def test_triplet_index_on_the_meta_device(backend, name):
+    kw = {name[0]: torch.tensor([0, 1], device="meta")}
+    with pytest.raises(ValueError, match="%s is on meta" % name):
+        triplets(backend, **kw)
+
+
 # --------------------------------------------------------------------------- explicit triplets
 @pytest.mark.parametrize("name,kw", [("anchor", dict(a=(0, 6))), ("positive", dict(p=(-1, 0))),
                                      ("negative", dict(n=(2, 100)))])
@@ -211,6 +224,13 @@ def test_knn_mixed_devices(backend):
         knn(backend, g=X(5).cuda())
 
 
+def test_knn_gallery_and_its_labels_on_the_meta_device(backend):
+    with pytest.raises(ValueError, match="query is on cpu but gallery is on meta"):
+        knn(backend, g=X(5).to("meta"))
+    with pytest.raises(ValueError, match="gallery_labels is on meta"):
+        vote(backend, torch.tensor([0, 1, 1, 0, 0], device="meta"))
+
+
 def test_vote_negative_label(backend):
     with pytest.raises(ValueError, match="gallery_labels"):
         vote(backend, torch.tensor([0, 1, -1, 2, 0]))
@@ -233,7 +253,8 @@ def test_vote_labels_length_mismatch(backend):
 
 @pytest.mark.parametrize("c", [0, -2, 2.5])
 def test_vote_bad_num_classes(backend, c):
-    with pytest.raises(ValueError, match="num_classes"):
+    # (the label range check would name num_classes too, so the message is matched whole)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
         vote(backend, torch.tensor([0, 1, 1, 0, 0]), num_classes=c)
 
 

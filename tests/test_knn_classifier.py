@@ -143,3 +143,19 @@ def test_kneighbors_uses_k(impl):
     clf = _clf(impl, k=6).fit(gx, gy)
     d, i = clf.kneighbors(gx[:3])
     assert d.shape == (3, 6) and i[:, 0].tolist() == [0, 1, 2]
+    d2, i2 = clf.kneighbors(gx[:3], k=2)  # an explicit k wins over the fitted one
+    assert d2.shape == (3, 2) and torch.equal(i2, i[:, :2]) and torch.equal(d2, d[:, :2])
+
+
+def test_queries_take_the_gallery_dtype(impl):
+    """A float32 gallery queried with a NumPy float64 array (NumPy's default) or float16
+    rows answers as if queried in float32; a float64 gallery takes float32 queries."""
+    gx, gy = _to(impl, *_blobs(7, 120))
+    qx, _ = _blobs(8, 30)
+    clf = _clf(impl, k=3).fit(gx, gy)
+    want = clf.predict(qx.to(impl.device))
+    assert torch.equal(clf.predict(qx.double().numpy()), want)
+    assert torch.equal(clf.predict(qx.half().to(impl.device)), clf.predict(qx.half().float().to(impl.device)))
+    clf64 = _clf(impl, k=3).fit(gx.double(), gy)
+    assert torch.equal(clf64.predict(qx.to(impl.device)), clf64.predict(qx.double().to(impl.device)))
+    assert clf.kneighbors(qx.double().numpy())[0].dtype == torch.float32

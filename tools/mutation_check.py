@@ -7,9 +7,12 @@ application (the schedules and the time budget, the scoring of each method, the 
 model's PCA gallery and vote shares, face crops, the shipping gate of the GPU session's
 ingest, DistributedLoss's gradients, the refusal of pre-Ampere cards, a resumed run's
 RNG streams and options, the k-NN monitor, bf16 autocast, video frame sampling, the
-transforms' geometry, P x K batches, distributed shards). For each, this script applies
-it in a scratch git worktree of HEAD (committed work only; it sees ``../shared`` through
-a link, so the tests that read FER-2013 faces run there too), builds the extension there
+transforms' geometry, P x K batches, distributed shards), or of the library's Python and
+C++ layer around the kernels (the drop-in loss modules' arguments and defaults, the
+wrappers' argument checks and fake shapes, KNNClassifier, the C++ autograd). For each,
+this script applies it in a scratch git worktree of HEAD (committed work only; it sees
+``../shared`` through a link, so the tests that read FER-2013 faces run there too),
+builds the extension there
 (CPU kernels only, about a minute on two cores; first the unmutated tree, which must
 pass), runs the op tests (or the mutant's own tests) with ``-x`` and restores the file.
 A mutant the tests let pass is a rule no test pins down; the summary lists those.
@@ -43,7 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TESTS = ["tests/test_ops_cases.py", "tests/test_ops_triplet.py", "tests/test_ops_autograd.py",
          "tests/test_knn_ops.py", "tests/test_knn_classifier.py", "tests/test_cpu_gemm_paths.py",
-         "tests/test_bad_input.py"]
+         "tests/test_bad_input.py", "tests/test_loss_modules.py"]
 
 # the training protocol's tests (SPEC section 6), for the mutants of python/dnnrl/train.py
 PROTOCOL_TESTS = ["tests/test_app_train.py", "-k", "protocol or cosine or budget"]
@@ -332,6 +335,71 @@ MUTANTS = [
      None, BUNDLE_TESTS),
     ("gallery_per_class_one_over", "python/dnnrl/bundle.py", "rng.permutation(np.flatnonzero(labels == c))[:per_class]",
      "rng.permutation(np.flatnonzero(labels == c))[:per_class + 1]", None, BUNDLE_TESTS),
+    # the drop-in modules: their arguments reach the op, and their defaults are the paper's
+    ("exp_module_drops_alpha", "dnnrl_ext/loss.py", "alpha=self.alpha, gamma=self.gamma",
+     "alpha=0.2, gamma=self.gamma", None),
+    ("exp_module_drops_gamma", "dnnrl_ext/loss.py", "alpha=self.alpha, gamma=self.gamma",
+     "alpha=self.alpha, gamma=0.0", None),
+    ("hinge_module_drops_margin", "dnnrl_ext/loss.py", "margin=self.margin, gamma=0.0", "margin=0.2, gamma=0.0", None),
+    ("exp_module_ignores_reduction", "dnnrl_ext/loss.py", "gamma=self.gamma, reduction=self.reduction",
+     'gamma=self.gamma, reduction="mean"', None),
+    ("exp_module_default_alpha", "dnnrl_ext/loss.py", "def __init__(self, alpha: float = 0.2,",
+     "def __init__(self, alpha: float = 0.1,", None),
+    ("exp_module_default_semi_hard", "dnnrl_ext/loss.py", 'gamma: float = 0.0, mining: str = "batch_hard"',
+     'gamma: float = 0.0, mining: str = "semi_hard"', None),
+    # the wrappers' argument checks, and the fake (meta) shapes that torch.compile and opcheck use
+    ("finite_check_lets_minus_inf", "dnnrl_ext/ops.py", 'value in (float("inf"), float("-inf"))',
+     'value == float("inf")', None),
+    ("labels_length_unchecked", "dnnrl_ext/ops.py", "if length is not None and t.shape[0] != length:",
+     "if False:", None),
+    ("labels_device_unchecked", "dnnrl_ext/ops.py", "    if t.device != device:\n        raise",
+     "    if False:\n        raise", None),
+    ("triplet_index_past_the_end", "dnnrl_ext/ops.py", "if lo < 0 or hi >= B:", "if lo < 0 or hi > B:", None),
+    ("triplet_index_minus_one", "dnnrl_ext/ops.py", "if lo < 0 or hi >= B:", "if lo < -1 or hi >= B:", None),
+    ("knn_k_past_the_gallery", "dnnrl_ext/ops.py", "if not 1 <= k <= gallery.shape[0]:",
+     "if not 1 <= k <= gallery.shape[0] + 1:", None),
+    ("knn_bool_k", "dnnrl_ext/ops.py", "if isinstance(k, bool) or not isinstance(k, int):",
+     "if not isinstance(k, int):", None),
+    ("knn_dtypes_mixed", "dnnrl_ext/ops.py", "if query.dtype != gallery.dtype:", "if False:", None),
+    ("knn_dims_mixed", "dnnrl_ext/ops.py", "if query.shape[1] != gallery.shape[1]:", "if False:", None),
+    ("knn_devices_mixed", "dnnrl_ext/ops.py", "if query.device != gallery.device:", "if False:", None),
+    ("vote_label_past_num_classes", "dnnrl_ext/ops.py", "if lo < 0 or hi >= num_classes:",
+     "if lo < 0 or hi > num_classes:", None),
+    ("vote_zero_classes", "dnnrl_ext/ops.py", "or num_classes < 1:", "or num_classes < 0:", None),
+    ("fake_loss_shape_swapped", "dnnrl_ext/ops.py",
+     "loss = x.new_empty((B,) if reduction == ref.NONE else (), dtype=acc)",
+     "loss = x.new_empty(() if reduction == ref.NONE else (B,), dtype=acc)", None),
+    ("fake_knn_dist_in_input_dtype", "dnnrl_ext/ops.py", "return query.new_empty((Q, k), dtype=_acc(query.dtype)),",
+     "return query.new_empty((Q, k), dtype=query.dtype),", None),
+    ("fake_indexed_r_shape", "dnnrl_ext/ops.py", "dtype=acc), x.new_empty((T,), dtype=acc)",
+     "dtype=acc), x.new_empty((), dtype=acc)", None),
+    # KNNClassifier: k chosen on validation data, vote shares, label checks, queries cast to the gallery
+    ("accuracy_per_k_tie_to_later_rank", "dnnrl_ext/knn.py",
+     "score = counts * (k_max + 1) + (k_max - first)[:, None, :]",
+     "score = counts * (k_max + 1) + first[:, None, :]", None),
+    ("select_k_ties_to_larger_k", "dnnrl_ext/knn.py", "torch.nonzero(acc == best)[0, 0]",
+     "torch.nonzero(acc == best)[-1, 0]", None),
+    ("proba_over_num_classes", "dnnrl_ext/knn.py", "return votes.float() / self.k",
+     "return votes.float() / self.num_classes", None),
+    ("negative_labels_accepted", "dnnrl_ext/knn.py", "if n and int(t.min()) < 0:", "if n and int(t.min()) < -1:", None),
+    ("fit_label_past_num_classes", "dnnrl_ext/knn.py", "elif seen > self.num_classes:",
+     "elif seen > self.num_classes + 1:", None),
+    ("k_max_not_capped", "dnnrl_ext/knn.py", "k_max = min(int(k_max), self.gallery.shape[0])",
+     "k_max = int(k_max)", None),
+    ("state_dict_k_lost", "dnnrl_ext/knn.py", 'clf = cls(k=state["k"],', "clf = cls(k=1,", None),
+    ("count_accepts_bool", "dnnrl_ext/knn.py",
+     "if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:",
+     "if not isinstance(value, numbers.Integral) or value < 1:", None),
+    ("float_labels_accepted", "dnnrl_ext/knn.py",
+     "if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:",
+     "if t.is_complex():", None),
+    ("kneighbors_ignores_k", "dnnrl_ext/knn.py", "self.k if k is None else k, backend", "self.k, backend", None),
+    ("query_not_cast_to_gallery", "dnnrl_ext/knn.py",
+     'q = _as_float_tensor("embeddings", x, self.gallery.device).to(self.gallery.dtype)',
+     'q = _as_float_tensor("embeddings", x, self.gallery.device)', None),
+    # the C++ autograd: the backward reuses the positive and negative the forward mined
+    ("mined_backward_swaps_positive_and_negative", "csrc/autograd.cpp", "saved[0], std::nullopt, saved[1], saved[2],",
+     "saved[0], std::nullopt, saved[2], saved[1],", None),
 ]
 
 
