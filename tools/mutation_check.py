@@ -9,15 +9,15 @@ ingest, DistributedLoss's gradients, the refusal of pre-Ampere cards, a resumed 
 RNG streams and options, the k-NN monitor, bf16 autocast, video frame sampling, the
 transforms' geometry, P x K batches, distributed shards), or of the library's Python and
 C++ layer around the kernels (the drop-in loss modules' arguments and defaults, the
-wrappers' argument checks and fake shapes, KNNClassifier, the C++ autograd). For each,
-this script applies it in a scratch git worktree of HEAD (committed work only; it sees
-``../shared`` through a link, so the tests that read FER-2013 faces run there too),
-builds the extension there
-(CPU kernels only, about a minute on two cores; first the unmutated tree, which must
-pass), runs the op tests (or the mutant's own tests) with ``-x`` and restores the file.
-A mutant the tests let pass is a rule no test pins down; the summary lists those.
-Mutants marked ``equivalent`` cannot change any result (the reason is written beside
-them) and are listed for completeness, not run.
+wrappers' argument checks and fake shapes, KNNClassifier, the C++ autograd), or of the
+built-in synthetic data. For each, this script applies it in a scratch git worktree of
+HEAD (committed work only; it sees ``../shared`` through a link, so the tests that read
+FER-2013 faces run there too), builds the extension there (CPU kernels only, about a
+minute on two cores; first the unmutated tree, which must pass), runs the op tests (or
+the mutant's own tests) with ``-x`` and restores the file. A mutant the tests let pass
+is a rule no test pins down; the summary lists those. Mutants marked ``equivalent``
+cannot change any result (the reason is written beside them) and are listed for
+completeness, not run.
 
 Why a hand-made table and not a mutation-testing package: the mutants worth running
 are the semantic rules of one C++ file and its reference, and a generic tool (mutmut,
@@ -58,6 +58,7 @@ BUNDLE_TESTS = ["tests/test_app_eval_bundle.py", "tests/test_app_predict.py", "t
 RESUME_TESTS = ["tests/test_app_train.py", "-k", "resume"]
 AMP_TESTS = ["tests/test_app_runtime.py", "-k", "amp"]
 REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
+SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
 
 # (id, file, text, replacement, why it is equivalent or None[, tests to run instead of TESTS])
 MUTANTS = [
@@ -400,6 +401,18 @@ MUTANTS = [
     # the C++ autograd: the backward reuses the positive and negative the forward mined
     ("mined_backward_swaps_positive_and_negative", "csrc/autograd.cpp", "saved[0], std::nullopt, saved[1], saved[2],",
      "saved[0], std::nullopt, saved[2], saved[1],", None),
+    # the built-in synthetic data: balanced, seeded, independent splits whose images carry the label
+    ("synthetic_one_expression", "python/dnnrl/synthetic.py", "p = _EXPR[labels] +", "p = _EXPR[labels * 0] +", None,
+     SYNTHETIC_TESTS),
+    ("synthetic_seed_ignored", "python/dnnrl/synthetic.py", "rng = np.random.default_rng(seed)",
+     "rng = np.random.default_rng(0)", None, SYNTHETIC_TESTS),
+    ("synthetic_generator_restarted_per_split", "python/dnnrl/synthetic.py", "splits[name] = _split(n, rng, size)",
+     "splits[name] = _split(n, np.random.default_rng(seed), size)", None, SYNTHETIC_TESTS),
+    ("synthetic_empty_split_kept", "python/dnnrl/synthetic.py", "        if n > 0:", "        if n >= 0:", None,
+     SYNTHETIC_TESTS),
+    ("synthetic_labels_drawn_at_random", "python/dnnrl/synthetic.py",
+     "labels = np.repeat(np.arange(len(CLASS_NAMES)), n_per_class)",
+     "labels = rng.integers(0, len(CLASS_NAMES), len(CLASS_NAMES) * n_per_class)", None, SYNTHETIC_TESTS),
 ]
 
 
