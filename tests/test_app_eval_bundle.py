@@ -53,9 +53,11 @@ def setup(tmp_path_factory):
     return wd, ds, csv, bundles
 
 
-def _expected(bundle_path, ds, head=False):
-    """{split: accuracy} of the bundle's own classifier (or softmax head) on val / test."""
+def _expected(bundle_path, ds, head=False, tta=None):
+    """{split: accuracy} of the bundle's own classifier (or softmax head) on val / test
+    (with its own test-time views, or ``tta``'s)."""
     model, clf, _, cfg, _ = B.load_bundle(bundle_path)
+    cfg.tta = tta or cfg.tta
     out = {}
     for s in ("val", "test"):
         x, y = ds.splits[s]
@@ -82,6 +84,13 @@ def test_eval_bundle_file_scores_val_and_test_with_the_stored_gallery(setup):
     assert main(["eval", "--bundle", bundles["dnnrl"], "--data", csv, "--out", str(wd / "ev_opt"),
                  "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
     assert json.load(open(wd / "ev_opt" / "results.json"))["val_accuracy"] == res["val_accuracy"]
+    # --tta overrides the bundle's views (flip here): one view, and the record says so
+    assert main(["eval", bundles["dnnrl"], "--data", csv, "--out", str(wd / "ev_none"), "--tta", "none",
+                 "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
+    res_none = json.load(open(wd / "ev_none" / "results.json"))
+    want_none, _ = _expected(bundles["dnnrl"], ds, tta="none")
+    assert res_none["tta"] == "none" and res_none["val_accuracy"] == pytest.approx(want_none["val"])
+    assert res_none["test_accuracy"] == pytest.approx(want_none["test"])
 
 
 def test_eval_without_a_checkpoint_uses_the_packaged_model(setup, monkeypatch, capsys):

@@ -144,17 +144,33 @@ def test_cli_train_eval_embed_on_csv(tmp_path, capsys):
     ev = json.load(open(tmp_path / "ev" / "results.json"))
     assert ev["val_accuracy"] == res["val_accuracy"] and ev["k"] == res["k"]
     assert (tmp_path / "ev" / "confusion_test.png").exists()
-    # --tta flip on evaluation (the averaging itself: test_flip_tta_averages_an_image_and_its_mirror)
+    # a run directory is evaluated from its best.pt, with the run's own settings
+    from dnnrl.runtime import resolve_backend
+    saved = json.load(open(run / "config.json"))
+    assert ev["checkpoint"] == str(run / "best.pt") and ev["tta"] == saved["tta"] and ev["amp"] == saved["amp"]
+    assert ev["backend"] == resolve_backend("auto", torch.device("cpu")) and ev["device"] == "cpu"
+    # the options override them: --tta flip (the averaging itself: test_flip_tta_averages_an_image_and_its_mirror)
+    assert saved["tta"] != "flip"
     assert cli_main(["eval", str(run), "--data", str(path), "--out", str(tmp_path / "ev_tta"),
-                     "--cache-dir", str(tmp_path / "cache"), "--k-max", "5", "--tta", "flip"]) == 0
+                     "--cache-dir", str(tmp_path / "cache"), "--k-max", "5", "--tta", "flip",
+                     "--backend", "reference", "--amp", "bf16"]) == 0
     ev_tta = json.load(open(tmp_path / "ev_tta" / "results.json"))
     assert 0 <= ev_tta["val_accuracy"] <= 1
+    assert (ev_tta["tta"], ev_tta["backend"], ev_tta["amp"]) == ("flip", "reference", "bf16")
     out = tmp_path / "emb.npz"
     assert cli_main(["embed", str(run / "best.pt"), "--data", str(path), "--out", str(out),
                      "--cache-dir", str(tmp_path / "cache")]) == 0
     z = np.load(out)
     assert z["train_embeddings"].shape == (70, 512) and z["test_labels"].shape == (28,)
     np.testing.assert_allclose(np.linalg.norm(z["val_embeddings"], axis=1), 1, rtol=1e-4)
+    # a checkpoint.pt holds the last weights and the best ones: embed (and eval) take the best
+    st = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert st["best_state"] is not None
+    st["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in st["model"].items()}  # last != best
+    torch.save(st, tmp_path / "last_not_best.pt")
+    assert cli_main(["embed", str(tmp_path / "last_not_best.pt"), "--data", str(path), "--out",
+                     str(tmp_path / "emb2.npz"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "emb2.npz")["val_embeddings"], z["val_embeddings"])
 
 
 def test_select_by_val_knn_uses_the_monitor(tmp_path):

@@ -25,6 +25,8 @@ def test_each_mutant_changes_one_place_of_an_existing_file(row):
     src = open(os.path.join(REPO, path)).read()
     assert src.count(text) == 1, "%s: its text occurs %d times in %s" % (ident, src.count(text), path)
     assert repl != text
+    if path.endswith(".py"):  # a mutant that does not compile would be "killed" by the import error alone
+        compile(src.replace(text, repl), path, "exec")
     for arg in (own_tests[0] if own_tests else MC.TESTS):
         if arg.startswith("tests/"):
             assert os.path.exists(os.path.join(REPO, arg)), "%s: no test file %s" % (ident, arg)

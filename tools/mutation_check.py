@@ -10,14 +10,14 @@ RNG streams and options, the k-NN monitor, bf16 autocast, video frame sampling, 
 transforms' geometry, P x K batches, distributed shards), or of the library's Python and
 C++ layer around the kernels (the drop-in loss modules' arguments and defaults, the
 wrappers' argument checks and fake shapes, KNNClassifier, the C++ autograd), or of the
-built-in synthetic data. For each, this script applies it in a scratch git worktree of
-HEAD (committed work only; it sees ``../shared`` through a link, so the tests that read
-FER-2013 faces run there too), builds the extension there (CPU kernels only, about a
-minute on two cores; first the unmutated tree, which must pass), runs the op tests (or
-the mutant's own tests) with ``-x`` and restores the file. A mutant the tests let pass
-is a rule no test pins down; the summary lists those. Mutants marked ``equivalent``
-cannot change any result (the reason is written beside them) and are listed for
-completeness, not run.
+built-in synthetic data, or of `dnnrl eval` / `dnnrl embed` and DistributedLoss. For
+each, this script applies it in a scratch git worktree of HEAD (committed work only; it
+sees ``../shared`` through a link, so the tests that read FER-2013 faces run there too),
+builds the extension there (CPU kernels only, about a minute on two cores; first the
+unmutated tree, which must pass), runs the op tests (or the mutant's own tests) with
+``-x`` and restores the file. A mutant the tests let pass is a rule no test pins down;
+the summary lists those. Mutants marked ``equivalent`` cannot change any result (the
+reason is written beside them) and are listed for completeness, not run.
 
 Why a hand-made table and not a mutation-testing package: the mutants worth running
 are the semantic rules of one C++ file and its reference, and a generic tool (mutmut,
@@ -59,6 +59,8 @@ RESUME_TESTS = ["tests/test_app_train.py", "-k", "resume"]
 AMP_TESTS = ["tests/test_app_runtime.py", "-k", "amp"]
 REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
+CLI_TESTS = ["tests/test_app_train.py", "tests/test_app_bad_options.py", "tests/test_app_eval_bundle.py", "-k",
+             "cli or eval"]
 
 # (id, file, text, replacement, why it is equivalent or None[, tests to run instead of TESTS])
 MUTANTS = [
@@ -413,6 +415,41 @@ MUTANTS = [
     ("synthetic_labels_drawn_at_random", "python/dnnrl/synthetic.py",
      "labels = np.repeat(np.arange(len(CLASS_NAMES)), n_per_class)",
      "labels = rng.integers(0, len(CLASS_NAMES), len(CLASS_NAMES) * n_per_class)", None, SYNTHETIC_TESTS),
+    # dnnrl eval / embed: the best weights, best.pt first, the options over the run's settings
+    ("eval_takes_the_last_weights", "python/dnnrl/cli.py", 'model_state = st.get("best_state") or st["model"]',
+     'model_state = st["model"]', None, CLI_TESTS),
+    ("eval_dir_prefers_the_checkpoint", "python/dnnrl/cli.py", 'for name in ("best.pt", "checkpoint.pt"):',
+     'for name in ("checkpoint.pt", "best.pt"):', None, CLI_TESTS),
+    ("eval_ignores_tta", "python/dnnrl/cli.py", '"eval_batch_size", "cache_dir", "tta"):',
+     '"eval_batch_size", "cache_dir"):', None, CLI_TESTS),
+    ("eval_ignores_backend", "python/dnnrl/cli.py", 'for k in ("device", "backend", "amp",',
+     'for k in ("device", "amp",', None, CLI_TESTS),
+    ("eval_dnn_on_other_classes", "python/dnnrl/cli.py", 'if for_eval and cfg.method == "dnn":',
+     "if False:", None, CLI_TESTS),
+    ("bundle_eval_scores_train_too", "python/dnnrl/cli.py",
+     'scored = [s for s in ("val", "test") if s in ds.splits] or list(ds.splits)',
+     "scored = list(ds.splits)",
+     "evaluate_bundle scores only val and test itself; the filter only spares placing the training split",
+     CLI_TESTS),
+    ("bundle_eval_ignores_tta", "python/dnnrl/cli.py", 'for k in ("amp", "eval_batch_size", "tta"):',
+     'for k in ("amp", "eval_batch_size"):', None, CLI_TESTS),
+    ("cli_error_exit_1", "python/dnnrl/cli.py", "        return 2\n", "        return 1\n", None, CLI_TESTS),
+    ("resume_given_every_option", "python/dnnrl/cli.py", "resume_given=[k for k, v in over.items() if v is not None]",
+     "resume_given=list(over)", None, CLI_TESTS),
+    ("embed_skips_a_split", "python/dnnrl/cli.py", "    for s, (x, y) in data.items():\n        out[",
+     "    for s, (x, y) in list(data.items())[:-1]:\n        out[", None, CLI_TESTS),
+    # DistributedLoss: the local scope's mean and value, the shards of global_batch, the padding cut
+    ("local_mean_not_divided_by_world", "dnnrl_ext/distributed.py", "total = total / W",
+     "total = total / 1", None, DISTRIBUTED_TESTS),
+    ("global_batch_shard_not_checked", "dnnrl_ext/distributed.py", "        if sizes[rank] != n_local:",
+     "        if False:", None, DISTRIBUTED_TESTS),
+    ("gathered_padding_kept", "dnnrl_ext/distributed.py", "return [t[:s] for t, s in zip(out, sizes)]",
+     "return out", None, DISTRIBUTED_TESTS),
+    ("global_batch_bool_accepted", "dnnrl_ext/distributed.py",
+     "if global_batch is not None and (isinstance(global_batch, bool) or",
+     "if global_batch is not None and (", None, DISTRIBUTED_TESTS),
+    ("local_scope_value_is_the_local_loss", "dnnrl_ext/distributed.py", "+ (total - out.loss.detach())",
+     "", None, DISTRIBUTED_TESTS),
 ]
 
 

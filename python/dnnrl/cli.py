@@ -298,7 +298,10 @@ def _eval(args) -> int:
         raise SystemExit("dnnrl eval: the data has no training split to use as the k-NN gallery")
     res = evaluate_model(model, data, names, augment_config(cfg), device, cfg.method, backend, out,
                          k_max=args.k_max, amp=cfg.amp, channels_last=use_channels_last(cfg.channels_last, device),
-                         batch_size=cfg.eval_batch_size, extra={"checkpoint": path, "data": cfg.data})
+                         batch_size=cfg.eval_batch_size,
+                         # what was evaluated and how, so that results.json says it (the options may override the run's)
+                         extra={"checkpoint": path, "data": cfg.data, "tta": cfg.tta, "backend": backend,
+                                "device": str(device), "amp": cfg.amp})
     print(json.dumps({k: res.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
     return 0
 
