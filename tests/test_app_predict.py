@@ -428,3 +428,83 @@ def test_face_crops_are_resized_like_training_images():
     Image.fromarray(face).save(buf, format="PNG")
     np.testing.assert_array_equal(F.resize_face(face, 48), decode_image(buf.getvalue(), 48, "face.png"))
     np.testing.assert_array_equal(F.crop_face(face, [0, 0, 83, 97], 0.0, size=48), F.resize_face(face, 48))
+
+
+# --------------------------------------------------------------------------- options and output
+def test_k_option_sets_the_vote_capped_at_the_gallery(bundle_file, fer):
+    """--k replaces the bundle's k (capped at the gallery's rows); the vote shares follow it."""
+    path, facts = bundle_file
+    face = fer["val"][0][5]
+    assert Predictor(path, detect=False, device="cpu").classifier.k == facts["k"]
+    p = Predictor(path, detect=False, device="cpu", k=4)
+    assert p.classifier.k == 4
+    shares = p.predict(face)[0]["scores"].values()
+    assert all(abs(s * 4 - round(s * 4)) < 1e-6 for s in shares)  # k = 4 votes: shares in quarters
+    assert Predictor(path, detect=False, device="cpu", k=10_000).classifier.k == 70  # the gallery's rows
+
+
+def test_predict_on_the_cpu_runs_float32(bundle_file):
+    """bf16 autocast is for CUDA: on the CPU the network runs in float32 even for a
+    bundle trained with --amp bf16 (the same rule as training's --amp auto)."""
+    bundle = torch.load(bundle_file[0], weights_only=False)
+    bundle["config"] = dict(bundle["config"], amp="bf16")
+    p = Predictor(bundle, detect=False, device="cpu")
+    assert p.config.amp == "bf16" and p.amp == "off"
+
+
+def _face_record(source, scores, box=(1, 2, 30, 40)):
+    best = max(scores, key=scores.get)
+    return {"source": source, "kind": "image", "frame": None, "time_s": None, "width": 64, "height": 64,
+            "error": None, "faces": [{"box": list(box), "expression": best, "label": CLASS_NAMES.index(best),
+                                      "share": scores[best], "scores": scores}]}
+
+
+def test_table_names_the_runner_up_never_the_winner():
+    from dnnrl.predict import format_table
+    shares = dict.fromkeys(CLASS_NAMES, 0.0)
+    two = dict(shares, happy=0.6, sad=0.4)
+    alone = dict(shares, fear=1.0)
+    lines = list(format_table([_face_record("a.png", two), _face_record("b.png", alone)], CLASS_NAMES))
+    assert lines[1].split()[-4:] == ["happy", "0.60", "sad", "0.40"]
+    assert lines[2].split()[-2:] == ["fear", "1.00"]  # no runner-up with a share above 0
+
+
+def test_csv_rows_have_every_column_and_the_shares_in_class_order(tmp_path):
+    """One row per face, and one for an input without faces or with an error, each as
+    long as the header; the share columns follow class_names, not the order of the scores."""
+    from dnnrl.predict import write_output
+    scores = {n: s for n, s in zip(reversed(CLASS_NAMES), (0.05, 0.1, 0.15, 0.2, 0.0, 0.5, 0.0))}
+    face = _face_record("face.png", scores)
+    face["image"] = np.zeros((4, 4), np.uint8)  # kept for --annotate, never written
+    none = dict(_face_record("empty.png", scores), faces=[])
+    bad = dict(none, source="bad.jpg", error="bad.jpg: not a readable image")
+    out = tmp_path / "r.csv"
+    write_output([face, none, bad], str(out), CLASS_NAMES, {"k": 3})
+    rows = list(csv.reader(open(out)))
+    assert all(len(r) == len(rows[0]) for r in rows), [len(r) for r in rows]
+    head = rows[0]
+    got = dict(zip(head, rows[1]))
+    assert [float(got[n]) for n in CLASS_NAMES] == [scores[n] for n in CLASS_NAMES]
+    assert got["expression"] == "disgust" and float(got["share"]) == 0.5 and got["error"] == ""
+    assert dict(zip(head, rows[2]))["error"] == "no face found" and dict(zip(head, rows[3]))["error"] == bad["error"]
+    write_output([face], str(tmp_path / "r.json"), CLASS_NAMES, {"k": 3})  # the image is left out of JSON too
+    assert "image" not in json.load(open(tmp_path / "r.json"))["results"][0]
+
+
+def test_detected_boxes_come_largest_first_without_nested_ones(monkeypatch):
+    """detect_faces on a fake cascade: boxes sorted by area, a box mostly inside a larger
+    one (an eye or a mouth found beside its face) dropped, and boxes found on the
+    downscaled detection image returned in the original pixels."""
+    pytest.importorskip("cv2")
+    found = [[10, 10, 30, 30], [100, 20, 80, 80], [110, 30, 20, 20], [5, 120, 50, 50]]
+
+    class FakeCascade:
+        def detectMultiScale(self, img, **kw):
+            return np.array(found)
+    monkeypatch.setattr(F, "_cascade", lambda path=None: FakeCascade())
+    gray = np.zeros((200, 200), np.uint8)
+    assert F.detect_faces(gray).tolist() == [[100, 20, 80, 80], [5, 120, 50, 50], [10, 10, 30, 30]]
+    keep_all = F.detect_faces(gray, F.DetectorConfig(nested_overlap=1.0)).tolist()
+    assert keep_all == [[100, 20, 80, 80], [5, 120, 50, 50], [10, 10, 30, 30], [110, 30, 20, 20]]
+    big = F.detect_faces(np.zeros((800, 400), np.uint8), F.DetectorConfig(max_side=200))
+    assert big.tolist() == [[400, 80, 320, 320], [20, 480, 200, 200], [40, 40, 120, 120]]

@@ -10,14 +10,15 @@ RNG streams and options, the k-NN monitor, bf16 autocast, video frame sampling, 
 transforms' geometry, P x K batches, distributed shards), or of the library's Python and
 C++ layer around the kernels (the drop-in loss modules' arguments and defaults, the
 wrappers' argument checks and fake shapes, KNNClassifier, the C++ autograd), or of the
-built-in synthetic data, or of `dnnrl eval` / `dnnrl embed` and DistributedLoss. For
-each, this script applies it in a scratch git worktree of HEAD (committed work only; it
-sees ``../shared`` through a link, so the tests that read FER-2013 faces run there too),
-builds the extension there (CPU kernels only, about a minute on two cores; first the
-unmutated tree, which must pass), runs the op tests (or the mutant's own tests) with
-``-x`` and restores the file. A mutant the tests let pass is a rule no test pins down;
-the summary lists those. Mutants marked ``equivalent`` cannot change any result (the
-reason is written beside them) and are listed for completeness, not run.
+built-in synthetic data, or of `dnnrl eval` / `dnnrl embed`, `dnnrl predict` and
+DistributedLoss. For each, this script applies it in a scratch git worktree of HEAD
+(committed work only; it sees ``../shared`` through a link, so the tests that read
+FER-2013 faces run there too), builds the extension there (CPU kernels only, about a
+minute on two cores; first the unmutated tree, which must pass), runs the op tests (or
+the mutant's own tests) with ``-x`` and restores the file. A mutant the tests let pass
+is a rule no test pins down; the summary lists those. Mutants marked ``equivalent``
+cannot change any result (the reason is written beside them) and are listed for
+completeness, not run.
 
 Why a hand-made table and not a mutation-testing package: the mutants worth running
 are the semantic rules of one C++ file and its reference, and a generic tool (mutmut,
@@ -59,6 +60,7 @@ RESUME_TESTS = ["tests/test_app_train.py", "-k", "resume"]
 AMP_TESTS = ["tests/test_app_runtime.py", "-k", "amp"]
 REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
+PREDICT_TESTS = ["tests/test_app_predict.py"]
 CLI_TESTS = ["tests/test_app_train.py", "tests/test_app_bad_options.py", "tests/test_app_eval_bundle.py", "-k",
              "cli or eval"]
 
@@ -79,15 +81,19 @@ MUTANTS = [
      "const bool beyond = d[j] >= t ||", None),
     # the AVX2 forms of the same rules (float32 rows on an AVX2 CPU take them)
     ("avx2_semi_hard_not_strict", "csrc/cpu/triplet_loss_cpu.cpp",
-     "_mm256_andnot_ps(same, _mm256_cmp_ps(v, ti, _CMP_GT_OQ))", "_mm256_andnot_ps(same, _mm256_cmp_ps(v, ti, _CMP_GE_OQ))",
+     "_mm256_andnot_ps(same, _mm256_cmp_ps(v, ti, _CMP_GT_OQ))",
+     "_mm256_andnot_ps(same, _mm256_cmp_ps(v, ti, _CMP_GE_OQ))",
      None),
     ("avx2_positive_tie_to_later_index", "csrc/cpu/triplet_loss_cpu.cpp",
-     "const __m256 up = _mm256_cmp_ps(pc, bp[h], _CMP_GT_OQ);", "const __m256 up = _mm256_cmp_ps(pc, bp[h], _CMP_GE_OQ);",
+     "const __m256 up = _mm256_cmp_ps(pc, bp[h], _CMP_GT_OQ);",
+     "const __m256 up = _mm256_cmp_ps(pc, bp[h], _CMP_GE_OQ);",
      None),
     ("avx2_negative_tie_to_later_index", "csrc/cpu/triplet_loss_cpu.cpp",
-     "const __m256 un = _mm256_cmp_ps(nc, bn[h], _CMP_LT_OQ);", "const __m256 un = _mm256_cmp_ps(nc, bn[h], _CMP_LE_OQ);",
+     "const __m256 un = _mm256_cmp_ps(nc, bn[h], _CMP_LT_OQ);",
+     "const __m256 un = _mm256_cmp_ps(nc, bn[h], _CMP_LE_OQ);",
      None),
-    ("avx2_knn_equal_distance_enters", "csrc/cpu/knn_cpu.cpp", "      if (t[b] < worst) {", "      if (t[b] <= worst) {",
+    ("avx2_knn_equal_distance_enters", "csrc/cpu/knn_cpu.cpp",
+     "      if (t[b] < worst) {", "      if (t[b] <= worst) {",
      None),
     ("mean_over_all_anchors", "csrc/cpu/triplet_loss_cpu.cpp",
      "if (reduction == kMean) total /= double(std::max<int64_t>(count, 1));",
@@ -450,6 +456,30 @@ MUTANTS = [
      "if global_batch is not None and (", None, DISTRIBUTED_TESTS),
     ("local_scope_value_is_the_local_loss", "dnnrl_ext/distributed.py", "+ (total - out.loss.detach())",
      "", None, DISTRIBUTED_TESTS),
+    # dnnrl predict: --k, float32 on the CPU, the table's runner-up, CSV columns, the detector's box order
+    ("predict_k_ignored", "python/dnnrl/predict.py", "        if k is not None:\n            self.classifier.k = min(",
+     "        if False:\n            self.classifier.k = min(", None, PREDICT_TESTS),
+    ("predict_k_not_capped", "python/dnnrl/predict.py", "self.classifier.k = min(k, self.classifier.gallery.shape[0])",
+     "self.classifier.k = k", None, PREDICT_TESTS),
+    ("runner_up_may_be_the_winner", "python/dnnrl/predict.py",
+     'runner = [kv for kv in ranked if kv[0] != f["expression"]][:1]',
+     "runner = ranked[:1]", None, PREDICT_TESTS),
+    ("csv_no_face_row_one_short", "python/dnnrl/predict.py", '[""] * (7 + len(class_names))',
+     '[""] * (6 + len(class_names))', None, PREDICT_TESTS),
+    ("csv_shares_unordered", "python/dnnrl/predict.py", '["%.4f" % f["scores"][n] for n in class_names]',
+     '["%.4f" % v for v in sorted(f["scores"].values())]', None, PREDICT_TESTS),
+    ("predict_exit_0_with_failures", "python/dnnrl/predict.py", "return 1 if failed else 0",
+     "return 0", None, PREDICT_TESTS),
+    ("faces_not_largest_first", "python/dnnrl/faces.py",
+     'order = np.argsort(-(boxes[:, 2] * boxes[:, 3]), kind="stable")',
+     "order = np.arange(len(boxes))", None, PREDICT_TESTS),
+    ("nested_boxes_kept", "python/dnnrl/faces.py", "if all(_inter(b, k) <= overlap * area for k in keep):",
+     "if True:", None, PREDICT_TESTS),
+    ("predict_amp_on_cpu", "python/dnnrl/predict.py",
+     'self.amp = self.config.amp if self.device.type == "cuda" else "off"',
+     'self.amp = "bf16"', None, PREDICT_TESTS),
+    ("output_keeps_image", "python/dnnrl/predict.py", 'if k not in ("image", "fps")',
+     'if k not in ("fps",)', None, PREDICT_TESTS),
 ]
 
 
