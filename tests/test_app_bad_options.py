@@ -68,6 +68,21 @@ def test_boundary_values_are_accepted(tmp_path):
     assert validate(Config()) is not None  # the defaults themselves
 
 
+def test_preset_follows_the_data_unless_given(tmp_path):
+    """No data: the synthetic demo's "cpu" preset; data: the paper's. An explicit preset
+    wins over that choice, an explicit option over the preset, and an unknown preset is
+    named."""
+    out = str(tmp_path)
+    demo, paper = resolve(dict(out=out)), resolve(dict(out=out, data="fer.csv"))
+    assert (demo.preset, paper.preset) == ("cpu", "paper")
+    assert (demo.image_size, demo.lr, demo.select_by) == (48, 0.001, "val_knn")
+    assert (paper.image_size, paper.lr, paper.select_by) == (Config().image_size, Config().lr, Config().select_by)
+    assert resolve(dict(out=out, data="fer.csv", preset="cpu")).image_size == 48
+    assert resolve(dict(out=out, preset="cpu", lr=0.05, image_size=None)).lr == 0.05
+    with pytest.raises(ValueError, match="^preset must be one of"):
+        resolve(dict(out=out, preset="fast"))
+
+
 def test_lr_floor_above_the_lr(tmp_path):
     with pytest.raises(ValueError, match=r"lr_min \(0.5\) must not exceed lr \(0.1\)"):
         resolve(dict(TINY, out=str(tmp_path), lr=0.1, lr_min=0.5))

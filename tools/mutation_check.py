@@ -61,6 +61,7 @@ AMP_TESTS = ["tests/test_app_runtime.py", "-k", "amp"]
 REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
 PREDICT_TESTS = ["tests/test_app_predict.py"]
+CONFIG_TESTS = ["tests/test_app_bad_options.py", "tests/test_app_graphs.py"]
 CLI_TESTS = ["tests/test_app_train.py", "tests/test_app_bad_options.py", "tests/test_app_eval_bundle.py", "-k",
              "cli or eval"]
 
@@ -480,6 +481,18 @@ MUTANTS = [
      'self.amp = "bf16"', None, PREDICT_TESTS),
     ("output_keeps_image", "python/dnnrl/predict.py", 'if k not in ("image", "fps")',
      'if k not in ("fps",)', None, PREDICT_TESTS),
+    # the config: the preset follows the data, explicit options beat it, the option combinations
+    ("preset_default_ignores_data", "python/dnnrl/config.py", '("cpu" if not given.get("data") else "paper")',
+     '"cpu"', None, CONFIG_TESTS),
+    ("preset_beats_explicit_options", "python/dnnrl/config.py",
+     "    values = dict(PRESETS[preset])\n    values.update(given)\n",
+     "    values = dict(given)\n    values.update(PRESETS[preset])\n", None, CONFIG_TESTS),
+    ("unknown_preset_accepted", "python/dnnrl/config.py", "    if preset not in PRESETS:\n",
+     "    if False:\n", None, CONFIG_TESTS),
+    ("cuda_graph_with_compile_accepted", "python/dnnrl/config.py", 'if cfg.cuda_graph == "on" and cfg.compile:',
+     "if False:", None, CONFIG_TESTS),
+    ("none_overrides_kept", "python/dnnrl/config.py", "given = {k: v for k, v in overrides.items() if v is not None}",
+     "given = dict(overrides)", None, CONFIG_TESTS),
 ]
 
 
