@@ -1,5 +1,6 @@
 """dnnrl.runtime: which backend a run gets when the compiled kernels cannot serve its device;
-a data set without a validation split, or with fewer training images than a batch."""
+a data set without a validation split, or with fewer training images than a batch; the
+stratified subsets; the autocast and memory-format modes."""
 import json
 import logging
 import math
@@ -89,6 +90,41 @@ def test_carve_validation_leaves_a_validation_split_alone_and_needs_two_images_o
     assert runtime.carve_validation(ds) == 0 and ds.splits["train"][1].size == 20
     with pytest.raises(ValueError, match="no class has two training images"):
         runtime.carve_validation(_dataset([1, 1, 1]))
+
+
+def test_an_empty_validation_split_is_carved_like_a_missing_one():
+    ds = _dataset([50, 20])
+    ds.splits["val"] = (ds.splits["train"][0][:0], ds.splits["train"][1][:0])  # e.g. an empty val/ folder
+    assert runtime.carve_validation(ds) == 7 and ds.splits["val"][1].size == 7
+
+
+def test_subsets_keep_the_class_proportions_and_follow_the_seed(monkeypatch):
+    """--train-subset / --val-subset: a stratified draw (each class in its share, at least
+    one image), sorted back into the data's order, and a different draw for another seed."""
+    from dnnrl.config import Config
+    monkeypatch.setattr(runtime, "load_dataset", lambda *a, **k: _dataset([150, 30, 15, 5], with_val=True))
+
+    def subset(seed, n=80):
+        return runtime.load_data(Config(data="fake.csv", train_subset=n, seed=seed)).splits
+    a, b = subset(0), subset(1)
+    (xa, ya), (xb, yb) = a["train"], b["train"]
+    assert np.bincount(ya).tolist() == [60, 12, 6, 2]  # 80 * (150, 30, 15, 5) / 200
+    ids = xa[:, 0, 0].astype(int)
+    assert np.all(np.diff(ids) > 0)  # in the data's order, no image twice
+    assert not np.array_equal(xa, xb) and np.bincount(yb).tolist() == [60, 12, 6, 2]
+    assert np.array_equal(subset(0)["train"][0], xa)  # the same seed draws the same images
+    assert np.bincount(subset(0, n=10)["train"][1]).tolist() == [8, 2, 1, 1]  # at least one of each class
+
+
+def test_channels_last_and_cudnn_benchmark_modes():
+    """"auto": channels_last on CUDA and on the CPU (faster on both, measured), cuDNN's
+    benchmark on CUDA only; "on" / "off" / a bool as given."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no card
+    assert [runtime.use_channels_last(m, cpu) for m in ("auto", "on", "off", True, False)] == [
+        True, True, False, True, False]
+    assert runtime.use_channels_last("auto", cuda) and not runtime.use_channels_last("auto", torch.device("meta"))
+    assert [runtime.use_cudnn_benchmark(m, cpu) for m in ("auto", "on", "off")] == [False, True, False]
+    assert [runtime.use_cudnn_benchmark(m, cuda) for m in ("auto", "on", "off")] == [True, True, False]
 
 
 def test_training_without_a_validation_split_carves_one(tmp_path):

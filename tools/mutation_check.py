@@ -62,6 +62,8 @@ REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
 PREDICT_TESTS = ["tests/test_app_predict.py"]
 CONFIG_TESTS = ["tests/test_app_bad_options.py", "tests/test_app_graphs.py"]
+RUNTIME_TESTS = ["tests/test_app_runtime.py", "tests/test_app_bad_options.py", "tests/test_app_data.py",
+                 "tests/test_app_distributed.py"]
 CLI_TESTS = ["tests/test_app_train.py", "tests/test_app_bad_options.py", "tests/test_app_eval_bundle.py", "-k",
              "cli or eval"]
 
@@ -493,6 +495,22 @@ MUTANTS = [
      "if False:", None, CONFIG_TESTS),
     ("none_overrides_kept", "python/dnnrl/config.py", "given = {k: v for k, v in overrides.items() if v is not None}",
      "given = dict(overrides)", None, CONFIG_TESTS),
+    # runtime: the carved validation split, stratified seeded subsets, memory-format modes, device names
+    ("empty_val_split_kept", "python/dnnrl/runtime.py", 'if len(ds.splits.get("val", ((), ()))[1]) > 0 or',
+     'if "val" in ds.splits or', None, RUNTIME_TESTS),
+    ("subset_not_stratified", "python/dnnrl/runtime.py", "take = max(1, int(round(n * members.size / y.size)))",
+     "take = max(1, n // len(np.unique(y)))", None, RUNTIME_TESTS),
+    ("channels_last_auto_cuda_only", "python/dnnrl/runtime.py", 'device.type in ("cuda", "cpu"))',
+     'device.type in ("cuda",))', None, RUNTIME_TESTS),
+    ("device_index_one_past", "python/dnnrl/runtime.py", "dev.index is not None and dev.index >= count",
+     "dev.index is not None and dev.index > count", None, RUNTIME_TESTS),
+    ("subset_draw_follows_no_seed", "python/dnnrl/runtime.py", "rng = np.random.default_rng(cfg.seed + 1)",
+     "rng = np.random.default_rng(1)", None, RUNTIME_TESTS),
+    ("carve_leaves_the_training_split_whole", "python/dnnrl/runtime.py",
+     '    ds.splits["train"] = (x[~is_val], y[~is_val])\n',
+     "", None, RUNTIME_TESTS),
+    ("carve_single_image_classes", "python/dnnrl/runtime.py", "        if members.size >= 2:",
+     "        if members.size >= 1:", None, RUNTIME_TESTS),
 ]
 
 
