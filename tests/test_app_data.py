@@ -154,6 +154,7 @@ def test_csv_malformed_row_names_the_row_or_is_skipped(tmp_path, cache):
     (_row(-1, 5, "Training"), "emotion -1 is not in 0..6"),
     (_row(1, 256, "Training"), "pixel values outside 0..255"),
     (_row(1, 5, "Training", n=0), "0 pixel values is not a square image"),
+    (_row(1, 5, "Training", n=47 * 48), "2256 pixel values is not a square image"),
     (_row(1, 5, "Validation"), "unknown Usage 'Validation'"),
     ('x,"1 2 3 4",Training', "invalid literal"),
 ])
@@ -161,7 +162,8 @@ def test_csv_each_bad_row_says_what_is_wrong(tmp_path, cache, bad, problem):
     """Every malformed-row check names the file, the row and the problem (or, with
     skip_bad, skips that row only); empty lines are not rows."""
     path = str(tmp_path / "bad.csv")
-    _csv(path, "emotion,pixels,Usage", [_row(3, 35, "Training"), "", bad, _row(0, 5, "PublicTest")])
+    # "" and ",," (a spreadsheet's empty line) are no rows at all
+    _csv(path, "emotion,pixels,Usage", [_row(3, 35, "Training"), ",,", bad, _row(0, 5, "PublicTest")])
     with pytest.raises(DataError, match="bad.csv: row 4: malformed CSV row") as exc:
         load_dataset(path, cache_dir=cache)
     assert problem in str(exc.value)
@@ -217,6 +219,14 @@ def test_generic_class_folders_split_and_order(tmp_path, cache):
     assert ds.class_names == list(CLASS_NAMES)
     sizes = {s: len(v[1]) for s, v in ds.splits.items()}
     assert sizes == {"train": 48, "val": 6, "test": 6}
+    # stratified: each class keeps its share in each split (10 %, 10 %, the rest)
+    uneven = tmp_path / "uneven"
+    _write_tree(str(uneven), [("%s/img%02d.png" % (c, i), c) for c, n in (("surprise", 25), ("neutral", 25),
+                                                                        ("happy", 10)) for i in range(n)])
+    split = load_dataset(str(uneven), cache_dir=cache).splits
+    # (a draw of 6 of all 60 paths by their hash gives surprise 3, neutral 2)
+    for s, want in (("train", [8, 21, 21]), ("val", [1, 2, 2]), ("test", [1, 2, 2])):  # happy, surprise, neutral
+        assert np.bincount(split[s][1], minlength=7)[[3, 5, 6]].tolist() == want, s
     # a different data set's own classes: alphabetical after none of the FER names
     root2 = tmp_path / "animals"
     _write_tree(str(root2), [("zebra/a%d.png" % i, "happy") for i in range(5)]
@@ -259,3 +269,42 @@ def test_csv_pixels_are_read_row_by_row_and_survive_the_cache(tmp_path, cache):
         np.testing.assert_array_equal(ds.splits["train"][0], np.stack(imgs[:2]).astype(np.uint8))
         np.testing.assert_array_equal(ds.splits["val"][0][0], imgs[2].astype(np.uint8))
         assert ds.splits["train"][0][0, 0, 1] == 1 and ds.splits["train"][0][0, 1, 0] == 48
+
+
+def test_class_folder_aliases_and_case(tmp_path, cache):
+    """Folder names another data set spells differently name the FER classes."""
+    root = tmp_path / "aliases"
+    _write_tree(str(root), [("Anger/a%d.png" % i, "angry") for i in range(10)]
+                + [("happiness/b%d.png" % i, "happy") for i in range(10)]
+                + [("Surprised/c%d.png" % i, "surprise") for i in range(10)])
+    ds = load_dataset(str(root), cache_dir=cache, val_fraction=0, test_fraction=0)
+    assert ds.class_names == list(CLASS_NAMES)
+    x, y = ds.splits["train"]
+    np.testing.assert_array_equal(x[:, 0, 0], 10 * y + 5)
+    assert sorted(set(y.tolist())) == [0, 3, 5]
+
+
+def test_macos_leftovers_and_stray_folders_are_ignored(tmp_path, cache):
+    """A zip made on a Mac carries __MACOSX/ copies and ._ resource forks (not images);
+    in the Kaggle layout, files outside the split folders are no split's."""
+    path = str(tmp_path / "mac.zip")
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, c in KAGGLE:
+            zf.writestr("fer2013/" + rel, _png(_value(c)))
+            zf.writestr("__MACOSX/fer2013/" + os.path.dirname(rel) + "/._" + os.path.basename(rel), b"\0junk")
+        zf.writestr("fer2013/train/happy/._Training_9.png", b"\0junk")
+        zf.writestr("fer2013/extra/happy/stray.png", _png(_value("happy")))
+    _check_kaggle(load_dataset(path, cache_dir=cache))
+
+
+def test_csv_images_of_another_size_are_resized_bilinear(tmp_path, cache):
+    """A 24x24 CSV image becomes 48x48 as pillow's bilinear resize makes it (the resize of
+    image files and of training), not by repeating pixels."""
+    from PIL import Image as PILImage
+    small = (np.arange(24 * 24) * 7 % 256).astype(np.uint8).reshape(24, 24)
+    path = str(tmp_path / "small.csv")
+    _csv(path, "emotion,pixels,Usage", ['2,"%s",Training' % " ".join(map(str, small.ravel()))])
+    got = load_dataset(path, cache_dir=cache).splits["train"][0][0]
+    want = np.asarray(PILImage.fromarray(small).resize((48, 48), PILImage.BILINEAR))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, np.asarray(PILImage.fromarray(small).resize((48, 48), PILImage.NEAREST)))
