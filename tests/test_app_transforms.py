@@ -44,8 +44,21 @@ def test_train_theta_ranges():
     # |det| = (crop / S)^2 with S in [86, 106]
     det = torch.det(lin)
     assert det.min() >= (108 / 106) ** 2 - 1e-4 and det.max() <= (108 / 86) ** 2 + 1e-4
+    assert det.min() < (108 / 105) ** 2 and det.max() > (108 / 87) ** 2  # both ends of +-10 px drawn
     angle = torch.rad2deg(torch.atan2(lin[:, 0, 1], lin[:, 0, 0]))
-    assert angle.abs().max() <= 15 + 1e-3 and angle.abs().max() > 14
+    assert angle.abs().max() <= 15 + 1e-3 and angle.min() < -14 and angle.max() > 14  # both ways
+    assert abs(float((angle > 0).float().mean()) - 0.5) < 0.05
+
+
+def test_crop_offsets_are_drawn_independently_across_the_padding():
+    """No jitter or rotation: the translation is the crop's offset in [0, 120 - 108] on
+    each axis, drawn separately for x and y."""
+    cfg = AugmentConfig(scale_jitter=0, rotation=0)
+    th = train_theta(4096, cfg, torch.Generator().manual_seed(0))
+    # theta[:, :, 2] = (2 / 96) (54 + o - 60) for an offset o in [0, 12]
+    o = th[:, :, 2] * 96 / 2 + 6
+    assert o.min() >= -1e-4 and o.max() <= 12 + 1e-4 and o.min() < 0.1 and o.max() > 11.9
+    assert abs(float(torch.corrcoef(o.T)[0, 1])) < 0.05  # x and y offsets independent
 
 
 def test_no_jitter_no_rotation_centre_crop_equals_eval():
@@ -131,3 +144,7 @@ def test_augment_with_erase_blanks_only_the_rectangle(size):
     assert mask.flatten(1).any(1).all()
     torch.testing.assert_close(erased, plain.masked_fill(mask, 0.0), atol=0, rtol=0)
     assert torch.all(erased[mask] == 0) and (plain[mask] != 0).any()
+    g0, g1 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    augment(x, AugmentConfig(out_size=size, erase_prob=0.0), g0)
+    train_theta(16, cfg, g1)
+    assert torch.equal(g0.get_state(), g1.get_state())  # erase_prob 0 draws nothing more

@@ -62,6 +62,8 @@ REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
 PREDICT_TESTS = ["tests/test_app_predict.py"]
 CONFIG_TESTS = ["tests/test_app_bad_options.py", "tests/test_app_graphs.py"]
+TRANSFORM_TESTS = ["tests/test_app_transforms.py", "tests/test_app_train.py", "-k",
+                   "transform or theta or flip or erase or shift or tta or eval or augment or scaled or crop"]
 RUNTIME_TESTS = ["tests/test_app_runtime.py", "tests/test_app_bad_options.py", "tests/test_app_data.py",
                  "tests/test_app_distributed.py"]
 CLI_TESTS = ["tests/test_app_train.py", "tests/test_app_bad_options.py", "tests/test_app_eval_bundle.py", "-k",
@@ -550,6 +552,32 @@ MUTANTS = [
     ("bad_image_skipped_without_skip_bad", "python/dnnrl/data.py",
      "            if not skip_bad:\n                raise\n",
      "            if False:\n                raise\n", None, ["tests/test_app_data.py"]),
+    # the transforms: both ends of jitter and rotation, independent crop offsets, test-time shifts, erasing
+    ("scale_jitter_one_sided", "python/dnnrl/transforms.py", "size = resize + (2 * u[:, 0] - 1) * jitter",
+     "size = resize + u[:, 0] * jitter", None, TRANSFORM_TESTS),
+    ("rotation_one_sided", "python/dnnrl/transforms.py", "angle = (2 * u[:, 1] - 1) * math.radians(cfg.rotation)",
+     "angle = u[:, 1] * math.radians(cfg.rotation)", None, TRANSFORM_TESTS),
+    ("crop_offset_x_only", "python/dnnrl/transforms.py", "ox, oy = u[:, 2] * span, u[:, 3] * span",
+     "ox, oy = u[:, 2] * span, u[:, 2] * span", None, TRANSFORM_TESTS),
+    ("rotation_in_degrees_as_radians", "python/dnnrl/transforms.py", "* math.radians(cfg.rotation)",
+     "* cfg.rotation", None, TRANSFORM_TESTS),
+    ("eval_shift_y_ignored", "python/dnnrl/transforms.py", "theta[:, 1, 2] = -2.0 * shift[1] * f / resize",
+     "theta[:, 1, 2] = 0.0", None, TRANSFORM_TESTS),
+    ("eval_shift_not_scaled", "python/dnnrl/transforms.py", "theta[:, 0, 2] = -2.0 * shift[0] * f / resize ",
+     "theta[:, 0, 2] = -2.0 * shift[0] / resize ", None, TRANSFORM_TESTS),
+    ("tta_shifts_not_diagonal", "python/dnnrl/transforms.py", "[(-t, -t), (t, -t), (-t, t), (t, t)]",
+     "[(-t, 0.0), (t, 0.0), (0.0, -t), (0.0, t)]", None, TRANSFORM_TESTS),
+    ("pixels_not_normalised", "python/dnnrl/transforms.py", "return out.sub_(PIXEL_MEAN).div_(PIXEL_STD)",
+     "return out", None, TRANSFORM_TESTS),
+    ("pad_outside_face_is_edge", "python/dnnrl/transforms.py", 'padding_mode="zeros"',
+     'padding_mode="border"', None, TRANSFORM_TESTS),
+    ("erase_area_unclamped_height", "python/dnnrl/transforms.py",
+     "h = torch.sqrt(area * aspect).clamp(max=size)",
+     "h = torch.sqrt(area * aspect)",
+     "a height past the image covers every row either way: top = u (size - h) <= 0 and top + h >= size",
+     TRANSFORM_TESTS),
+    ("erase_drawn_at_zero_probability", "python/dnnrl/transforms.py", "    if cfg.erase_prob > 0:  # (skipped",
+     "    if cfg.erase_prob >= 0:  # (skipped", None, TRANSFORM_TESTS),
 ]
 
 
