@@ -12,6 +12,11 @@ def test_random_batches_are_disjoint_and_floor_n_over_b():
     assert len(batches) == len(s) == 7
     flat = torch.cat(batches)
     assert flat.unique().numel() == flat.numel() == 7 * 128
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.cat(list(s.epoch(g))), torch.cat(list(s.epoch(g)))
+    assert torch.equal(first, flat) and not torch.equal(first, second)  # a fresh permutation each epoch
+    small = RandomBatchSampler(5, 128)  # fewer images than a batch: one batch of all of them
+    assert len(small) == 1 and sorted(next(iter(small.epoch(g))).tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_pk_batches_are_class_balanced():
@@ -96,3 +101,7 @@ def test_pk_batch_shrinks_to_a_set_smaller_than_one_batch():
         labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
         s = make_sampler("pk", labels, 128)
         assert (s.p, s.k, len(s)) == (p, k, 1), counts
+    # a batch smaller than two per class: K stays 2 (every anchor keeps a positive)
+    s = make_sampler("pk", torch.arange(500) % 10, 12)
+    assert (s.p, s.k) == (10, 2)
+    assert PKSampler(torch.arange(30) % 3, p=5, k=4).p == 3  # P capped at the classes there are

@@ -578,6 +578,23 @@ MUTANTS = [
      TRANSFORM_TESTS),
     ("erase_drawn_at_zero_probability", "python/dnnrl/transforms.py", "    if cfg.erase_prob > 0:  # (skipped",
      "    if cfg.erase_prob >= 0:  # (skipped", None, TRANSFORM_TESTS),
+    # the samplers: a fresh permutation per epoch, batches capped at the set, P and K's limits
+    ("random_same_permutation_every_epoch", "python/dnnrl/samplers.py",
+     "perm = to_device(torch.randperm(self.n, generator=generator, device=generator.device), self.device)",
+     "perm = to_device(torch.randperm(self.n, generator=torch.Generator().manual_seed(0)), self.device)",
+     None, ["tests/test_app_samplers.py"]),
+    ("random_batch_not_capped_at_n", "python/dnnrl/samplers.py",
+     "        if num_samples < batch_size:\n            batch_size = num_samples\n",
+     "", None, ["tests/test_app_samplers.py"]),
+    ("pk_small_class_takes_fewer", "python/dnnrl/samplers.py",
+     "parts.append(m[torch.randint(m.numel(), (self.k,), generator=g, device=g.device).cpu()])",
+     "parts.append(m)", None, ["tests/test_app_samplers.py"]),
+    ("pk_p_not_capped", "python/dnnrl/samplers.py", "self.p, self.k = min(p, classes.numel()), k",
+     "self.p, self.k = p, k", None, ["tests/test_app_samplers.py"]),
+    ("pk_k_below_two", "python/dnnrl/samplers.py", "        k = max(2, batch_size // p)\n",
+     "        k = max(1, batch_size // p)\n", None, ["tests/test_app_samplers.py"]),
+    ("pk_default_p_one", "python/dnnrl/samplers.py", "p = min(p or num_classes, num_classes)",
+     "p = min(p or 1, num_classes)", None, ["tests/test_app_samplers.py"]),
 ]
 
 
