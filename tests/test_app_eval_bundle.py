@@ -301,3 +301,26 @@ def test_projected_vote_shares_are_votes_over_k():
     torch.testing.assert_close(pred, want_pred)
     torch.testing.assert_close(shares, votes.float() / k)
     torch.testing.assert_close(shares.sum(1), torch.ones(9))
+
+
+def test_export_on_the_cpu_embeds_in_float32_and_refuses_other_classes(setup):
+    """A CPU export's gallery is the float32 network's embeddings (bf16 autocast is for
+    CUDA, even where the run trained with it), and data whose classes are not the model's
+    is refused before anything is embedded."""
+    from dnnrl.data import Dataset
+    wd, ds, _, _ = setup
+    run = str(wd / "run_dnnrl")
+    st = torch.load(os.path.join(run, "best.pt"), weights_only=False)
+    st["config"] = dict(st["config"], amp="bf16")
+    bf16_run = os.path.join(str(wd), "run_bf16")
+    os.makedirs(bf16_run, exist_ok=True)
+    torch.save(st, os.path.join(bf16_run, "best.pt"))
+    bundle, _ = B.build_bundle(bf16_run, ds, k_max=5, half=False, device="cpu")
+    _, cfg, _, state = B.load_checkpoint(bf16_run)
+    assert cfg.amp == "bf16"
+    model = B.model_from_state(cfg, 7, state)
+    want = embed(model, torch.from_numpy(ds.splits["train"][0]), augment_config(cfg), torch.device("cpu"), amp="off")
+    torch.testing.assert_close(bundle["gallery"], want, atol=1e-6, rtol=0)
+    other = Dataset({s: v for s, v in ds.splits.items()}, ["c%d" % i for i in range(7)], "other")
+    with pytest.raises(B.BundleError, match="differ from the model's"):
+        B.build_bundle(run, other, device="cpu")

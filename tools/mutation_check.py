@@ -62,6 +62,7 @@ REPRODUCE_TESTS = ["tests/test_app_reproduce.py"]
 SYNTHETIC_TESTS = ["tests/test_app_synthetic.py"]
 PREDICT_TESTS = ["tests/test_app_predict.py"]
 CONFIG_TESTS = ["tests/test_app_bad_options.py", "tests/test_app_graphs.py"]
+EXPORT_TESTS = ["tests/test_app_eval_bundle.py", "tests/test_app_predict.py", "tests/test_app_bad_options.py"]
 TRANSFORM_TESTS = ["tests/test_app_transforms.py", "tests/test_app_train.py", "-k",
                    "transform or theta or flip or erase or shift or tta or eval or augment or scaled or crop"]
 RUNTIME_TESTS = ["tests/test_app_runtime.py", "tests/test_app_bad_options.py", "tests/test_app_data.py",
@@ -595,6 +596,26 @@ MUTANTS = [
      "        k = max(1, batch_size // p)\n", None, ["tests/test_app_samplers.py"]),
     ("pk_default_p_one", "python/dnnrl/samplers.py", "p = min(p or num_classes, num_classes)",
      "p = min(p or 1, num_classes)", None, ["tests/test_app_samplers.py"]),
+    # exporting a bundle: --tta, the model's classes, float16 storage, the PCA, float32 embeddings on the CPU
+    ("bundle_tta_option_ignored", "python/dnnrl/bundle.py", "        cfg.tta = tta\n",
+     "        pass\n", None, EXPORT_TESTS),
+    ("bundle_of_other_classes_accepted", "python/dnnrl/bundle.py",
+     "if data_names is not None and list(data_names) != list(class_names):",
+     "if False:", None, EXPORT_TESTS),
+    ("bundle_without_val_k_not_one", "python/dnnrl/bundle.py",
+     '        final.k = 1\n        facts["k"] = 1\n',
+     '        facts["k"] = final.k\n',
+     "the classifier is built with k = 1 and fit without validation data leaves k alone",
+     EXPORT_TESTS),
+    ("bundle_stored_in_float32", "python/dnnrl/bundle.py", "dtype = torch.float16 if half else torch.float32",
+     "dtype = torch.float32", None, EXPORT_TESTS),
+    ("bundle_gallery_not_projected", "python/dnnrl/bundle.py", "        stored = (gal32 - mean) @ comps\n",
+     "        stored = gal32 @ comps\n", None, EXPORT_TESTS),
+    ("bundle_gallery_labels_int64", "python/dnnrl/bundle.py",
+     '"gallery_labels": ygal.to(torch.uint8 if C <= 256 else torch.int64)',
+     '"gallery_labels": ygal', None, EXPORT_TESTS),
+    ("bundle_embeds_on_cpu_with_amp", "python/dnnrl/bundle.py", '    amp = cfg.amp if dev.type == "cuda" else "off"\n',
+     '    amp = "bf16"\n', None, EXPORT_TESTS),
 ]
 
 
