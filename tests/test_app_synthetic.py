@@ -2,7 +2,6 @@
 splits of the seven FER-2013 classes, deterministic by seed, independent draws per split,
 and images that carry their label (a linear classifier on raw pixels beats chance)."""
 import numpy as np
-import pytest
 from sklearn.linear_model import LogisticRegression
 
 from dnnrl.data import CLASS_NAMES
