@@ -365,7 +365,7 @@ def test_detector_unavailable_is_clear(bundle_file, monkeypatch, capsys, tmp_pat
 
 def test_load_image_scales_every_gray_depth_to_uint8():
     """Float images are taken as [0, 1] (NaN as 0, clipped), 32-bit integer ones as 0..255
-    unless they exceed it (then 0..65535), 1-bit ones as black / white."""
+    unless they exceed it (then 0..65535), 1-bit ones and bool arrays as black / white."""
     f = np.array([[0.0, 0.5, 1.0, 2.0], [-1.0, np.nan, 0.25, 1.0]], np.float32)
     np.testing.assert_array_equal(F.load_image(Image.fromarray(f, mode="F")),
                                   [[0, 128, 255, 255], [0, 0, 64, 255]])
@@ -375,6 +375,10 @@ def test_load_image_scales_every_gray_depth_to_uint8():
     np.testing.assert_array_equal(F.load_image(Image.fromarray(deep, mode="I")), [[0, 255, 17, 1]])
     bits = Image.fromarray(np.array([[0, 255, 255, 0]], np.uint8)).convert("1")
     np.testing.assert_array_equal(F.load_image(bits), [[0, 255, 255, 0]])
+    # NumPy arrays the same way: bool masks as black / white, floats in [0, 1], 16-bit counts
+    np.testing.assert_array_equal(F.load_image(np.array([[False, True]])), [[0, 255]])
+    np.testing.assert_array_equal(F.load_image(np.array([[0.0, 0.5, 1.0]])), [[0, 128, 255]])
+    np.testing.assert_array_equal(F.load_image(np.array([[0, 257 * 17, 65535]], np.uint16)), [[0, 17, 255]])
 
 
 def test_load_image_modes(tmp_path):

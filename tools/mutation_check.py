@@ -616,6 +616,22 @@ MUTANTS = [
      '"gallery_labels": ygal', None, EXPORT_TESTS),
     ("bundle_embeds_on_cpu_with_amp", "python/dnnrl/bundle.py", '    amp = cfg.amp if dev.type == "cuda" else "off"\n',
      '    amp = "bf16"\n', None, EXPORT_TESTS),
+    # reading an image to predict: alpha on white, bit depths, EXIF rotation, empty files, downscaled detection
+    ("alpha_composited_on_black", "python/dnnrl/faces.py", 'Image.new("RGBA", im.size, (255, 255, 255, 255))',
+     'Image.new("RGBA", im.size, (0, 0, 0, 255))', None, PREDICT_TESTS),
+    ("sixteen_bit_scaled_by_255", "python/dnnrl/faces.py",
+     'top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0',
+     "top = 255.0", None, PREDICT_TESTS),
+    ("float_array_not_scaled_to_255", "python/dnnrl/faces.py", "* (255.0 if a.max(initial=0) <= 1.0 else 1.0)",
+     "* 1.0", None, PREDICT_TESTS),
+    ("exif_rotation_ignored", "python/dnnrl/faces.py", "im = ImageOps.exif_transpose(im) or im",
+     "im = im", None, PREDICT_TESTS),
+    ("empty_file_message_lost", "python/dnnrl/faces.py", "                if os.path.getsize(source) == 0:\n",
+     "                if False:\n", None, PREDICT_TESTS),
+    ("bool_array_kept_0_1", "python/dnnrl/faces.py", "        a = a.astype(np.uint8) * 255\n",
+     "        a = a.astype(np.uint8)\n", None, PREDICT_TESTS),
+    ("detection_downscale_not_undone", "python/dnnrl/faces.py", "    if scale < 1.0:\n        boxes = boxes / scale\n",
+     "    if False:\n        boxes = boxes / scale\n", None, PREDICT_TESTS),
 ]
 
 
