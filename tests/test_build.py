@@ -1,8 +1,10 @@
 """The build itself: importing dnnrl_ext, and device code for sm_90 in the built _C."""
+import glob
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 import pytest
@@ -118,3 +120,44 @@ def test_default_build_carries_ptx_for_newer_cards():
     assert out.returncode == 0 and out.stdout.count("sm_90.ptx") == 3, (
         "expected one compute_90 PTX per .cu file (default TORCH_CUDA_ARCH_LIST 8.0;9.0+PTX):\n"
         + out.stdout[-2000:] + out.stderr[-2000:])
+
+
+def _quoted_includes(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.split('"')[1] for line in f if line.lstrip().startswith("#include \"")]
+
+
+def test_sdist_holds_everything_the_build_reads(tmp_path):
+    """A source distribution builds: it carries every file of csrc/ (setuptools adds only
+    the sources named in setup.py, not the headers they include; before MANIFEST.in an
+    sdist stopped at `common.h: No such file`), every header a source includes, the CMake
+    build, the licence and both Python packages with the packaged model."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(repo, "setup.py")):
+        pytest.skip("not a source checkout")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+                           "sdist", "--dist-dir", str(tmp_path)], cwd=repo, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (archive,) = tmp_path.glob("dnnrl-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    csrc = [os.path.relpath(os.path.join(d, f), repo).replace(os.sep, "/")
+            for d, _, files in os.walk(os.path.join(repo, "csrc")) for f in files
+            if not f.endswith((".o", ".so"))]
+    assert any(p.endswith(".cuh") for p in csrc) and any(p.endswith(".h") for p in csrc)
+    missing = [p for p in csrc if p not in names]
+    for src in csrc:
+        for inc in _quoted_includes(os.path.join(repo, src)):
+            here = os.path.normpath(os.path.join(os.path.dirname(src), inc)).replace(os.sep, "/")
+            if here not in names and "csrc/" + inc not in names:
+                missing.append("%s (included by %s)" % (inc, src))
+    package = [os.path.relpath(p, repo).replace(os.sep, "/")
+               for sub in ("dnnrl_ext", os.path.join("python", "dnnrl"))
+               for p in glob.glob(os.path.join(repo, sub, "*.py"))]
+    assert package
+    for required in ["setup.py", "pyproject.toml", "README.md", "LICENSE", "CMakeLists.txt",
+                     "python/dnnrl/assets/dnnrl_fer2013.pt"] + package:
+        if required not in names:
+            missing.append(required)
+    assert not missing, "the sdist lacks %s" % missing
