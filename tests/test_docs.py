@@ -82,6 +82,7 @@ def _collect():
 
 COMMANDS, MENTIONS, SCRIPTS = _collect()
 _SUBPARSERS = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+_TOP_OPTIONS = build_parser()._option_string_actions
 
 
 def test_the_docs_show_commands_at_all():
@@ -105,6 +106,10 @@ def test_options_mentioned_in_the_text_exist():
     unknown = []
     for doc, argv in MENTIONS:
         sub = _SUBPARSERS.get(argv[0])
+        if argv[0].startswith("--"):  # an option of `dnnrl` itself (`dnnrl --version`)
+            if argv[0] not in _TOP_OPTIONS:
+                unknown.append("%s: dnnrl %s" % (doc, argv[0]))
+            continue
         if sub is None:  # `dnnrl train / eval / ...`, `dnnrl train: error: ...`
             assert not re.fullmatch(r"[a-z]+", argv[0]), "%s mentions `dnnrl %s`" % (doc, argv[0])
             continue

@@ -50,11 +50,44 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def version_text() -> str:
+    """One line for ``dnnrl --version``: this package, torch, and what the compiled
+    extension can run here (what a bug report needs first)."""
+    import torch
+    import dnnrl_ext
+    from . import __version__
+    if not dnnrl_ext.extension_available():
+        kernels = "compiled kernels not loaded (reference ops only): %s" % dnnrl_ext._extension._LOAD_ERROR
+    elif not dnnrl_ext.has_cuda_kernels():
+        kernels = "CPU kernels (built without CUDA kernels)"
+    elif torch.cuda.is_available():
+        usable = dnnrl_ext.kernels_available("cuda")
+        kernels = "CPU and CUDA kernels; %s: %s" % (
+            torch.cuda.get_device_name(), "usable" if usable else "too old for the CUDA kernels")
+    else:
+        kernels = "CPU and CUDA kernels (no CUDA device visible)"
+    return "dnnrl %s, dnnrl_ext %s, torch %s; %s" % (__version__, dnnrl_ext.__version__, torch.__version__, kernels)
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed when asked: importing torch for every parser would slow --help."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     ap = argparse.ArgumentParser(
-        prog="dnnrl", description="DNNRL facial expression recognition: train, evaluate, embed.",
+        prog="dnnrl", description=("DNNRL facial expression recognition: train, evaluate, embed, plot, "
+                                  "reproduce Table 2, export a model and predict on photos and videos."),
         formatter_class=_Formatter)
+    ap.add_argument("--version", action=_VersionAction,
+                    help="print the versions of dnnrl and torch and which compiled kernels load, then exit")
     sub = ap.add_subparsers(dest="command", metavar="{train,eval,embed,plot,predict,export,reproduce}")
     sub.required = True
     fmt = _Formatter
