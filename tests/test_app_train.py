@@ -116,8 +116,9 @@ def test_cli_help_each_command():
         assert "usage: dnnrl" in out.stdout
         # argparse %-formats help strings a second time: a stray "%" leaks its action dict
         assert "option_strings" not in out.stdout and "%" not in out.stdout.replace("%%", "")
-        if cmd == ["--help"]:  # the top-level usage names every subcommand
-            assert all(c in out.stdout.splitlines()[0] for c in commands), out.stdout.splitlines()[0]
+        if cmd == ["--help"]:  # the top-level usage (its lines up to the first blank one) names every subcommand
+            usage = out.stdout.split("\n\n")[0]
+            assert all(c in usage for c in commands), usage
     assert "--data" in out.stdout
 
 
