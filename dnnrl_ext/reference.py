@@ -173,11 +173,20 @@ def triplet_loss_indexed(x: Tensor, anchor: Tensor, positive: Tensor, negative: 
     return _reduce(per, valid, reduction), r.detach()
 
 
+def _knn_sq_norms(x: Tensor) -> Tensor:
+    """(R, D) -> (R,) squared row norms, NaN where not finite (the k-NN's rule for bad rows)."""
+    n = (x * x).sum(1)
+    return torch.where(torch.isfinite(n), n, torch.full_like(n, float("nan")))
+
+
 def knn(query: Tensor, gallery: Tensor, k: int, chunk: int = 4096) -> Tuple[Tensor, Tensor]:
     """k nearest gallery rows of every query (squared Euclidean), sorted ascending.
 
     Ties go to the smaller gallery index (stable sorts; earlier chunks first). The
-    gallery is processed in chunks so the full Q x N matrix is never held.
+    gallery is processed in chunks so the full Q x N matrix is never held. A row whose
+    squared norm is not finite (a NaN or inf element, or a norm beyond the accumulation
+    dtype) is at NaN distance from every row: the expansion alone would give inf, NaN or
+    a number depending on the signs.
 
     Args:
         query: (Q, D); gallery: (N, D); 1 <= k <= N.
@@ -189,10 +198,10 @@ def knn(query: Tensor, gallery: Tensor, k: int, chunk: int = 4096) -> Tuple[Tens
     Q = q.shape[0]
     best_d = q.new_zeros((Q, 0))
     best_i = torch.zeros((Q, 0), dtype=torch.long, device=q.device)
-    q_sq = (q * q).sum(1, keepdim=True)
+    q_sq = _knn_sq_norms(q)[:, None]
     for start in range(0, g.shape[0], chunk):
         block = g[start:start + chunk]
-        d = (q_sq - 2.0 * q @ block.T + (block * block).sum(1)[None, :]).clamp(min=0)
+        d = (q_sq - 2.0 * q @ block.T + _knn_sq_norms(block)[None, :]).clamp(min=0)
         idx = torch.arange(start, start + block.shape[0], device=q.device).expand(Q, -1)
         cand_d = torch.cat([best_d, d], 1)
         cand_i = torch.cat([best_i, idx], 1)

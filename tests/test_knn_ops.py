@@ -161,6 +161,36 @@ def test_knn_nan_gallery_rows_sort_last(impl):
     assert torch.isnan(d[0, 3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_knn_rows_with_inf_or_nan_are_at_nan_distance(impl, dtype):
+    """A row with an inf or NaN element is at NaN distance from every row, whatever the
+    signs: the expansion alone gives inf for q.g = -inf and inf - inf = NaN for q.g = +inf,
+    and 3xTF32 products NaN for both, so the order would differ between backends."""
+    inf, nan = float("inf"), float("nan")
+    g = torch.tensor([[nan, 0.0], [inf, 1.0], [1.0, 0.0], [-inf, -1.0], [0.5, 0.5], [0.0, -inf]], dtype=dtype)
+    q = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [inf, 0.0]], dtype=dtype)
+    d, i = dnnrl_ext.knn(q.to(impl.device), g.to(impl.device), 6, backend=impl.backend)
+    d, i = d.cpu().double(), i.cpu()
+    assert i.tolist() == [[4, 2, 0, 1, 3, 5], [2, 4, 0, 1, 3, 5], [4, 2, 0, 1, 3, 5], [0, 1, 2, 3, 4, 5]]
+    assert d[:3, :2].tolist() == [[2.5, 4.0], [0.0, 0.5], [0.5, 1.0]]
+    assert torch.isnan(d[:3, 2:]).all() and torch.isnan(d[3]).all()
+    pred, votes = dnnrl_ext.knn_vote(q.to(impl.device), g.to(impl.device), torch.tensor([0, 1, 2, 1, 3, 1]).to(
+        impl.device), 3, 4, return_votes=True, backend=impl.backend)
+    assert pred.tolist() == [3, 2, 3, 0]  # neighbours [4, 2, 0], [2, 4, 0], [4, 2, 0], [0, 1, 2]
+    assert votes.cpu().tolist() == [[1, 0, 1, 1], [1, 0, 1, 1], [1, 0, 1, 1], [1, 1, 1, 0]]
+
+
+def test_knn_float32_norm_overflow_is_nan_like_a_non_finite_row(impl):
+    """A float32 row whose squared norm overflows (3e19^2 > float32 max) follows the same
+    rule: NaN distances, last; float64 holds the same row and ranks it."""
+    g = [[3e19, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    for dtype, order in ((torch.float32, [1, 2, 0]), (torch.float64, [1, 2, 0])):
+        d, i = dnnrl_ext.knn(torch.zeros(1, 2, dtype=dtype, device=impl.device),
+                             torch.tensor(g, dtype=dtype, device=impl.device), 3, backend=impl.backend)
+        assert i.tolist()[0] == order
+        assert torch.isnan(d[0, 2]) == (dtype == torch.float32)
+
+
 def test_knn_nan_query_does_not_crash(impl):
     d, i = _knn(impl, [[float("nan")], [0.0]], [[0.0], [1.0], [2.0]], 2)
     assert torch.isnan(d[0]).all()

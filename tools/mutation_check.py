@@ -110,6 +110,10 @@ MUTANTS = [
     ("knn_tie_to_larger_index", "csrc/cpu/knn_cpu.cpp", "  return j < bj;\n}", "  return j > bj;\n}", None),
     ("knn_no_clamp_at_zero", "csrc/cpu/knn_cpu.cpp", "return d < acc_t(0) ? acc_t(0) : d;", "return d;", None),
     ("knn_nan_ranks_first", "csrc/cpu/knn_cpu.cpp", "if (dn != bn) return bn;", "if (dn != bn) return dn;", None),
+    ("knn_non_finite_norm_kept", "csrc/cpu/knn_cpu.cpp",
+     "return std::isfinite(n) ? n : std::numeric_limits<acc_t>::quiet_NaN();", "return n;", None),
+    ("reference_knn_non_finite_norm_kept", "dnnrl_ext/reference.py",
+     'return torch.where(torch.isfinite(n), n, torch.full_like(n, float("nan")))', "return n", None),
     ("vote_tie_to_last_class", "csrc/cpu/knn_cpu.cpp", "if (score > best_score) {", "if (score >= best_score) {",
      "scores votes * (k + 1) + (k - first rank) are distinct for every class with a vote, and k >= 1 "
      "gives some class a vote, so the best score is never tied"),

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -61,6 +62,16 @@ inline void insert_sorted(acc_t* kd, int64_t* ki, int64_t& cnt, int64_t k, acc_t
   kd[pos] = d;
   ki[pos] = j;
   if (cnt < k) ++cnt;
+}
+
+// A row's squared norm as the distances use it: NaN where it is inf or NaN (a non-finite
+// element, or a norm beyond the accumulation type), so that every distance of that row is
+// NaN, whatever the signs would make of the expansion (inf, NaN or a number). The
+// reference and the CUDA kernels apply the same rule.
+template <typename acc_t>
+inline acc_t knn_row_norm(const acc_t* row, int64_t D) {
+  const acc_t n = cpu::sq_norm(row, D);
+  return std::isfinite(n) ? n : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // Distance of query i to gallery row j from s = q_i . g_j, exactly as the reference
@@ -141,10 +152,10 @@ void knn_search(const Tensor& q, const Tensor& g, int64_t k, acc_t* out_d, int64
   const acc_t* gp = g.data_ptr<acc_t>();
   std::vector<acc_t> qn(Q), gn(N);
   at::parallel_for(0, Q, cpu::grain_for(D), [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) qn[i] = cpu::sq_norm(qp + i * D, D);
+    for (int64_t i = b0; i < b1; ++i) qn[i] = knn_row_norm(qp + i * D, D);
   });
   at::parallel_for(0, N, cpu::grain_for(D), [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) gn[i] = cpu::sq_norm(gp + i * D, D);
+    for (int64_t i = b0; i < b1; ++i) gn[i] = knn_row_norm(gp + i * D, D);
   });
 
   const int64_t nthreads = at::get_num_threads();

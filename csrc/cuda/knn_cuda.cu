@@ -1042,11 +1042,15 @@ void launch_bound(const __half* q16, const __half* sub16, const float* qn, const
   allow_smem(kern, smem);
   const int64_t row_tiles = ceil_div<int64_t>(Q, Eng::BM);
   const int64_t col_tiles = ceil_div<int64_t>(Ns, Eng::BN);
-  // As many splits, so group minima, as the subset's column tiles allow (up to 8 x 32 = 256):
-  // fixed by the shape alone, not by the card's occupancy, so the bound (and the candidate
-  // count) is the same on every card. With few groups next to k the k-th smallest minimum is
-  // loose (modelled: 32 groups for k = 32 sent half the queries of a 300 x 4,000 case over
-  // their slots; 256 keep every FER-2013-scale query within them, benchmarks/filter_path_model.py).
+  // As many splits, so group minima, as the subset's column tiles allow (up to 8 x 32 = 256).
+  // The groups follow the engine's tile width, which bound_pass picks by Q and the card's SM
+  // count: the same query can get another bound (so another candidate count) in another
+  // batch or on another card. Either way its result is right up to float32 rounding, but a
+  // query near the slot limit may be answered by the re-rank in one call and by the exact
+  // pass in another, which can differ in the last bits. With few groups next to k the
+  // k-th smallest minimum is loose (modelled: 32 groups for k = 32 sent half the queries of
+  // a 300 x 4,000 case over their slots; 256 keep every FER-2013-scale query within them,
+  // benchmarks/filter_path_model.py).
   const int splits = static_cast<int>(std::min<int64_t>(col_tiles, kBoundMaxSplits));
   at::Tensor part = at::empty({static_cast<int64_t>(splits) * Q * TPR * kBoundBuckets}, opts.dtype(at::kFloat));
   kern<<<dim3(static_cast<unsigned>(row_tiles), splits), Eng::kThreads, smem, stream>>>(
@@ -1179,9 +1183,9 @@ void knn_impl(const at::Tensor& query, const at::Tensor& gallery, int k, at::Ten
   at::Tensor norms = at::empty({static_cast<int64_t>(Q) + N}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* qn = norms.data_ptr<acc_t>();
   acc_t* gn = qn + Q;
-  row_norms_kernel<T, acc_t><<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(qp, Q, D, qn);
+  row_norms_kernel<T, acc_t, true><<<static_cast<unsigned>(ceil_div<int64_t>(Q, 8)), 256, 0, stream>>>(qp, Q, D, qn);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  row_norms_kernel<T, acc_t><<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(gp, N, D, gn);
+  row_norms_kernel<T, acc_t, true><<<static_cast<unsigned>(ceil_div<int64_t>(N, 8)), 256, 0, stream>>>(gp, N, D, gn);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   acc_t* dptr = out_d.defined() ? out_d.data_ptr<acc_t>() : nullptr;
   const int64_t* lab = labels ? labels->data_ptr<int64_t>() : nullptr;
@@ -1233,9 +1237,12 @@ void check_knn(const char* op, const at::Tensor& query, const at::Tensor& galler
               op, ": query must be float16, bfloat16, float32 or float64, got ", query.scalar_type());
   TORCH_CHECK(gallery.size(0) >= 1, op, ": gallery is empty");
   TORCH_CHECK(k >= 1 && k <= gallery.size(0), op, ": k must be in [1, ", gallery.size(0), "], got ", k);
-  TORCH_CHECK(query.size(0) < (int64_t(1) << 31) && gallery.size(0) < (int64_t(1) << 31) &&
-                  query.size(1) < (int64_t(1) << 31),
-              op, ": sizes must stay below 2^31");
+  // Tile and row indices are int, and the last tile reaches up to 1,023 past the end (the
+  // large-k kernel's 1,024-row steps): keep a margin below 2^31.
+  constexpr int64_t kMaxRows = (int64_t(1) << 31) - 2048;
+  TORCH_CHECK(query.size(0) < kMaxRows && gallery.size(0) < kMaxRows && query.size(1) < kMaxRows, op,
+              ": query and gallery must have fewer than 2^31 - 2048 rows and columns, got query ", query.sizes(),
+              " and gallery ", gallery.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_forward_kernel(const at::Tensor& query_in, const at::Tensor& gallery_in,

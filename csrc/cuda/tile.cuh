@@ -21,6 +21,8 @@
 
 #include <mma.h>
 
+#include <limits>
+
 #include "utils.cuh"
 
 namespace dnnrl {
@@ -280,12 +282,17 @@ __device__ __forceinline__ acc_t warp_row_sq_norm(const T* p, int D) {
 }
 
 // ||row||^2 of every row of a (rows, D) matrix, warp per row, fixed order.
-template <typename T, typename acc_t>
+// kNonFiniteAsNaN (the k-NN): a norm that is inf or NaN is stored as NaN, so that every
+// distance of that row, norm + norm - 2 dot, is NaN whatever the dot gives (the expansion
+// alone would give inf, NaN or a number, by the signs; the CPU kernel and the reference
+// apply the same rule).
+template <typename T, typename acc_t, bool kNonFiniteAsNaN = false>
 __global__ void __launch_bounds__(256) row_norms_kernel(const T* __restrict__ x, int rows, int D,
                                                         acc_t* __restrict__ out) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
   if (row >= rows) return;
-  const acc_t s = warp_row_sq_norm<T, acc_t>(x + static_cast<int64_t>(row) * D, D);
+  acc_t s = warp_row_sq_norm<T, acc_t>(x + static_cast<int64_t>(row) * D, D);
+  if (kNonFiniteAsNaN && !isfinite(s)) s = std::numeric_limits<acc_t>::quiet_NaN();
   if (threadIdx.x % 32 == 0) out[row] = s;
 }
 
