@@ -2,6 +2,7 @@
 from torch import Tensor, nn
 
 from . import ops
+from . import reference as ref
 
 
 class ExpTripletLoss(nn.Module):
@@ -34,7 +35,9 @@ class ExpTripletLoss(nn.Module):
     def __init__(self, alpha: float = 0.2, gamma: float = 0.0, mining: str = "batch_hard",
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.alpha, self.gamma = float(alpha), float(gamma)
+        # checked here, so that a bad value fails where the module is built, not at its first call
+        self.alpha = ops._check_alpha(alpha, ref.EXP)
+        self.gamma = ops._check_finite_param("gamma", gamma)
         self.mining, self.reduction, self.backend = mining, reduction, backend
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
@@ -57,7 +60,7 @@ class TripletLoss(nn.Module):
     def __init__(self, margin: float = 0.2, mining: str = "batch_hard", reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
-        self.margin = float(margin)
+        self.margin = ops._check_finite_param("margin", margin)
         self.mining, self.reduction, self.backend = mining, reduction, backend
 
     def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):

@@ -1,11 +1,14 @@
 """Typed wrappers over ``torch.ops.dnnrl_ext.*`` with argument checking, plus the
 fake-tensor registrations that make the ops work under ``torch.compile`` and
-``torch.library.opcheck`` (autograd is registered in C++: csrc/autograd.cpp).
+``torch.library.opcheck`` (the loss's autograd is registered in C++, csrc/autograd.cpp; knn's
+here).
 
 Every public function takes ``backend``: ``"auto"`` / ``"compiled"`` run the fused
 kernels (an error says how to rebuild if they are missing), ``"reference"`` runs the
 pure-PyTorch version in :mod:`dnnrl_ext.reference`.
 """
+import math
+import numbers
 import os
 import warnings
 from typing import NamedTuple, Optional, Tuple
@@ -64,10 +67,24 @@ def _check_index_vector(name: str, t, length: Optional[int], device: torch.devic
 
 
 def _check_finite_param(name: str, value) -> float:
+    # numbers.Real takes Python and NumPy numbers; a one-element tensor is read once. A
+    # bool or a string is refused (float() would take True as 1.0 and "0.2" as 0.2).
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real)
+                                       or (isinstance(value, Tensor) and value.numel() == 1)):
+        raise TypeError("%s must be a number, got %r" % (name, value))
     value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError("%s must be a finite number, got %r" % (name, value))
     return value
+
+
+def _check_alpha(alpha, loss_code: int) -> float:
+    """The exponential loss's slope: a positive number (alpha <= 0 turns exp(-alpha r) into
+    a loss that rewards violated triplets, or a constant). The hinge loss ignores it."""
+    alpha = _check_finite_param("alpha", alpha)
+    if loss_code == ref.EXP and alpha <= 0:
+        raise ValueError("alpha must be a positive number (the exp loss's slope), got %r" % (alpha,))
+    return alpha
 
 
 def _eager() -> bool:
@@ -113,8 +130,8 @@ def triplet_loss(embeddings: Tensor, labels: Tensor, *, mining: str = "batch_har
     m = _code("mining", mining, ref.MINING_CODES)
     lt = _code("loss", loss, ref.LOSS_CODES)
     red = _code("reduction", reduction, ref.REDUCTION_CODES)
-    alpha, gamma, margin = (_check_finite_param(n, v) for n, v in
-                            (("alpha", alpha), ("gamma", gamma), ("margin", margin)))
+    alpha = _check_alpha(alpha, lt)
+    gamma, margin = (_check_finite_param(n, v) for n, v in (("gamma", gamma), ("margin", margin)))
     if _use_reference(backend, embeddings.device):
         out = ref.triplet_loss(embeddings, labels, m, lt, alpha, gamma, margin, red)
     else:
@@ -153,8 +170,8 @@ def triplet_loss_from_triplets(embeddings: Tensor, anchor: Tensor, positive: Ten
                                  % (name, lo, hi, B))
     lt = _code("loss", loss, ref.LOSS_CODES)
     red = _code("reduction", reduction, ref.REDUCTION_CODES)
-    alpha, gamma, margin = (_check_finite_param(n, v) for n, v in
-                            (("alpha", alpha), ("gamma", gamma), ("margin", margin)))
+    alpha = _check_alpha(alpha, lt)
+    gamma, margin = (_check_finite_param(n, v) for n, v in (("gamma", gamma), ("margin", margin)))
     anchor, positive, negative = anchor.long(), positive.long(), negative.long()
     if _use_reference(backend, embeddings.device):
         value, r = ref.triplet_loss_indexed(embeddings, anchor, positive, negative, lt,
@@ -283,6 +300,36 @@ def _register() -> None:
     # Autograd of triplet_loss / triplet_loss_indexed is registered in C++
     # (csrc/autograd.cpp, the Autograd dispatch key): the backward kernel reuses the
     # indices the forward saved, and no Python runs per step (see that file for why).
+    # knn's distances get theirs here: a k-NN is rarely differentiated, so a few ATen
+    # ops over the (Q, k, D) neighbour differences are enough (no kernel of its own).
+    torch.library.register_autograd(lib + "knn", _knn_backward, setup_context=_knn_setup_context)
+
+
+def _knn_setup_context(ctx, inputs, output) -> None:
+    query, gallery, _ = inputs
+    ctx.save_for_backward(query, gallery, output[1])
+
+
+def _knn_backward(ctx, grad_dist: Tensor, grad_idx: Optional[Tensor]):
+    """Gradients of dist (Q, k) = ||q_i - g_idx[i, j]||^2 with respect to query (Q, D) and
+    gallery (N, D): 2 (q - g) for the query, -2 (q - g) summed into each gallery row; the
+    same as the reference's expansion ||q||^2 - 2 q.g + ||g||^2 (which differs only where
+    its clamp at 0 cut a negative rounding error, at distances of about 0). In the inputs'
+    dtypes."""
+    query, gallery, idx = ctx.saved_tensors
+    grad_q = grad_g = None
+    if grad_dist is None:
+        return grad_q, grad_g, None
+    acc = _acc(query.dtype)
+    q, g = query.to(acc), gallery.to(acc)
+    diff = q[:, None, :] - g[idx]                            # (Q, k, D)
+    weighted = 2.0 * grad_dist.to(acc)[:, :, None] * diff    # d dist / d q, times the incoming gradient
+    if ctx.needs_input_grad[0]:
+        grad_q = weighted.sum(1).to(query.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_g = torch.zeros_like(g).index_add_(0, idx.reshape(-1), -weighted.reshape(-1, g.shape[1]))
+        grad_g = grad_g.to(gallery.dtype)
+    return grad_q, grad_g, None
 
 
 if _extension.is_available():

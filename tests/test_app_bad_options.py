@@ -28,7 +28,7 @@ FREE_FORM = {"data", "out", "preset", "init_from", "flip", "skip_bad", "cache_di
 BAD_VALUES = {
     "image_size": [0, 3, 15, 48.0], "width": [0, -1.0, math.nan, math.inf], "embed_dim": [0, -2],
     "dropout": [-0.1, 1.0, 1.5], "erase": [-0.5, 1.5, math.nan], "batch_size": [-5, 0, 1, True],
-    "alpha": [math.inf, math.nan], "gamma": [math.nan, -math.inf], "margin": [math.nan],
+    "alpha": [math.inf, math.nan, 0, -1.0], "gamma": [math.nan, -math.inf], "margin": [math.nan],
     "softmax_weight": [-1.0, math.nan, math.inf], "label_smoothing": [-0.1, 1.0],
     "lr": [0, -1.0, math.nan, math.inf], "lr_min": [-1e-4, math.nan], "momentum": [-0.1, 1.0],
     "weight_decay": [-1.0, math.inf], "anneal_fraction": [0, 2.0], "rise_threshold": [-0.1, math.nan],

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,35 @@ def test_bad_mode_strings(backend, name, value):
 def test_non_finite_parameters(backend, name, value):
     with pytest.raises(ValueError, match=name):
         loss(backend, **{name: value})
+
+
+@pytest.mark.parametrize("value", [0.0, -0.2, -1])
+def test_alpha_must_be_positive_for_the_exp_loss(backend, value):
+    """alpha <= 0 would make exp(-alpha r) grow with violated triplets (or constant)."""
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        loss(backend, alpha=value)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        triplets(backend, alpha=value)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        dnnrl_ext.ExpTripletLoss(alpha=value)
+    loss(backend, alpha=value, loss="hinge")  # the hinge loss ignores alpha
+
+
+@pytest.mark.parametrize("name", ["alpha", "gamma", "margin"])
+@pytest.mark.parametrize("value", ["0.2", True, None, [0.2], torch.ones(2)])
+def test_loss_parameters_must_be_numbers(backend, name, value):
+    with pytest.raises(TypeError, match="%s must be a number" % name):
+        loss(backend, **{name: value})
+
+
+def test_loss_modules_check_their_parameters_when_built():
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        dnnrl_ext.ExpTripletLoss(alpha="0.2")
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        dnnrl_ext.ExpTripletLoss(gamma=math.nan)
+    with pytest.raises(TypeError, match="margin must be a number"):
+        dnnrl_ext.TripletLoss(margin=None)
+    assert dnnrl_ext.ExpTripletLoss(alpha=np.float32(0.5), gamma=torch.tensor(-1.0)).alpha == 0.5
 
 
 def test_bad_backend_string():

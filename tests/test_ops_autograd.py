@@ -127,6 +127,53 @@ def test_opcheck_knn_and_knn_vote(compiled_device, dtype):
     labels = torch.randint(0, 4, (30,), generator=g).to(dev)
     torch.library.opcheck(torch.ops.dnnrl_ext.knn.default, (q, gal, 7))
     torch.library.opcheck(torch.ops.dnnrl_ext.knn_vote.default, (q, gal, labels, 7, 4))
+    # with inputs that need gradients: the registered autograd of knn's distances
+    torch.library.opcheck(torch.ops.dnnrl_ext.knn.default,
+                          (q.clone().requires_grad_(), gal.clone().requires_grad_(), 7))
+
+
+# --------------------------------------------------------------------------- knn gradients
+def _knn_inputs(seed, Q=7, N=25, D=4, k=5):
+    """float64 query / gallery whose k nearest are at least 1e-2 from the (k+1)-th, so the
+    neighbours of gradcheck's perturbed inputs stay the same."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        q, gal = torch.randn(Q, D, dtype=F64, generator=g), torch.randn(N, D, dtype=F64, generator=g)
+        d = torch.cdist(q, gal).pow(2).sort(1).values
+        if (d[:, 1:k + 1] - d[:, :k] > 1e-2).all():
+            return q, gal
+    raise AssertionError("no tie-free input found")
+
+
+def test_gradcheck_knn_distances(impl):
+    q, gal = (t.to(impl.device).requires_grad_(True) for t in _knn_inputs(5))
+    assert torch.autograd.gradcheck(lambda a, b: dnnrl_ext.knn(a, b, 5, backend=impl.backend)[0], (q, gal),
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_knn_gradients_match_the_reference(compiled_device, dtype):
+    """The compiled knn's distances carry the reference's gradients (they were None
+    before, with only torch's warning that no autograd kernel was registered), in the
+    inputs' dtypes; only the inputs that need one get one."""
+    q0, g0 = (t.to(dtype).to(compiled_device) for t in _knn_inputs(6, Q=12, N=40, D=6, k=4))
+    w = torch.randn(12, 4, dtype=F64).to(compiled_device)
+    grads = {}
+    for backend in ("compiled", "reference"):
+        q, gal = q0.clone().requires_grad_(True), g0.clone().requires_grad_(True)
+        dist, idx = dnnrl_ext.knn(q, gal, 4, backend=backend)
+        (dist.double() * w).sum().backward()
+        grads[backend] = (idx, q.grad, gal.grad)
+    (i_c, gq_c, gg_c), (i_r, gq_r, gg_r) = grads["compiled"], grads["reference"]
+    assert torch.equal(i_c, i_r)
+    assert gq_c.dtype == dtype and gg_c.dtype == dtype
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == F64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gq_c, gq_r, **tol)
+    torch.testing.assert_close(gg_c, gg_r, **tol)
+    assert gg_c.abs().sum(1).gt(0).sum() <= 12 * 4  # only neighbours get a gradient
+    q = q0.clone().requires_grad_(True)
+    dnnrl_ext.knn(q, g0, 4)[0].sum().backward()  # the gallery needs none
+    assert q.grad is not None and q.grad.shape == q0.shape
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dnnrl: exp triplet + k-NN; tdnn: hinge triplet + k-NN; dnn: softmax (default dnnrl)")
     _add_data_args(t)
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="paper: Table 1 network at 108 px; cpu: 48 px, width 0.25, 12 epochs "
-                        "(default: cpu without --data, paper with it)")
+                   help="paper: Table 1 network at 108 px; cpu: %d px, width %g, %d epochs "
+                        "(default: cpu without --data, paper with it)"
+                        % (PRESETS["cpu"]["image_size"], PRESETS["cpu"]["width"], PRESETS["cpu"]["max_epochs"]))
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from checkpoint.pt with its own config.json (the run's length "
                         "and the machine options may change; others given anew are named in a warning)")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "random_triplets (one random positive and negative per anchor: the paper's literal "
                         "sampling) or easy_positive (nearest positive, nearest negative) "
                         "(default %s; chosen on the synthetic set, docs/app.md)" % d.mining)
-    g.add_argument("--alpha", type=float, default=None, help="exp loss slope (default %g = the paper's)" % d.alpha)
+    g.add_argument("--alpha", type=float, default=None, help="exp loss slope, > 0 (default %g = the paper's)" % d.alpha)
     g.add_argument("--gamma", type=float, default=None,
                    help="exp loss margin (default %g = the paper's; with batch_hard mining 0 learns "
                         "nothing; negative values learn from violating triplets)" % d.gamma)

@@ -175,7 +175,7 @@ RANGES = {
     "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "in [0, 1)"),
     "erase": (lambda v: _is_real(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "batch_size": _int_at_least(2),
-    "alpha": (_is_real, "a finite number"),
+    "alpha": (lambda v: _is_real(v) and v > 0, "a positive number"),
     "gamma": (_is_real, "a finite number"),
     "margin": (_is_real, "a finite number"),
     "softmax_weight": (lambda v: _is_real(v) and v >= 0, ">= 0 and finite"),
