@@ -12,11 +12,24 @@ from .reference import vote
 
 def _as_float_tensor(name: str, x, device=None) -> Tensor:
     t = torch.as_tensor(x)
+    if t.is_complex():
+        raise TypeError("%s must be real, got %s (casting would drop the imaginary part)" % (name, t.dtype))
     if not t.is_floating_point():
         t = t.float()
     if t.dim() != 2:
         raise ValueError("%s must be 2-D (samples, dim), got shape %s" % (name, tuple(t.shape)))
     return t if device is None else t.to(device)
+
+
+def _check_finite_rows(name: str, t: Tensor) -> None:
+    """ValueError naming ``name`` when a row holds NaN or inf. The ops give such a row NaN
+    distances and a vote by gallery index (a class that looks like an answer), so the
+    classifier refuses it instead; one device sync, paid once per call."""
+    bad = ~torch.isfinite(t).all(1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad)[:, 0]
+        raise ValueError("%s holds NaN or inf in %d of %d rows (first: row %d); the k-NN needs finite embeddings"
+                         % (name, rows.numel(), t.shape[0], int(rows[0])))
 
 
 def _as_label_tensor(name: str, y, n: int, device) -> Tensor:
@@ -91,9 +104,13 @@ class KNNClassifier:
     def fit(self, embeddings, labels, val: Optional[Sequence] = None, k_max: int = 50) -> "KNNClassifier":
         """Store the gallery (N, D) with labels (N,); with ``val=(X, y)`` choose k in
         1..k_max by validation accuracy (ties to the smaller k)."""
-        self.gallery = _as_float_tensor("embeddings", embeddings)
-        if self.gallery.shape[0] == 0:
+        gallery = _as_float_tensor("embeddings", embeddings)
+        if gallery.shape[0] == 0:
             raise ValueError("embeddings is empty: the k-NN gallery needs at least one row")
+        _check_finite_rows("embeddings", gallery)
+        if val is not None and (isinstance(val, (str, bytes)) or not isinstance(val, Sequence) or len(val) != 2):
+            raise ValueError("val must be a pair (embeddings, labels), got %s" % (type(val).__name__,))
+        self.gallery = gallery
         self.gallery_labels = _as_label_tensor("labels", labels, self.gallery.shape[0], self.gallery.device)
         seen = int(self.gallery_labels.max()) + 1
         if self.num_classes is None:
@@ -110,6 +127,7 @@ class KNNClassifier:
 
     def _query(self, x) -> Tensor:
         q = _as_float_tensor("embeddings", x, self.gallery.device).to(self.gallery.dtype)
+        _check_finite_rows("embeddings", q)
         return q
 
     def select_k(self, embeddings, labels, k_max: int = 50) -> int:
@@ -120,6 +138,8 @@ class KNNClassifier:
         self._check_fitted()
         q = self._query(embeddings)
         y = _as_label_tensor("labels", labels, q.shape[0], q.device)
+        if q.shape[0] == 0:
+            raise ValueError("the validation embeddings are empty: k cannot be chosen on no data")
         _check_count("k_max", k_max)
         k_max = min(int(k_max), self.gallery.shape[0])  # (a small gallery caps it)
         _, idx = ops.knn(q, self.gallery, k_max, backend=self.backend)

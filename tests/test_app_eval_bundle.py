@@ -112,16 +112,20 @@ def test_eval_without_a_checkpoint_uses_the_packaged_model(setup, monkeypatch, c
     assert json.load(open(wd / "ev_env" / "results.json"))["method"] == "dnn"
 
 
-def test_eval_dnn_bundle_uses_the_softmax_head(setup):
+def test_eval_dnn_bundle_scores_its_knn_vote_and_reports_the_head(setup):
+    """A bundle answers with its k-NN vote in dnnrl predict, so eval scores that for a dnn
+    bundle too (it scored the softmax head before, with k None), the head alongside."""
     wd, ds, csv, bundles = setup
     assert main(["eval", bundles["dnn"], "--data", csv, "--out", str(wd / "ev_dnn"),
                  "--cache-dir", str(wd / "cache"), "--device", "cpu"]) == 0
     res = json.load(open(wd / "ev_dnn" / "results.json"))
     head, _ = _expected(bundles["dnn"], ds, head=True)
     knn, k = _expected(bundles["dnn"], ds)
-    assert res["k"] is None and res["knn_k"] == k
-    assert res["val_accuracy"] == pytest.approx(head["val"]) and res["test_accuracy"] == pytest.approx(head["test"])
-    assert res["knn_val_accuracy"] == pytest.approx(knn["val"])
+    assert res["k"] == k
+    assert res["val_accuracy"] == pytest.approx(knn["val"]) and res["test_accuracy"] == pytest.approx(knn["test"])
+    assert res["head_val_accuracy"] == pytest.approx(head["val"])
+    assert res["head_test_accuracy"] == pytest.approx(head["test"])
+    assert "softmax head: val" in open(wd / "ev_dnn" / "report.md").read()
 
 
 def test_eval_bundle_bad_input_is_clear(setup, monkeypatch, capsys):
@@ -138,6 +142,10 @@ def test_eval_bundle_bad_input_is_clear(setup, monkeypatch, capsys):
         B.default_bundle_path()
     assert main(["eval", "--bundle", str(wd / "absent.pt"), "--data", csv]) == 2
     assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("DNNRL_BUNDLE", str(wd / "nowhere.pt"))  # the override is named, not the packaged file
+    assert main(["eval", "--data", csv]) == 2
+    assert "$DNNRL_BUNDLE names %s, which does not exist" % (wd / "nowhere.pt") in capsys.readouterr().err
+    monkeypatch.delenv("DNNRL_BUNDLE")
     # a directory is a training run, not a bundle
     assert main(["eval", str(wd), "--data", csv]) == 2
     assert "no best.pt" in capsys.readouterr().err

@@ -308,6 +308,13 @@ def test_video_frames_and_every(bundle_file, fer, tmp_path):
     (tmp_path / "fake.mp4").write_text("nope")
     bad = list(p.predict_paths([str(tmp_path / "fake.mp4")]))
     assert len(bad) == 1 and bad[0]["error"]
+    # one path, not a list: the path itself (a str was read letter by letter, '.' as a folder)
+    one = list(p.predict_paths(str(path), every=8))
+    assert [r["frame"] for r in one] == [0, 8, 16] and all(r["source"] == str(path) for r in one)
+    assert [r["frame"] for r in p.predict_paths(path, every=12)] == [0, 12]
+    for every in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="every must be an integer >= 1"):
+            next(p.predict_paths([str(path)], every=every))
 
 
 # --------------------------------------------------------------------------- CLI

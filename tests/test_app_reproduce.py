@@ -31,8 +31,16 @@ def test_reproduce_writes_table_and_skips_finished_methods(tmp_path, capsys):
     stamp = os.path.getmtime(os.path.join(out, "dnn", "results.json"))
     capsys.readouterr()
     assert main(["reproduce", "--out", out, "--method", "dnn"] + TINY) == 0
-    assert "not retrained" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "not retrained" in said and "it was trained with" not in said
     assert os.path.getmtime(os.path.join(out, "dnn", "results.json")) == stamp
+    # other options than the finished run's: still not retrained, but it says which differ
+    assert main(["reproduce", "--out", out, "--method", "dnn", "--lr", "0.5"] + TINY) == 0
+    assert "dnn: results.json exists, not retrained (--force to retrain); it was trained with lr 0.001 " \
+           "where this command gives 0.5" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "dnn", "results.json")) == stamp
+    # the table says which data it is: the synthetic set here, whose numbers the paper's do not compare with
+    assert "data: the built-in synthetic set, not FER-2013" in md
 
 
 def test_reproduce_help_lists_methods(capsys):

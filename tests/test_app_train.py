@@ -164,6 +164,12 @@ def test_cli_train_eval_embed_on_csv(tmp_path, capsys):
     z = np.load(out)
     assert z["train_embeddings"].shape == (70, 512) and z["test_labels"].shape == (28,)
     np.testing.assert_allclose(np.linalg.norm(z["val_embeddings"], axis=1), 1, rtol=1e-4)
+    # a .pt loads with torch.load's default (weights_only): the class names are plain str
+    assert cli_main(["embed", str(run / "best.pt"), "--data", str(path), "--out", str(tmp_path / "emb.pt"),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    zt = torch.load(tmp_path / "emb.pt")
+    assert zt["class_names"] == list(z["class_names"]) and type(zt["class_names"][0]) is str
+    assert torch.equal(zt["val_embeddings"], torch.from_numpy(z["val_embeddings"]))
     # a checkpoint.pt holds the last weights and the best ones: embed (and eval) take the best
     st = torch.load(run / "checkpoint.pt", weights_only=False)
     assert st["best_state"] is not None
@@ -777,6 +783,58 @@ def test_cli_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, capsys):
     assert cli_main(["train", "--out", str(tmp_path / "new"), "--init-from", str(run / "best.pt"),
                      "--preset", "cpu", "--max-epochs", "1", "--no-progress"]) == 2
     assert "best.pt is not a dnnrl checkpoint" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_stops_before_reading_data(tmp_path, capsys, monkeypatch):
+    """--resume into a directory with no checkpoint.pt says so before any data is read (it
+    was found only after the data had loaded)."""
+    import dnnrl.train
+
+    def no_data(*a, **k):
+        raise AssertionError("data read before the checkpoint was checked")
+    monkeypatch.setattr(dnnrl.train, "load_data", no_data)
+    assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume", "--no-progress"]) == 2
+    assert "--resume: no checkpoint at %s" % (tmp_path / "none" / "checkpoint.pt") in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `dnnrl train` ends with one line (exit 130) that names the checkpoint
+    and the --resume command, not an 85-line KeyboardInterrupt traceback."""
+    import dnnrl.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dnnrl.train, "train", interrupted)
+    run = tmp_path / "run"
+    assert cli_main(["train", "--out", str(run), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "dnnrl train: interrupted; no epoch had finished, so there is no checkpoint to resume from"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert cli_main(["train", "--out", str(run), "--no-progress"]) == 130
+    assert "`dnnrl train --out %s --resume` continues from it" % run in capsys.readouterr().err
+    monkeypatch.setenv("DNNRL_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["train", "--out", str(run), "--no-progress"])
+
+
+def test_selection_metric_names_what_a_run_selects_by(tmp_path):
+    """The k-NN monitor's metrics need the monitor: --monitor-gallery 0 (and dnn for
+    val_knn) select by the val loss; the run warns, and a resume logs the right name."""
+    from dnnrl.train import selection_metric
+    assert selection_metric(_cfg(tmp_path, select_by="val_knn")) == "val_knn"
+    assert selection_metric(_cfg(tmp_path, select_by="val_knn", monitor_gallery=0)) == "val_loss"
+    assert selection_metric(_cfg(tmp_path, select_by="val_knn", method="dnn")) == "val_loss"
+    assert selection_metric(_cfg(tmp_path, select_by="val_accuracy", method="dnn", monitor_gallery=0)) \
+        == "val_accuracy"
+    assert selection_metric(_cfg(tmp_path, select_by="val_accuracy", monitor_gallery=0)) == "val_loss"
+    run = tmp_path / "run"
+    assert train(_cfg(run, select_by="val_knn", max_epochs=2), stop_after=1) is None
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert "best val k-NN error" in open(run / "run.log").read()
+    run0 = tmp_path / "run0"
+    assert train(_cfg(run0, select_by="val_knn", monitor_gallery=0, max_epochs=1)) is not None
+    assert "--monitor-gallery 0 turns off: this run selects its best epoch" in open(run0 / "run.log").read()
 
 
 def test_results_record_the_device_and_seconds_per_phase(tmp_path):

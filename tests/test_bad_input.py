@@ -348,6 +348,39 @@ def test_classifier_bad_k_max_and_kneighbors_k():
     assert len(clf.val_accuracy_per_k) == 6
 
 
+def test_classifier_refuses_complex_embeddings():
+    """.float() would drop the imaginary part (an all-zero gallery for imaginary input)."""
+    with pytest.raises(TypeError, match="embeddings must be real"):
+        KNNClassifier(backend="reference").fit(X().to(torch.complex64) * 1j, Y())
+    clf = KNNClassifier(backend="reference").fit(X(), Y())
+    with pytest.raises(TypeError, match="embeddings must be real"):
+        clf.predict(X().to(torch.complex64))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_classifier_refuses_non_finite_rows(backend):
+    """A NaN query got class 0 (the vote over gallery rows 0..k-1) and shares like
+    [0.4, 0.4, 0.2]: an answer that looked real. Now every entry point names the rows."""
+    bad = X().clone()
+    bad[2, 1] = float("nan")
+    bad[4, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"embeddings holds NaN or inf in 2 of 6 rows \(first: row 2\)"):
+        KNNClassifier(backend=backend).fit(bad, Y())
+    clf = KNNClassifier(k=3, backend=backend).fit(X(), Y())
+    for call in (clf.predict, clf.predict_proba, clf.kneighbors, lambda q: clf.score(q, Y()),
+                 lambda q: clf.select_k(q, Y())):
+        with pytest.raises(ValueError, match="embeddings holds NaN or inf in 2 of 6 rows"):
+            call(bad)
+
+
+def test_classifier_val_must_be_a_pair_and_not_empty():
+    for val in ((X(),), X(), "val", (X(), Y(), Y())):
+        with pytest.raises(ValueError, match=r"val must be a pair \(embeddings, labels\)"):
+            KNNClassifier(backend="reference").fit(X(), Y(), val=val)
+    with pytest.raises(ValueError, match="validation embeddings are empty"):
+        KNNClassifier(backend="reference").fit(X(), Y(), val=(torch.zeros(0, X().shape[1]), torch.zeros(0).long()))
+
+
 # --------------------------------------------------------------------------- missing extension
 def test_compiled_backend_without_extension_raises_with_rebuild_hint(no_extension):
     for call in (lambda: loss("compiled"), lambda: loss("auto"),

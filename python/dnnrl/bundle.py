@@ -494,6 +494,9 @@ def load_bundle(path: Optional[str] = None, device: Union[str, torch.device] = "
 def default_bundle_path() -> str:
     """The packaged model (``$DNNRL_BUNDLE`` overrides it); a clear error when absent."""
     path = os.environ.get("DNNRL_BUNDLE") or DEFAULT_BUNDLE
+    if not os.path.exists(path) and os.environ.get("DNNRL_BUNDLE"):
+        raise BundleError("$DNNRL_BUNDLE names %s, which does not exist: point it at a bundle from "
+                          "`dnnrl export`, or unset it for the packaged model" % path)
     if not os.path.exists(path):
         raise BundleError(
             "no default model: %s is not installed with this copy of dnnrl. Pass --bundle FILE "

@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anneal-fraction", type=float, default=None,
                    help="late_cosine: final fraction of the run that anneals (%g)" % d.anneal_fraction)
     g.add_argument("--patience", type=int, default=None,
-                   help="stop after this many epochs without a new best val loss (preset; paper 20)")
+                   help="stop after this many epochs without a new best of the --select-by metric (preset; paper 20, "
+                        "on the val loss)")
     g.add_argument("--max-epochs", type=int, default=None, help="epoch cap (preset; paper %d)" % d.max_epochs)
     g.add_argument("--time-budget", type=float, default=None,
                    help="seconds of training: stop before an epoch that would end past it (estimated "
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "A training run (a checkpoint): embed the data's training split as the k-NN "
                            "gallery, choose k on its validation split, report val/test accuracy (the softmax "
                            "head for dnn models). A bundle (--bundle, a bundle file, or nothing: the packaged "
-                           "model): its own gallery and k, evaluated on the val/test splits of --data."))
+                           "model): its own gallery and k, evaluated on the val/test splits of --data "
+                           "(its k-NN vote, as dnnrl predict answers; a dnn bundle's softmax head alongside)."))
     e.add_argument("checkpoint", nargs="?", default=None,
                    help="a run directory or a best.pt / checkpoint.pt file, or a bundle file; "
                         "none: the packaged model ($DNNRL_BUNDLE overrides it)")
@@ -389,7 +391,7 @@ def _embed(args) -> int:
         out["%s_labels" % s] = y.cpu().numpy()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.out.endswith(".pt"):
-        torch.save({k: (torch.from_numpy(v) if v.dtype != object and v.dtype.kind != "U" else list(v))
+        torch.save({k: (torch.from_numpy(v) if v.dtype != object and v.dtype.kind != "U" else v.tolist())
                     for k, v in out.items()}, args.out)
     else:
         np.savez(args.out, **out)
@@ -420,6 +422,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print("dnnrl %s: error: %s (DNNRL_DEBUG=1 shows the traceback)" % (args.command, exc), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line on what is kept and how to go on, not a traceback
+        if os.environ.get("DNNRL_DEBUG"):
+            raise
+        print("dnnrl %s: interrupted%s" % (args.command, _interrupted_hint(args)), file=sys.stderr)
+        return 130
+
+
+def _interrupted_hint(args) -> str:
+    if args.command == "train":
+        ckpt = os.path.join(args.out, "checkpoint.pt")
+        if os.path.exists(ckpt):
+            return ("; %s holds the last finished epoch: `dnnrl train --out %s --resume` continues from it"
+                    % (ckpt, args.out))
+        return "; no epoch had finished, so there is no checkpoint to resume from"
+    if args.command == "reproduce":
+        return ("; rerun the same command: finished methods are kept and unfinished ones resume from their "
+                "checkpoints")
+    return ""
 
 
 def _run(args) -> int:

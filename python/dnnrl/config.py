@@ -12,6 +12,8 @@ SCHEDULES = ("plateau", "cosine", "late_cosine")
 # protocol metrics: the validation loss (the paper), the k-NN error of the per-epoch monitor,
 # or the error of the accuracy the method is scored by (softmax head for dnn, k-NN monitor else)
 SELECT_BY = ("val_loss", "val_knn", "val_accuracy")
+# what each select_by minimises, as logs and reports name it
+SELECT_BY_NAMES = {"val_loss": "val loss", "val_knn": "val k-NN error", "val_accuracy": "val error"}
 SWITCHES = ("auto", "on", "off")
 
 

@@ -300,6 +300,15 @@ class ShardedKNNClassifier:
         self.n = int(labels.shape[0])
         if self.n == 0:
             raise ValueError("the k-NN gallery needs at least one row")
+        # NaN / inf rows are refused as KNNClassifier refuses them; the count is summed over
+        # the ranks first, so that every rank raises (one rank raising alone would leave the
+        # others waiting in the next collective)
+        bad = (~torch.isfinite(self.gallery).all(1)).sum().reshape(1)
+        if self.ctx.enabled:
+            dist.all_reduce(bad)
+        if int(bad) > 0:
+            raise ValueError("the gallery embeddings hold NaN or inf in %d of %d rows; the k-NN needs finite "
+                             "embeddings" % (int(bad), self.n))
         self.offset = self.ctx.shard_range(self.n)[0]
         if val is not None:
             self.select_k(val[0], val[1], k_max)
@@ -307,6 +316,8 @@ class ShardedKNNClassifier:
 
     def kneighbors(self, query: Tensor, k: Optional[int] = None):
         q = query.to(self.gallery.device, self.gallery.dtype)
+        from dnnrl_ext.knn import _check_finite_rows
+        _check_finite_rows("embeddings", q)  # the queries are the same on every rank: all raise alike
         return sharded_knn(q, self.gallery, self.offset, k or self.k, self.ctx, self.backend)
 
     def select_k(self, query: Tensor, labels: Tensor, k_max: int = 50) -> int:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from dnnrl_ext import KNNClassifier
 
+from .config import SELECT_BY_NAMES
 from .runtime import embed as _embed
 from .transforms import AugmentConfig
 
@@ -179,8 +180,9 @@ def evaluate_bundle(model, classifier, data: Dict[str, tuple], class_names: List
         classifier: the bundle's fitted :class:`dnnrl.bundle.ProjectedKNNClassifier`.
         data: {split: (images uint8 (N, S, S), labels int64 (N,))}; the "val" and "test"
             splits are evaluated, or every split when the data has neither.
-        method: the bundle's method; "dnn" predicts with the softmax head (its k-NN
-            accuracy is reported alongside), the others with the k-NN vote.
+        method: the bundle's method. Every bundle is scored by its k-NN vote, which is
+            what ``dnnrl predict`` answers with; for "dnn" the softmax head's accuracy is
+            reported alongside (``head_<split>_accuracy``).
     """
     os.makedirs(out_dir, exist_ok=True)
     splits = [s for s in ("val", "test") if s in data] or list(data)
@@ -188,18 +190,15 @@ def evaluate_bundle(model, classifier, data: Dict[str, tuple], class_names: List
     labels = {s: data[s][1].to(device) for s in splits}
     results: Dict[str, object] = {"method": method, "class_names": list(class_names),
                                   "sizes": {s: int(data[s][1].shape[0]) for s in splits},
-                                  "k": None if method == "dnn" else classifier.k}
+                                  "k": classifier.k}
     preds = {}
     for s in splits:
         emb = _embed(model, data[s][0], **kw)
-        knn_pred = classifier.predict(emb) if emb.shape[0] else labels[s][:0]
+        preds[s] = classifier.predict(emb) if emb.shape[0] else labels[s][:0]
         if method == "dnn":
-            preds[s] = _embed(model, data[s][0], head=True, **kw).argmax(1)
-            results["knn_k"] = classifier.k
-            results["knn_%s_accuracy" % s] = (float((knn_pred == labels[s]).float().mean())
-                                              if emb.shape[0] else None)
-        else:
-            preds[s] = knn_pred
+            head = _embed(model, data[s][0], head=True, **kw).argmax(1)
+            results["head_%s_accuracy" % s] = (float((head == labels[s]).float().mean())
+                                               if emb.shape[0] else None)
     return _finish(results, preds, labels, class_names, method, out_dir, extra)
 
 
@@ -223,6 +222,10 @@ def write_report(results: Dict[str, object], path: str) -> None:
               and results.get("%s_accuracy" % s) is not None]
     for s in ["val", "test"] + others:
         lines.append("| %s | %s |" % (s, _pct(results.get("%s_accuracy" % s))))
+    if any(results.get("head_%s_accuracy" % s) is not None for s in ("val", "test")):
+        lines += ["", "The bundle's k-NN vote above (what `dnnrl predict` answers with); the dnn network's "
+                  "softmax head: val %s, test %s" % (_pct(results.get("head_val_accuracy")),
+                                                     _pct(results.get("head_test_accuracy")))]
     if results["method"] == "dnn" and results.get("knn_k") is not None:
         lines += ["", "k-NN on the softmax network's features (k=%s): val %s, test %s"
                   % (results["knn_k"], _pct(results.get("knn_val_accuracy")),
@@ -243,7 +246,7 @@ def write_report(results: Dict[str, object], path: str) -> None:
         tr = results["training"]
         lines += ["", "Training: %s epochs, best epoch %s (%s %.4g), %.0f s, %.0f images/s"
                   % (tr.get("epochs"), tr.get("best_epoch"),
-                     {"val_knn": "val k-NN error", "val_accuracy": "val error"}.get(tr.get("select_by"), "val loss"),
+                     SELECT_BY_NAMES.get(tr.get("select_by"), "val loss"),
                      tr.get("best_metric") if tr.get("best_metric") is not None else float("nan"),
                      tr.get("seconds", 0), tr.get("images_per_s", 0))
                   + (" on %s" % tr["device_name"] if tr.get("device_name") else "")]

@@ -18,10 +18,11 @@ import argparse
 import csv
 import json
 import logging
+import numbers
 import os
 import sys
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -147,8 +148,10 @@ class Predictor:
         return self._records(boxes, *self.classify(crops))
 
     # ------------------------------------------------------------------ many inputs
-    def predict_paths(self, paths: Sequence[str], every: int = 1, keep_image: bool = False) -> Iterator[dict]:
-        """One record per image / processed video frame, in input order:
+    def predict_paths(self, paths: Union[str, Sequence[str]], every: int = 1,
+                      keep_image: bool = False) -> Iterator[dict]:
+        """One record per image / processed video frame, in input order (``paths``: files
+        or folders, or one path; ``every``: every n-th frame of a video):
 
             {"source": path, "kind": "image" | "video", "frame": int | None,
              "time_s": float | None, "width": W, "height": H, "faces": [...],
@@ -159,9 +162,13 @@ class Predictor:
         iteration goes on. ``keep_image``: records carry "image" (H, W, 3) RGB uint8
         for drawing.
         """
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            paths = [paths]  # one path, not a sequence of its characters
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError("every must be an integer >= 1 (every n-th video frame), got %r" % (every,))
         pending: List[Tuple[dict, np.ndarray, np.ndarray]] = []
         n_faces = 0
-        for rec, gray in self._frames(paths, max(1, int(every)), keep_image):
+        for rec, gray in self._frames(paths, int(every), keep_image):
             if gray is None:
                 if not pending:
                     yield rec

@@ -190,6 +190,18 @@ def _write_curves(out: str, methods: List[str]) -> Optional[str]:
         return None
 
 
+def _differences(run_dir: str, overrides: dict) -> str:
+    """'; it was trained with lr 0.05 where this command gives 0.5' for the options given now
+    (not None) that the finished run's config.json holds otherwise; '' when none differ."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return ""
+    saved = json.load(open(path))
+    diff = ["%s %r where this command gives %r" % (k, saved[k], v) for k, v in sorted(overrides.items())
+            if k not in ("out", "progress") and v is not None and k in saved and saved[k] != v]
+    return "; it was trained with " + ", ".join(diff) if diff else ""
+
+
 def run_reproduce(args) -> int:
     from .config import resolve
     from .train import is_unfinished_run
@@ -201,11 +213,12 @@ def run_reproduce(args) -> int:
     jobs, walls = {}, {}
     for method in methods:
         run_dir = os.path.join(args.out, method)
-        if os.path.exists(os.path.join(run_dir, "results.json")) and not args.force:
-            print("%s: results.json exists, not retrained (--force to retrain)" % method, flush=True)
-            continue
         overrides = {k: getattr(args, k, None) for k in _PASSTHROUGH}
         overrides.update(method=method, out=run_dir)
+        if os.path.exists(os.path.join(run_dir, "results.json")) and not args.force:
+            print("%s: results.json exists, not retrained (--force to retrain)%s"
+                  % (method, _differences(run_dir, overrides)), flush=True)
+            continue
         if getattr(args, "progress", None) is not None:
             overrides["progress"] = args.progress
         if jobs_wanted > 1:
@@ -234,8 +247,10 @@ def run_reproduce(args) -> int:
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump({"rows": rows, "paper": PAPER_TEST_ACCURACY}, f, indent=2)
     with open(os.path.join(args.out, "table.md"), "w") as f:
+        data = ("data: %s" % args.data if getattr(args, "data", None)
+                else "data: the built-in synthetic set, not FER-2013, so the paper's column does not compare")
         f.write("# Table 2, reproduced\n\nFER-2013 test accuracy of the paper (Guo et al., 2016, Table 2) "
-                "beside ours. Validation = PublicTest; test = PrivateTest where the data has it.\n\n"
+                "beside ours (%s). Validation = PublicTest; test = PrivateTest where the data has it.\n\n" % data
                 + table + "\n\nSeconds per phase (setup: data and model; validate: the per-epoch "
                 "validation; evaluate: the final gallery embedding, k choice and scoring):\n\n"
                 + format_phases(rows) + "\n"

@@ -38,7 +38,7 @@ from torch import Tensor
 from dnnrl_ext import ExpTripletLoss, TripletLoss, TripletLossOutput, triplet_loss_from_triplets
 
 from . import distributed
-from .config import SELECT_BY, Config, validate
+from .config import SELECT_BY, SELECT_BY_NAMES, Config, validate
 from .evaluate import evaluate_model, write_results
 from .model import DNNRLNet, fold_batch_norm
 from .graphs import GraphedForward
@@ -576,8 +576,8 @@ class Trainer:
             with open(os.path.join(self.run_dir, "log.jsonl"), "w") as fh:
                 for rec in self.history:
                     fh.write(json.dumps(rec) + "\n")
-        log.info("resumed %s at epoch %d (lr %g, best val loss %.4g at epoch %d)",
-                 self.ckpt_path, self.epoch, self.lr, self.best_val, self.best_epoch)
+        log.info("resumed %s at epoch %d (lr %g, best %s %.4g at epoch %d)", self.ckpt_path, self.epoch,
+                 self.lr, SELECT_BY_NAMES[selection_metric(self.cfg)], self.best_val, self.best_epoch)
 
     def _set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -779,6 +779,16 @@ def is_unfinished_run(out: str) -> bool:
     return os.path.exists(os.path.join(out, "checkpoint.pt")) and not os.path.exists(os.path.join(out, "results.json"))
 
 
+def selection_metric(cfg: Config) -> str:
+    """The select_by a run can honour: "val_knn", and "val_accuracy" for the k-NN methods,
+    read the k-NN monitor, which a dnn run and --monitor-gallery 0 do without; those runs
+    select by the val loss (Trainer._metric's fallback)."""
+    needs_monitor = cfg.select_by == "val_knn" or (cfg.select_by == "val_accuracy" and cfg.method != "dnn")
+    if needs_monitor and (cfg.method == "dnn" or cfg.monitor_gallery <= 0):
+        return "val_loss"
+    return cfg.select_by
+
+
 def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
           resume_given: Optional[Iterable[str]] = None, overwrite: bool = False) -> Optional[dict]:
     """Train (or resume) and evaluate; returns the results dict (None when stopped early
@@ -796,6 +806,9 @@ def train(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
     if not resume and not overwrite and is_unfinished_run(cfg.out):
         raise ValueError("%s holds an unfinished run (checkpoint.pt, no results.json): --resume continues it, "
                          "--overwrite starts over in its place, or choose another --out" % cfg.out)
+    if resume and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):  # before any data is read
+        raise FileNotFoundError("--resume: no checkpoint at %s (a run writes one after each epoch; start "
+                                "this one without --resume)" % os.path.join(cfg.out, "checkpoint.pt"))
     ignored = []
     if resume and os.path.exists(os.path.join(cfg.out, "config.json")):
         saved = Config.load(os.path.join(cfg.out, "config.json"))
@@ -821,6 +834,9 @@ def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int], ignored=()
     if ignored:
         log.warning("--resume continues the run as its config.json says: ignoring the given %s (a resumed run "
                     "may change only %s)", ", ".join(ignored), ", ".join(RESUME_OVERRIDABLE))
+    if cfg.method != "dnn" and selection_metric(cfg) != cfg.select_by:
+        log.warning("--select-by %s reads the k-NN monitor, which --monitor-gallery 0 turns off: this run "
+                    "selects its best epoch (and the lr drops and patience) by the val loss", cfg.select_by)
     t0 = time.time()
     trainer = Trainer(cfg, resume=resume)
     if ctx.is_main:
