@@ -156,9 +156,8 @@ def test_bundle_round_trip(bundle_file, checkpoint, fer):
     assert clf.score(e16, yv) == pytest.approx(facts["val_accuracy"], abs=1.5 / len(yv))
 
 
-def test_checkpoint_needs_data_and_default_bundle_error(checkpoint, fer, monkeypatch, tmp_path):
-    with pytest.raises(B.BundleError, match="--data"):
-        Predictor(checkpoint, detect=False, device="cpu")
+def test_checkpoint_with_data_and_default_bundle_error(checkpoint, fer, monkeypatch, tmp_path):
+    # (without data a checkpoint takes the run's own: test_export_and_predict_without_data_take_the_runs_own)
     p = Predictor(checkpoint, data=fer, detect=False, device="cpu")
     assert p.classifier.gallery.shape == (70, 512) and p.classifier.gallery.dtype == torch.float32
     out = p.predict(fer["val"][0][0])
@@ -347,9 +346,7 @@ def test_cli_export_and_predict(checkpoint, fer, tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["source", "frame", "face"] and table.count("f0.png") == 1
     assert sorted(os.listdir(ann)) == ["f0.png", "f1.png", "f2.png"]
-    # usage errors: exit code 2 with a message
-    assert run_predict(_parser().parse_args(["predict", str(img_dir), "--checkpoint", checkpoint])) == 2
-    assert "--data" in capsys.readouterr().err
+    # usage errors (a checkpoint without --data takes the run's own: test_export_and_predict_without_data_...)
     with pytest.raises(SystemExit):  # checked at parse time (argtypes)
         _parser().parse_args(["predict", str(img_dir), "--bundle", str(out), "--every", "0"])
     with pytest.raises(SystemExit):  # --bundle and --checkpoint exclude each other
@@ -519,3 +516,39 @@ def test_detected_boxes_come_largest_first_without_nested_ones(monkeypatch):
     assert keep_all == [[100, 20, 80, 80], [5, 120, 50, 50], [10, 10, 30, 30], [110, 30, 20, 20]]
     big = F.detect_faces(np.zeros((800, 400), np.uint8), F.DetectorConfig(max_side=200))
     assert big.tolist() == [[400, 80, 320, 320], [20, 480, 200, 200], [40, 40, 120, 120]]
+
+
+def test_export_and_predict_without_data_take_the_runs_own(tmp_path, capsys):
+    """A run trained on the built-in synthetic set (the quick start's) exports and predicts
+    without --data: the set is regenerated with the run's sizes and seed, the same gallery
+    as passing it by hand. A run whose data file has gone names the file (both needed
+    --data before)."""
+    from dnnrl.synthetic import make_synthetic
+    torch.manual_seed(1)
+    cfg = Config(image_size=48, width=0.125, method="dnnrl", preset="cpu", out=str(tmp_path / "demo"), seed=4,
+                 synthetic_train_per_class=12, synthetic_val_per_class=3, synthetic_test_per_class=2)
+    os.makedirs(cfg.out)
+    save_model(os.path.join(cfg.out, "best.pt"), DNNRLNet(num_classes=7, width=cfg.width).eval(), cfg,
+               list(CLASS_NAMES), {"epoch": 1, "val_loss": 0.9})
+    out = tmp_path / "demo.pt"
+    assert run_export(_parser().parse_args(["export", "--checkpoint", cfg.out, "--out", str(out),
+                                            "--device", "cpu", "--k-max", "5"])) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["gallery_rows"] == 7 * 12
+    by_hand, _ = B.build_bundle(cfg.out, make_synthetic(12, 3, 2, seed=4), k_max=5, device="cpu")
+    own = torch.load(out, weights_only=False)
+    assert torch.equal(own["gallery"], by_hand["gallery"]) and own["k"] == by_hand["k"]
+    img = tmp_path / "face.png"
+    Image.fromarray(make_synthetic(1, 1, 1, seed=9).splits["val"][0][0]).save(img)
+    assert run_predict(_parser().parse_args(["predict", str(img), "--checkpoint", cfg.out, "--no-detect",
+                                             "--device", "cpu", "--output", str(tmp_path / "p.json")])) == 0
+    assert json.load(open(tmp_path / "p.json"))["results"][0]["faces"][0]["expression"] in CLASS_NAMES
+    gone = Config(**dict(cfg.to_dict(), data=str(tmp_path / "gone.csv"), out=str(tmp_path / "gone")))
+    os.makedirs(gone.out)
+    save_model(os.path.join(gone.out, "best.pt"), DNNRLNet(num_classes=7, width=cfg.width).eval(), gone,
+               list(CLASS_NAMES), {"epoch": 1, "val_loss": 0.9})
+    capsys.readouterr()
+    assert run_export(_parser().parse_args(["export", "--checkpoint", gone.out, "--out", str(tmp_path / "g.pt"),
+                                            "--device", "cpu"])) == 2
+    assert "was trained on %s, which is not there now: pass the training data with --data" % (
+        tmp_path / "gone.csv") in capsys.readouterr().err

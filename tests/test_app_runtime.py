@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import dnnrl_ext
@@ -113,7 +114,27 @@ def test_subsets_keep_the_class_proportions_and_follow_the_seed(monkeypatch):
     assert np.all(np.diff(ids) > 0)  # in the data's order, no image twice
     assert not np.array_equal(xa, xb) and np.bincount(yb).tolist() == [60, 12, 6, 2]
     assert np.array_equal(subset(0)["train"][0], xa)  # the same seed draws the same images
-    assert np.bincount(subset(0, n=10)["train"][1]).tolist() == [8, 2, 1, 1]  # at least one of each class
+    # exactly 10 (rounding each class alone gave 8 + 2 + 1 + 1 = 12), at least one of each class
+    assert np.bincount(subset(0, n=10)["train"][1]).tolist() == [7, 1, 1, 1]
+    assert np.bincount(subset(0, n=81)["train"][1]).tolist() == [61, 12, 6, 2]  # the largest remainder rounds up
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 300), min_size=1, max_size=8), frac=st.floats(0.0, 1.0), seed=st.integers(0, 9))
+def test_stratified_subsets_have_exactly_the_size_asked(counts, frac, seed):
+    """n images, not n give or take the rounding of each class (--val-subset 350 gave 349);
+    more only where a class's share is under one image and it still gets one."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    n = 1 + int(frac * (y.size - 2)) if y.size > 1 else 1
+    idx = runtime._stratified(y, n, np.random.default_rng(seed))
+    got = np.bincount(y[idx], minlength=len(counts))
+    assert len(np.unique(idx)) == idx.size and (got >= 1).all() and (got <= counts).all()
+    share = n * np.array(counts) / y.size
+    assert np.all(np.abs(got - share) < 1 + (share < 1))  # each class within one image of its share
+    if (share >= 1).all():
+        assert idx.size == n
+    else:
+        assert n <= idx.size < n + len(counts)
 
 
 def test_channels_last_and_cudnn_benchmark_modes():

@@ -509,8 +509,10 @@ MUTANTS = [
     # runtime: the carved validation split, stratified seeded subsets, memory-format modes, device names
     ("empty_val_split_kept", "python/dnnrl/runtime.py", 'if len(ds.splits.get("val", ((), ()))[1]) > 0 or',
      'if "val" in ds.splits or', None, RUNTIME_TESTS),
-    ("subset_not_stratified", "python/dnnrl/runtime.py", "take = max(1, int(round(n * members.size / y.size)))",
-     "take = max(1, n // len(np.unique(y)))", None, RUNTIME_TESTS),
+    ("subset_not_stratified", "python/dnnrl/runtime.py", "    quota = n * counts / y.size\n",
+     "    quota = np.full(counts.shape, n / counts.size)\n", None, RUNTIME_TESTS),
+    ("subset_rounded_per_class", "python/dnnrl/runtime.py",
+     "        take[np.argsort(-remainder, kind=\"stable\")[:short]] += 1\n", "        pass\n", None, RUNTIME_TESTS),
     ("channels_last_auto_cuda_only", "python/dnnrl/runtime.py", 'device.type in ("cuda", "cpu"))',
      'device.type in ("cuda",))', None, RUNTIME_TESTS),
     ("device_index_one_past", "python/dnnrl/runtime.py", "dev.index is not None and dev.index >= count",
@@ -655,6 +657,33 @@ def _first_failure(log):
     return ""
 
 
+BUILD = [sys.executable, "setup.py", "build_ext", "--inplace"]
+
+
+def run_mutant(mutant, tree, scratch, env, pytest, timeout):
+    """Apply one mutant in ``tree``, build where it is C++, run its tests, restore the
+    file, and rebuild a C++ one's original (before session 21 the restored source was
+    not rebuilt, so every later mutant ran against the last C++ mutant's build and could
+    be "killed" by it). Returns pytest's exit code, or None where the mutant does not build."""
+    ident, path, text, repl = mutant[:4]
+    own_tests = mutant[5:]
+    target = os.path.join(tree, path)
+    original = open(target).read()
+    if original.count(text) != 1:
+        raise SystemExit("%s: the text to mutate occurs %d times in %s (the table is out of date)"
+                         % (ident, original.count(text), path))
+    log = os.path.join(scratch, ident + ".log")
+    try:
+        open(target, "w").write(original.replace(text, repl))
+        if path.startswith("csrc/") and _run(BUILD, tree, log, env) != 0:
+            return None
+        return _run(pytest + (own_tests[0] if own_tests else TESTS), tree, log, env, timeout)
+    finally:
+        open(target, "w").write(original)
+        if path.startswith("csrc/") and _run(BUILD, tree, os.path.join(scratch, ident + "-restore.log"), env) != 0:
+            raise SystemExit("%s: the restored tree no longer builds (see %s-restore.log)" % (ident, ident))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -686,7 +715,7 @@ def main(argv=None):
         t0 = time.time()
         suites = [TESTS] + [m[5] for m in chosen if len(m) > 5 and not m[4]]
         suites = [t for i, t in enumerate(suites) if t not in suites[:i]]
-        if _run([sys.executable, "setup.py", "build_ext", "--inplace"], tree, log, env) != 0:
+        if _run(BUILD, tree, log, env) != 0:
             raise SystemExit("the unmutated tree fails to build: see %s" % log)
         for i, suite in enumerate(suites):
             log = os.path.join(scratch, "baseline%d.log" % i)
@@ -703,22 +732,13 @@ def main(argv=None):
             if equivalent:
                 print("%-36s equivalent: %s" % (ident, equivalent), flush=True)
                 continue
-            target = os.path.join(tree, path)
-            original = open(target).read()
-            if original.count(text) != 1:
-                raise SystemExit("%s: the text to mutate occurs %d times in %s (the table is out of date)"
-                                 % (ident, original.count(text), path))
             t0 = time.time()
-            try:
-                open(target, "w").write(original.replace(text, repl))
-                log = os.path.join(scratch, ident + ".log")
-                if path.startswith("csrc/") and _run([sys.executable, "setup.py", "build_ext", "--inplace"],
-                                                    tree, log, env) != 0:
-                    print("%-36s killed (does not build) %5.0f s" % (ident, time.time() - t0), flush=True)
-                    continue
-                rc = _run(pytest + (own_tests[0] if own_tests else TESTS), tree, log, env, args.timeout)
-            finally:
-                open(target, "w").write(original)
+            rc = run_mutant((ident, path, text, repl, equivalent, *own_tests), tree, scratch, env, pytest,
+                            args.timeout)
+            log = os.path.join(scratch, ident + ".log")
+            if rc is None:
+                print("%-36s killed (does not build) %5.0f s" % (ident, time.time() - t0), flush=True)
+                continue
             if rc == 0:
                 survived.append(ident)
             print("%-36s %s %5.0f s %s" % (ident, "killed  " if rc else "SURVIVED", time.time() - t0,

@@ -162,6 +162,20 @@ def _load_data(data, cache_dir: Optional[str] = None):
                     % type(data).__name__)
 
 
+def run_data(cfg: Config, checkpoint: str):
+    """The data a run was trained on, for export / predict without --data: its data file
+    while it is still where training read it, or the built-in synthetic set regenerated
+    with the run's sizes and seed (the quick start's run)."""
+    if cfg.data:
+        if not os.path.exists(cfg.data):
+            raise BundleError("%s was trained on %s, which is not there now: pass the training data with --data"
+                              % (checkpoint, cfg.data))
+        return cfg.data
+    from .synthetic import make_synthetic
+    return make_synthetic(cfg.synthetic_train_per_class, cfg.synthetic_val_per_class,
+                          cfg.synthetic_test_per_class, seed=cfg.seed)
+
+
 def model_from_state(cfg: Config, num_classes: int, state: Dict[str, Tensor],
                      device: Union[str, torch.device] = "cpu"):
     """The network of ``cfg`` with ``state`` loaded (float32) on ``device``, for inference:
@@ -252,6 +266,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
         checkpoint: a run directory or best.pt / checkpoint.pt.
         data: the training data (path, Dataset or {split: (images, labels)}); needs
             "train" (the gallery); "val" chooses k (else k = 1... k_max is not tried).
+            None: the run's own (:func:`run_data`).
         gallery_dim: PCA dimension d of the stored gallery (None: the full embedding;
             "auto": the largest d whose file stays under the ship limit, SHIP_LIMIT_BYTES).
         gallery_per_class: keep at most this many gallery rows per class (None: all).
@@ -274,7 +289,7 @@ def build_bundle(checkpoint: str, data, k_max: int = 50, gallery_dim: Optional[U
         if tta not in TTA_MODES:
             raise BundleError("tta must be one of %s, got %r" % (", ".join(TTA_MODES), tta))
         cfg.tta = tta
-    splits, source, data_names = _load_data(data, cache_dir)
+    splits, source, data_names = _load_data(run_data(cfg, ck_path) if data is None else data, cache_dir)
     if "train" not in splits:
         raise BundleError("the data %s has no training split to use as the k-NN gallery" % source)
     if data_names is not None and list(data_names) != list(class_names):

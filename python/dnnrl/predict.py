@@ -48,8 +48,8 @@ class Predictor:
 
     Args:
         model: a bundle file (``dnnrl export``), a ``dnnrl train`` run directory or
-            best.pt / checkpoint.pt (then ``data`` is required: its training split
-            becomes the k-NN gallery and its validation split chooses k), an
+            best.pt / checkpoint.pt (then the training split of ``data``, or of the run's
+            own data when None, becomes the k-NN gallery and its validation split chooses k), an
             in-memory bundle dict, or None for the packaged default model.
         data: training data for a checkpoint (path, Dataset or {split: (x, y)}).
         device: "auto" (cuda when available), "cpu", "cuda:0", ...
@@ -99,12 +99,9 @@ class Predictor:
                 raise BundleError("%s: cannot read (%s: %s)" % (model, type(exc).__name__, exc)) from None
         if isinstance(st, dict) and st.get("format") == FORMAT:
             return st, model
-        if data is None:
-            raise BundleError("%s is a training checkpoint, which holds no k-NN gallery: pass the training "
-                              "data with --data (it becomes the gallery), or a bundle made by "
-                              "`dnnrl export`" % model)
         del st
-        log.info("building the k-NN gallery from %s (embedding the training split; once per run)", data)
+        log.info("building the k-NN gallery from %s (embedding the training split; once per run)",
+                 "the run's own data" if data is None else data)
         bundle, facts = build_bundle(model, data, k_max=k_max, half=False, device=self.device,
                                      cache_dir=cache_dir, backend=self.backend)
         log.info("gallery: %d rows, k = %s (val accuracy %s)", facts["gallery_rows"], facts["k"],
@@ -454,9 +451,10 @@ def add_predict_parser(subparsers) -> "argparse.ArgumentParser":
     m.add_argument("--bundle", default=None,
                    help="model bundle from `dnnrl export` (default: the packaged model, or $DNNRL_BUNDLE)")
     m.add_argument("--checkpoint", default=None,
-                   help="a `dnnrl train` run directory or best.pt / checkpoint.pt (needs --data)")
+                   help="a `dnnrl train` run directory or best.pt / checkpoint.pt")
     p.add_argument("--data", default=None, help="training data for --checkpoint: its training split is the "
-                                                "k-NN gallery, its validation split chooses k")
+                                                "k-NN gallery, its validation split chooses k (default: the "
+                                                "run's own data, or the built-in synthetic set it was trained on)")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="no face detection: every image is one pre-cropped face")
     p.add_argument("--every", type=A.int_at_least(1), default=1, help="videos: classify every Nth frame")
@@ -496,10 +494,6 @@ def run_predict(args) -> int:
     """``dnnrl predict``; returns the exit code (0 ok, 1 some input failed, 2 no model / detector)."""
     _set_threads(getattr(args, "threads", None))
     model = args.bundle or args.checkpoint
-    if args.checkpoint and not args.data:
-        print("dnnrl predict: --checkpoint needs --data (the training data becomes the k-NN gallery); "
-              "or pass a bundle made by `dnnrl export`", file=sys.stderr)
-        return 2
     try:
         pred = Predictor(model, data=args.data, device=args.device, detect=args.detect,
                          batch_size=args.batch_size, margin=args.margin, k=args.k, backend=args.backend,
@@ -572,7 +566,8 @@ def add_export_parser(subparsers) -> "argparse.ArgumentParser":
         description="Embed the training split of --data as the k-NN gallery, choose k on its validation split "
                     "and save weights + gallery in float16 as one file. Prints the measured facts as JSON.")
     p.add_argument("--checkpoint", required=True, help="a `dnnrl train` run directory or best.pt / checkpoint.pt")
-    p.add_argument("--data", required=True, help="the training data (CSV, folder or archive)")
+    p.add_argument("--data", default=None, help="the training data (CSV, folder or archive; default: the run's "
+                                                "own, or the built-in synthetic set it was trained on)")
     p.add_argument("--out", required=True, help="bundle file to write (.pt)")
     p.add_argument("--gallery-dim", type=_gallery_dim, default=None,
                    help="store the gallery in a PCA space of this many dims, or 'auto': the most dims "

@@ -154,12 +154,19 @@ def carve_validation(ds: Dataset) -> int:
 
 
 def _stratified(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n indices keeping the class proportions of y (at least one per class)."""
-    out = []
-    for c in np.unique(y):
-        members = np.flatnonzero(y == c)
-        take = max(1, int(round(n * members.size / y.size)))
-        out.append(rng.permutation(members)[:take])
+    """n indices keeping the class proportions of y: exactly n (the largest remainders
+    round up; rounding each class alone gave 349 for --val-subset 350), but at least one
+    per class, so more than n when n is below the number of classes."""
+    classes, counts = np.unique(y, return_counts=True)
+    quota = n * counts / y.size
+    floor = np.floor(quota).astype(np.int64)
+    take = np.maximum(floor, 1)
+    short = n - int(take.sum())
+    if short > 0:  # round up the largest remainders, of the classes not already raised to one
+        # (quota < count for every class, as n < y.size, so floor + 1 never exceeds it)
+        remainder = np.where(floor == 0, -1.0, quota - floor)
+        take[np.argsort(-remainder, kind="stable")[:short]] += 1
+    out = [rng.permutation(np.flatnonzero(y == c))[:t] for c, t in zip(classes, take)]
     return np.concatenate(out)
 
 
