@@ -79,7 +79,12 @@ def kernels_available(device) -> bool:
     """True when the compiled kernels can run on `device` (a torch.device or string):
     the extension loaded, and for a CUDA device it has CUDA kernels and the card is an
     Ampere (compute capability 8.0) or newer one."""
-    return _unavailable_reason(torch.device(device)) is None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:  # torch's own message lists every device type there is
+        raise ValueError("device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got %r (%s)"
+                         % (device, exc)) from None
+    return _unavailable_reason(device) is None
 
 
 def require(device: torch.device) -> None:

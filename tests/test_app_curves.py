@@ -196,3 +196,11 @@ def test_k_curve_png(tmp_path):
     assert _is_png(str(tmp_path / "k.png"))[0] > 300
     plot_k_curve({"1": 0.5, "2": 0.4}, None, "no choice", str(tmp_path / "k2.png"))  # JSON keys are strings
     _is_png(str(tmp_path / "k2.png"))
+
+
+def test_epoch_ticks_are_whole_numbers():
+    """Two or three epochs put matplotlib's ticks at 1.25, 1.5, ... before: epochs are whole."""
+    fig = draw_curves([("run", [_rec(1), _rec(2), _rec(3)])])
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

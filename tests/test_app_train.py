@@ -818,6 +818,37 @@ def test_ctrl_c_says_how_to_go_on(tmp_path, capsys, monkeypatch):
         cli_main(["train", "--out", str(run), "--no-progress"])
 
 
+def test_options_a_run_ignores_are_named(tmp_path, capsys, monkeypatch):
+    """An option given on the command line that the method ignores (--margin for dnnrl,
+    --compile-mode without --compile, ...) is named in a warning, not dropped in silence."""
+    import dnnrl.train
+    from dnnrl.config import ignored_options
+    monkeypatch.setattr(dnnrl.train, "train", lambda *a, **k: None)
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--method", "dnnrl", "--margin", "0.5", "--alpha", "0.3",
+                     "--compile-mode", "max-autotune", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "dnnrl train: warning: --margin has no effect here: margin is the hinge loss's (method tdnn)" in err
+    assert "--compile-mode has no effect here" in err and "--alpha" not in err
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--method", "dnn", "--mining", "semi_hard",
+                     "--softmax-weight", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--mining has no effect here" in err and "--softmax-weight has no effect here" in err
+    cfg = _cfg(tmp_path, method="tdnn", softmax_weight=0.0)
+    assert [n for n, _ in ignored_options(cfg, ["alpha", "margin", "label_smoothing", "gamma"])] == [
+        "alpha", "label_smoothing"]
+    assert ignored_options(_cfg(tmp_path, method="tdnn", softmax_weight=1.0), ["label_smoothing", "margin"]) == []
+
+
+def test_the_start_of_run_line_names_the_methods_own_loss_settings(tmp_path):
+    for method, want, absent in (("dnnrl", "exp triplet loss: mining", "margin"),
+                                 ("tdnn", "hinge triplet loss: mining", "alpha"),
+                                 ("dnn", "softmax loss", "mining")):
+        run = tmp_path / method
+        train(_cfg(run, method=method, max_epochs=1), stop_after=1)
+        line = [x for x in open(run / "run.log") if "method %s, device" % method in x][0]
+        assert want in line and absent not in line, line
+
+
 def test_selection_metric_names_what_a_run_selects_by(tmp_path):
     """The k-NN monitor's metrics need the monitor: --monitor-gallery 0 (and dnn for
     val_knn) select by the val loss; the run warns, and a resume logs the right name."""

@@ -492,3 +492,10 @@ def test_raw_ops_reject_bad_shapes_without_crashing():
     assert proc.returncode == 0, "raw op crashed (rc %d): %s" % (proc.returncode, proc.stderr[-2000:])
     assert "NO-ERROR: []" in proc.stdout, (
         "raw ops accepted inconsistent arguments: " + proc.stdout[-2000:])
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", 3.5])
+def test_kernels_available_names_a_bad_device(device):
+    """torch's own parse error listed every device type it knows; now one ValueError names the argument."""
+    with pytest.raises(ValueError, match="device must be a torch.device or a device string"):
+        dnnrl_ext.kernels_available(device)

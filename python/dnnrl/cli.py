@@ -255,15 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .config import resolve
+    from .config import ignored_options, resolve
     from .train import train
     # every Config field the parser has an option for (a hand-kept list once dropped new options)
     over = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     over["out"] = args.out
     cfg = resolve(over)
+    given = [k for k, v in over.items() if v is not None]
+    if not args.resume:  # (a resumed run names what it ignores itself)
+        for name, why in ignored_options(cfg, given):
+            print("dnnrl train: warning: --%s has no effect here: %s" % (name.replace("_", "-"), why),
+                  file=sys.stderr)
     # on --resume only the options given here may change the saved run (its length, the machine it runs on)
-    results = train(cfg, resume=args.resume, resume_given=[k for k, v in over.items() if v is not None],
-                    overwrite=args.overwrite)
+    results = train(cfg, resume=args.resume, resume_given=given, overwrite=args.overwrite)
     if results is not None and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 prints
         print(json.dumps({k: results.get(k) for k in ("val_accuracy", "test_accuracy", "k")}))
     return 0

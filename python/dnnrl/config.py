@@ -3,7 +3,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 METHODS = ("dnnrl", "tdnn", "dnn")
 TTA_MODES = ("none", "flip", "crops")
@@ -203,6 +203,27 @@ RANGES = {
     "log_every": _int_at_least(1),
     "eval_batch_size": _int_at_least(1),
 }
+
+
+# Options that have no effect in some runs: (field, the runs that ignore it, why). A value
+# given for one of them is named in a warning rather than dropped in silence.
+_IGNORED_WHEN = (
+    ("alpha", lambda c: c.method != "dnnrl", "alpha is the exp loss's slope (method dnnrl)"),
+    ("gamma", lambda c: c.method == "dnn", "gamma belongs to the triplet methods (dnnrl, tdnn)"),
+    ("margin", lambda c: c.method != "tdnn", "margin is the hinge loss's (method tdnn)"),
+    ("mining", lambda c: c.method == "dnn", "the softmax method mines no triplets"),
+    ("reduction", lambda c: c.method == "dnn", "reduction is the triplet loss's"),
+    ("softmax_weight", lambda c: c.method == "dnn", "dnn is the softmax loss alone"),
+    ("label_smoothing", lambda c: c.method != "dnn" and c.softmax_weight == 0,
+     "label smoothing acts on the softmax head's loss, which a triplet run trains only with --softmax-weight > 0"),
+    ("monitor_gallery", lambda c: c.method == "dnn", "the k-NN monitor follows the triplet methods"),
+    ("compile_mode", lambda c: not c.compile, "compile_mode applies with --compile"),
+)
+
+
+def ignored_options(cfg: Config, given) -> List[Tuple[str, str]]:
+    """(field, why) for each option in ``given`` (field names) that ``cfg``'s run ignores."""
+    return [(name, why) for name, ignored, why in _IGNORED_WHEN if name in given and ignored(cfg)]
 
 
 def validate(cfg: Config) -> Config:

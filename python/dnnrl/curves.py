@@ -111,6 +111,7 @@ def draw_curves(runs: Sequence[Tuple[str, Sequence[dict]]], title: Optional[str]
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     ax_tl, ax_vl, ax_acc, ax_lr = axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]
@@ -146,6 +147,7 @@ def draw_curves(runs: Sequence[Tuple[str, Sequence[dict]]], title: Optional[str]
         ax.grid(alpha=0.3)
     for ax in axes[1]:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole (ticks at 1.25 before)
     ax_tl.legend(fontsize=8)
     if acc_kinds:
         ax_acc.legend(fontsize=8)

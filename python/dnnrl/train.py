@@ -841,9 +841,15 @@ def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int], ignored=()
     trainer = Trainer(cfg, resume=resume)
     if ctx.is_main:
         cfg.save(os.path.join(cfg.out, "config.json"))
-    log.info("method %s, device %s, backend %s, preset %s, image %d, width %g, sampler %s, mining %s, "
-             "gamma %g", cfg.method, trainer.device, trainer.backend, cfg.preset, cfg.image_size, cfg.width,
-             cfg.sampler, cfg.mining, cfg.gamma)
+    loss = {"dnnrl": "exp triplet loss: mining %s, alpha %g, gamma %g, reduction %s"
+                      % (cfg.mining, cfg.alpha, cfg.gamma, cfg.reduction),
+            "tdnn": "hinge triplet loss: mining %s, margin %g, gamma %g, reduction %s"
+                    % (cfg.mining, cfg.margin, cfg.gamma, cfg.reduction),
+            "dnn": "softmax loss"}[cfg.method]
+    if cfg.method != "dnn" and cfg.softmax_weight > 0:
+        loss += ", + %g x softmax" % cfg.softmax_weight
+    log.info("method %s, device %s, backend %s, preset %s, image %d, width %g, sampler %s, %s", cfg.method,
+             trainer.device, trainer.backend, cfg.preset, cfg.image_size, cfg.width, cfg.sampler, loss)
     if ctx.enabled:
         log.info("distributed: %d processes (%s), mining scope %s, global batch %d",
                  ctx.world_size, torch.distributed.get_backend(), cfg.mining_scope, cfg.batch_size)
