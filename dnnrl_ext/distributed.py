@@ -16,6 +16,7 @@ loss's gradient is scaled by W here, and the averaged gradient equals one proces
 concatenated batch (tested to 1e-9 in float64 with 2 gloo processes, even and uneven
 shards). Every helper is the identity in a single process or without a process group.
 """
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
@@ -140,6 +141,11 @@ class DistributedLoss(nn.Module):
         if global_batch is not None and (isinstance(global_batch, bool) or not isinstance(global_batch, int)
                                          or global_batch < 1):
             raise ValueError("global_batch must be a positive int or None, got %r" % (global_batch,))
+        params = inspect.signature(criterion.forward).parameters if callable(getattr(criterion, "forward", None)) \
+            else {}
+        if "return_details" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise TypeError("criterion must take return_details (dnnrl_ext.ExpTripletLoss or TripletLoss), got %s"
+                            % type(criterion).__name__)
         self.criterion, self.scope, self.reduction = criterion, scope, reduction
         self.global_batch, self.group = global_batch, group
 
@@ -159,6 +165,9 @@ class DistributedLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor, return_details: bool = False):
         W = world(self.group)[1]
         if W == 1:
+            if self.global_batch and embeddings.shape[0] != self.global_batch:
+                raise ValueError("embeddings has %d rows, but global_batch is %d (one process holds the whole "
+                                 "batch)" % (embeddings.shape[0], self.global_batch))
             return self.criterion(embeddings, labels, return_details=return_details)
         if self.scope == "global":
             sizes = self._shard_sizes(embeddings.shape[0], labels.device)

@@ -137,6 +137,18 @@ def test_bad_arguments_are_named(kwargs, match):
         dnnrl_ext.DistributedLoss(dnnrl_ext.ExpTripletLoss(reduction="sum"), **kwargs)
 
 
+def test_a_criterion_that_cannot_give_details_is_refused_and_global_batch_is_checked_in_one_process():
+    """A loss without return_details (MSELoss) failed at its first call with a TypeError about
+    forward(); global_batch of another size than the one process's batch was ignored."""
+    with pytest.raises(TypeError, match="criterion must take return_details .* got MSELoss"):
+        dnnrl_ext.DistributedLoss(torch.nn.MSELoss(reduction="sum"))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    wrapped = dnnrl_ext.DistributedLoss(dnnrl_ext.ExpTripletLoss(reduction="sum", backend=BACKEND), global_batch=32)
+    with pytest.raises(ValueError, match="embeddings has 16 rows, but global_batch is 32"):
+        wrapped(x, y)
+    dnnrl_ext.DistributedLoss(dnnrl_ext.ExpTripletLoss(reduction="sum", backend=BACKEND), global_batch=16)(x, y)
+
+
 def test_a_criterion_without_a_summed_or_mean_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction"):
         dnnrl_ext.DistributedLoss(dnnrl_ext.ExpTripletLoss(reduction="none"))

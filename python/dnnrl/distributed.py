@@ -17,6 +17,7 @@ Pieces, each a no-op in a single process (``DistContext.enabled`` false):
   evaluation gallery embedded in shards; each rank's top-k merged into the global
   top-k (ties -> smaller gallery index), then the usual vote.
 """
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -180,7 +181,11 @@ def wrap_model(model: nn.Module, ctx: DistContext, uses_head: bool, compile: boo
     # no buffer broadcast before every forward (one collective less per step): the BN
     # statistics follow rank 0's shards either way, and sync_buffers() copies rank 0's
     # at the end of every epoch
-    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=ids, broadcast_buffers=False)
+    # (torch >= 2.13 names it forward_sync_buffers and warns on every rank about the old name;
+    # the old name is the only one before; the new one still syncs the buffers once at init)
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers"
+               in inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
+    ddp = nn.parallel.DistributedDataParallel(fwd, device_ids=ids, **{no_sync: False})
     if compile:
         ddp = torch.compile(ddp, mode=compile_mode)
     return DDPModel(ddp)
