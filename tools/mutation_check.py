@@ -454,8 +454,8 @@ MUTANTS = [
     ("bundle_eval_ignores_tta", "python/dnnrl/cli.py", 'for k in ("amp", "eval_batch_size", "tta"):',
      'for k in ("amp", "eval_batch_size"):', None, CLI_TESTS),
     ("cli_error_exit_1", "python/dnnrl/cli.py", "        return 2\n", "        return 1\n", None, CLI_TESTS),
-    ("resume_given_every_option", "python/dnnrl/cli.py", "resume_given=[k for k, v in over.items() if v is not None]",
-     "resume_given=list(over)", None, CLI_TESTS),
+    ("resume_given_every_option", "python/dnnrl/cli.py", "resume=args.resume, resume_given=given,",
+     "resume=args.resume, resume_given=list(over),", None, CLI_TESTS),
     ("embed_skips_a_split", "python/dnnrl/cli.py", "    for s, (x, y) in data.items():\n        out[",
      "    for s, (x, y) in list(data.items())[:-1]:\n        out[", None, CLI_TESTS),
     # DistributedLoss: the local scope's mean and value, the shards of global_batch, the padding cut
