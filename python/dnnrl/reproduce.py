@@ -27,19 +27,12 @@ _PASSTHROUGH = ("data", "preset", "max_epochs", "patience", "epoch_batches", "tr
                 "label_smoothing")
 
 
-def _cli_formatter():
-    # the other subcommands' formatter: no "(default: None)" after a help that already
-    # says where the default comes from
-    from .cli import _Formatter
-    return _Formatter
-
-
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
-    from .cli import _bool
+    from .cli import _Formatter, _bool  # the other subcommands' help: no "(default: None)"
     from .config import CHOICES, SCHEDULES, SELECT_BY, TTA_MODES
     p = sub.add_parser(
         "reproduce", help="train DNN, T-DNN and DNNRL and write a Table 2-style table",
-        formatter_class=_cli_formatter(),
+        formatter_class=_Formatter,
         description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--data", default=None,
                    help="FER-2013 (CSV, Kaggle folders or an archive of them); default: the synthetic set")
