@@ -94,24 +94,24 @@ def train_theta(batch: int, cfg: AugmentConfig, generator: Optional[torch.Genera
     """
     resize, jitter, pad, crop = cfg.scaled()
     u = _uniform(batch, 5, generator, device)
-    size = resize + (2 * u[:, 0] - 1) * jitter                      # S
-    angle = (2 * u[:, 1] - 1) * math.radians(cfg.rotation)
+    u_size, u_angle, u_x, u_y, u_flip = u.unbind(1)
+    size = resize + (2 * u_size - 1) * jitter                       # S
+    angle = (2 * u_angle - 1) * math.radians(cfg.rotation)
     span = pad - crop                                               # crop offsets in [0, span]
-    ox, oy = u[:, 2] * span, u[:, 3] * span
+    ox, oy = u_x * span, u_y * span
     h, c = crop / 2.0, pad / 2.0
     cos, sin = torch.cos(angle), torch.sin(angle)
     k = 2.0 / size
     # R^-1 = [[cos, sin], [-sin, cos]] (rotate the sampling grid back by +angle)
     tx, ty = h + ox - c, h + oy - c
-    theta = torch.empty(batch, 2, 3, device=device)
-    theta[:, 0, 0], theta[:, 0, 1] = k * cos * h, k * sin * h
-    theta[:, 1, 0], theta[:, 1, 1] = -k * sin * h, k * cos * h
-    theta[:, 0, 2] = k * (cos * tx + sin * ty)
-    theta[:, 1, 2] = k * (-sin * tx + cos * ty)
+    # the six entries (B,) each, row-major; stacked once at the end: this runs every
+    # training step, and item-by-item assignment cost about twice the launches
+    t00, t01, t02 = k * cos * h, k * sin * h, k * (cos * tx + sin * ty)
+    t10, t11, t12 = -k * sin * h, k * cos * h, k * (-sin * tx + cos * ty)
     if cfg.flip:
-        sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-        theta[:, :, 0] = theta[:, :, 0] * sign[:, None]  # mirror the output x axis
-    return theta
+        sign = torch.where(u_flip < 0.5, -1.0, 1.0)
+        t00, t10 = t00 * sign, t10 * sign  # mirror the output x axis (column 0)
+    return torch.stack([t00, t01, t02, t10, t11, t12], 1).view(batch, 2, 3)
 
 
 def erase_mask(batch: int, size: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None,
