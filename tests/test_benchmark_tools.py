@@ -1,5 +1,6 @@
 """The helper scripts of benchmarks/: embedding_report.py (effective dimension, k-NN vs
-softmax head) and ingest_gpu_session.py's --ship checks."""
+softmax head), ingest_gpu_session.py's --ship checks, bench_train.py, count_step_ops.py."""
+import collections
 import importlib.util
 import json
 import os
@@ -304,3 +305,52 @@ def test_benchmark_alternatives_compute_our_loss(monkeypatch, mining, gamma):
         want = dnnrl_ext.triplet_loss(x, y, mining=mining, gamma=gamma, backend="reference")
         got = plain[mining](x, y, gamma=gamma)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _small_trainer(method, seed=3):
+    bt = _load("bench_train")
+    return bt.trainer_for(method, bt.RECIPE + ["--image-size", "32", "--width", "0.125", "--batch-size", "14",
+                                               "--device", "cpu", "--seed", str(seed)], 2)
+
+
+def test_count_step_ops_phases_are_the_training_step():
+    """The counted phases dispatch exactly the compute ops of Trainer.train_step (same
+    names, same counts): the script must not drift from the step it stands for."""
+    cs = _load("count_step_ops")
+    phases = cs.count_step(_small_trainer("dnnrl"))
+    counted = sum((collections.Counter(phases[p]["counts"]) for p in cs.PHASES), collections.Counter())
+    whole = _small_trainer("dnnrl")
+    batches = whole.sampler.epoch(whole.sample_gen)
+    whole.train_step(next(batches))
+    idx = next(batches)
+    with cs.OpCounter() as c:
+        whole.train_step(idx)
+
+    def work(counts):  # train_step's own return adds two detach views, no work
+        return {k: v for k, v in counts.items() if k not in cs.METADATA_OPS}
+    assert work(counted) == work(c.counts) and len(work(counted)) > 20
+    assert "dnnrl_ext.triplet_loss_indexed" in phases["forward_loss"]["counts"]
+    assert "aten.grid_sampler_2d" in phases["augment"]["counts"]
+    assert phases["total_compute"] == sum(phases[p]["compute"] for p in cs.PHASES)
+    assert all(0 < phases[p]["compute"] <= phases[p]["all"] for p in cs.PHASES)
+
+
+def test_count_step_ops_cli_counts_each_method(tmp_path, capsys):
+    cs = _load("count_step_ops")
+    out = tmp_path / "ops.json"
+    assert cs.main(["--method", "dnn", "--method", "dnnrl", "--out", str(out), "--preset", "cpu",
+                    "--image-size", "32", "--width", "0.125", "--batch-size", "14"]) == 0
+    res = json.load(open(out))
+    rows = res["methods"]
+    assert sorted(rows) == ["dnn", "dnnrl"] and res["train_options"][:8] == _load("bench_train").RECIPE
+    assert rows["dnn"]["device"] == "cpu" and rows["dnn"]["image_size"] == 32
+    # the triplet loss's mining and loss add ops to the joint forward; DNN has none of them
+    assert rows["dnnrl"]["forward_loss"]["compute"] > rows["dnn"]["forward_loss"]["compute"]
+    assert "dnnrl_ext.triplet_loss_indexed" not in rows["dnn"]["forward_loss"]["counts"]
+    assert "dnnrl  compute ops: augment" in capsys.readouterr().out
+
+
+def test_count_step_ops_leaves_views_out_of_the_compute_count():
+    cs = _load("count_step_ops")
+    counts = collections.Counter({"aten.view": 3, "aten.select": 2, "aten.mul": 4, "aten.convolution": 1})
+    assert cs.compute_ops(counts) == 5
