@@ -14,8 +14,9 @@
 
 namespace dnnrl {
 
-// Mining strategies (SPEC section 2).
-enum Mining : int64_t { kBatchHard = 0, kSemiHard = 1 };
+// Mining strategies (SPEC section 2; easy_positive: the nearest positive instead of the
+// farthest, with batch_hard's negative, Xuan et al. 2020).
+enum Mining : int64_t { kBatchHard = 0, kSemiHard = 1, kEasyPositive = 2 };
 // Per-triplet loss: the paper's exponential loss or the hinge (T-DNN) baseline.
 enum LossType : int64_t { kExp = 0, kHinge = 1 };
 // Reductions, numbered like torch's legacy Reduction enum.

@@ -9,7 +9,7 @@
 TORCH_LIBRARY(dnnrl_ext, m) {
   // Fused mining + triplet loss over one batch with integer labels.
   //   x (B, D) float{16,32,64}/bfloat16, labels (B,) integer.
-  //   mining: 0 batch_hard, 1 semi_hard; loss_type: 0 exp, 1 hinge;
+  //   mining: 0 batch_hard, 1 semi_hard, 2 easy_positive; loss_type: 0 exp, 1 hinge;
   //   reduction: 0 none, 1 mean, 2 sum.
   // Returns loss (() or (B,), float32; float64 for float64 x), pos (B,) int64,
   // neg (B,) int64 (-1 for invalid anchors), r (B,) (0 for invalid), valid (B,) bool.

@@ -16,9 +16,11 @@ class ExpTripletLoss(nn.Module):
         alpha: trade-off (slope) parameter, the paper's 0.2.
         gamma: learning margin, the paper's 0; negative values let violating
             triplets be learned from.
-        mining: "batch_hard" or "semi_hard". With gamma >= 0, batch-hard triplets of an
-            untrained network all violate (r < 0): loss 1, no gradient, nothing learned.
-            "semi_hard" learns with gamma = 0 (examples/drop_in.py shows both).
+        mining: "batch_hard", "semi_hard" or "easy_positive". With gamma >= 0, batch-hard
+            triplets of an untrained network all violate (r < 0): loss 1, no gradient,
+            nothing learned. "semi_hard" learns with gamma = 0 (examples/drop_in.py shows
+            both). "easy_positive" pairs each anchor's nearest positive with its nearest
+            negative (the mining of the FER-2013 recipe in docs/app.md).
         reduction: "mean" over valid anchors, "sum" or "none".
         backend: "auto" (fused kernels) or "reference" (pure PyTorch).
 
@@ -54,7 +56,7 @@ class TripletLoss(nn.Module):
     """The standard hinge triplet loss ``max(d(a,p) - d(a,n) + margin, 0)`` (T-DNN).
 
     Same mining and shapes as :class:`ExpTripletLoss`; ``semi_hard`` picks the nearest
-    negative farther than the positive.
+    negative farther than the positive, ``easy_positive`` the nearest positive.
     """
 
     def __init__(self, margin: float = 0.2, mining: str = "batch_hard", reduction: str = "mean",

@@ -115,7 +115,9 @@ def triplet_loss(embeddings: Tensor, labels: Tensor, *, mining: str = "batch_har
     Args:
         embeddings: (B, D) float16/bfloat16/float32/float64, any device.
         labels: (B,) integer class labels on the same device.
-        mining: "batch_hard" or "semi_hard".
+        mining: "batch_hard", "semi_hard" or "easy_positive" (the nearest positive and the
+            nearest negative, Xuan et al. 2020: where classes overlap, the farthest
+            positive is an outlier; docs/app.md measures it on FER-2013).
         loss: "exp" (the paper's exponential loss, uses alpha and gamma) or "hinge"
             (``max(d(a,p) - d(a,n) + margin, 0)``; gamma still sets the semi-hard threshold).
         reduction: "mean" over valid anchors, "sum", or "none" ((B,), 0 for invalid anchors).

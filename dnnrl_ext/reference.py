@@ -18,11 +18,11 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-BATCH_HARD, SEMI_HARD = 0, 1
+BATCH_HARD, SEMI_HARD, EASY_POSITIVE = 0, 1, 2
 EXP, HINGE = 0, 1
 NONE, MEAN, SUM = 0, 1, 2
 
-MINING_CODES = {"batch_hard": BATCH_HARD, "semi_hard": SEMI_HARD}
+MINING_CODES = {"batch_hard": BATCH_HARD, "semi_hard": SEMI_HARD, "easy_positive": EASY_POSITIVE}
 LOSS_CODES = {"exp": EXP, "hinge": HINGE}
 REDUCTION_CODES = {"none": NONE, "mean": MEAN, "sum": SUM}
 
@@ -102,13 +102,14 @@ def _reduce(per: Tensor, valid: Tensor, reduction: int) -> Tensor:
 
 def mine(x: Tensor, labels: Tensor, mining: int = BATCH_HARD, gamma: float = 0.0
          ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Batch-hard / semi-hard mining of one batch.
+    """Batch-hard / semi-hard / easy-positive mining of one batch.
 
     Args:
         x: (B, D) embeddings; labels: (B,) integer labels.
-        mining: BATCH_HARD (farthest positive, nearest negative) or SEMI_HARD
+        mining: BATCH_HARD (farthest positive, nearest negative), SEMI_HARD
             (farthest positive, nearest negative with d(a,n) > d(a,p) + gamma,
-            falling back to the batch-hard negative where none exists).
+            falling back to the batch-hard negative where none exists) or
+            EASY_POSITIVE (nearest positive, nearest negative).
     Returns:
         pos (B,) int64, neg (B,) int64 (-1 where invalid), valid (B,) bool.
     """
@@ -120,15 +121,16 @@ def mine(x: Tensor, labels: Tensor, mining: int = BATCH_HARD, gamma: float = 0.0
         d = squared_distances(x, x)
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(B, dtype=torch.bool, device=x.device)
-        has_pos, pos = _pick(d, same & ~eye, largest=True)
+        if mining not in (BATCH_HARD, SEMI_HARD, EASY_POSITIVE):
+            raise ValueError("mining must be 0 (batch_hard), 1 (semi_hard) or 2 (easy_positive), got %r"
+                             % (mining,))
+        has_pos, pos = _pick(d, same & ~eye, largest=mining != EASY_POSITIVE)
         has_neg, neg = _pick(d, ~same, largest=False)
         if mining == SEMI_HARD:
             d_ap = d.gather(1, pos.clamp(min=0)[:, None])
             beyond = (~same) & ((d > d_ap + gamma) | torch.isnan(d))
             has_semi, semi = _pick(d, beyond, largest=False)
             neg = torch.where(has_semi, semi, neg)
-        elif mining != BATCH_HARD:
-            raise ValueError("mining must be 0 (batch_hard) or 1 (semi_hard), got %r" % (mining,))
         valid = has_pos & has_neg
         minus_one = torch.full_like(pos, -1)
         return torch.where(valid, pos, minus_one), torch.where(valid, neg, minus_one), valid

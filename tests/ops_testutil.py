@@ -27,6 +27,7 @@ from dnnrl_ext import reference as ref
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LABEL_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8]
+MININGS = ["batch_hard", "semi_hard", "easy_positive"]
 
 
 def device_params():
@@ -193,7 +194,7 @@ def triplet_case(draw, grid: bool, max_b: int = 300, max_d: int = 600):
     kind = draw(st.sampled_from(["random", "random", "random", "single", "singletons", "mixed"]))
     n_classes = draw(st.integers(1, 10))
     label_dtype = draw(st.sampled_from(LABEL_DTYPES))
-    mining = draw(st.sampled_from(["batch_hard", "semi_hard"]))
+    mining = draw(st.sampled_from(MININGS))
     loss = draw(st.sampled_from(["exp", "hinge"]))
     reduction = draw(st.sampled_from(["none", "mean", "sum"]))
     alpha = draw(st.sampled_from([1e-3, 0.2, 1.0, 3.5]) | st.floats(0.01, 5.0))  # > 0: the wrappers refuse 0
@@ -241,7 +242,8 @@ def tie_free_anchors(x: torch.Tensor, labels: torch.Tensor, mining: str, gamma: 
                      loss: str, margin: float, rel: float = None) -> np.ndarray:
     """Per anchor, True when every decision of the miner and of the loss is separated
     from its alternative by more than ``rel * scale`` (scale bounds the distances):
-    farthest vs second-farthest positive, nearest vs second-nearest (qualifying)
+    farthest vs second-farthest positive (easy_positive: nearest vs second-nearest),
+    nearest vs second-nearest (qualifying)
     negative, every negative vs the semi-hard threshold, and r vs the kink (gamma for
     exp, margin for hinge). Invalid anchors are always tie-free.
     """
@@ -266,8 +268,9 @@ def tie_free_anchors(x: torch.Tensor, labels: torch.Tensor, mining: str, gamma: 
             continue
         dp = d[i][pos_mask]
         dn = d[i][neg_mask]
-        good = _gap_ok(dp, True, tol)
-        d_ap = dp.max()
+        easy = mining == "easy_positive"  # the nearest positive, not the farthest
+        good = _gap_ok(dp, not easy, tol)
+        d_ap = dp.min() if easy else dp.max()
         if mining == "semi_hard":
             thr = d_ap + gamma
             good &= bool(np.all(np.abs(dn - thr) > tol))
@@ -296,8 +299,10 @@ def naive_mine(x: torch.Tensor, labels: torch.Tensor, mining: str, gamma: float)
     for i in range(B):
         p = -1
         for j in range(B):
-            if j != i and lab[j] == lab[i] and (p < 0 or d[i, j] > d[i, p]):
-                p = j  # strict '>' keeps the smallest index on ties
+            if j != i and lab[j] == lab[i]:
+                # strict comparisons keep the smallest index on ties
+                if p < 0 or (d[i, j] < d[i, p] if mining == "easy_positive" else d[i, j] > d[i, p]):
+                    p = j
         n = -1
         for j in range(B):
             if lab[j] != lab[i] and (n < 0 or d[i, j] < d[i, n]):

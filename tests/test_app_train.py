@@ -363,6 +363,37 @@ def test_easy_positive_triplets_by_hand():
     assert a.numel() == p.numel() == n.numel() == 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_the_apps_easy_positive_loss_is_the_ops_easy_positive_mining(backend):
+    """The app's easy-positive criterion (mining in Python + the indexed op) and the
+    library's mining="easy_positive" (mined inside the op) choose the same triplets on
+    tie-free inputs and give the same loss, details and gradient."""
+    import dnnrl_ext
+    from dnnrl.train import ExplicitTripletLoss
+    if backend == "auto" and not dnnrl_ext.kernels_available("cpu"):
+        pytest.skip("compiled CPU kernels not built")
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(96, 16, generator=g), dim=1)
+    y = torch.randint(0, 7, (96,), generator=g)
+    kw = dict(alpha=0.2, gamma=-0.3, reduction="mean")
+    app = ExplicitTripletLoss("exp", margin=0.2, backend=backend, mining="easy_positive", **kw)
+    outs, grads = [], []
+    for fn in (lambda e: app(e, y, return_details=True),
+               lambda e: dnnrl_ext.triplet_loss(e, y, mining="easy_positive", backend=backend,
+                                                return_details=True, **kw)):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(leaf.grad)
+    (a, b), (ga, gb) = outs, grads
+    assert torch.equal(a.pos, b.pos) and torch.equal(a.neg, b.neg) and torch.equal(a.valid, b.valid)
+    assert a.valid.sum() == 96
+    torch.testing.assert_close(a.r, b.r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mining", ["easy_positive", "random_triplets", "batch_hard", "semi_hard"])
 @pytest.mark.parametrize("method", ["dnnrl", "tdnn"])
 def test_each_method_trains_its_own_loss(method, mining):

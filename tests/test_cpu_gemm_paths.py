@@ -61,7 +61,7 @@ def test_knn_and_vote_match_reference_on_both_gemm_paths(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "easy_positive"])
 def test_loss_matches_reference_on_both_gemm_paths(path, mining):
     require_compiled("cpu")
     gen = torch.Generator().manual_seed(1)

@@ -30,7 +30,7 @@ def _grad(x, y, **kw):
 
 @pytest.mark.parametrize("B", [1, 2, 7, 128, 256, 257, 1000])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "easy_positive"])
 def test_fused_reduction_equals_the_reduced_rows(B, reduction, mining):
     require_compiled("cuda")
     x, y = _batch(B, 48, 5, B)
@@ -128,7 +128,7 @@ def test_fewer_launches_switch_gives_the_same_loss_and_gradient(B, reduction, mo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("B", [2, 33, 128, 300, 700])
-@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "easy_positive"])
 def test_the_three_mining_tiles_agree(B, mining, dtype, monkeypatch):
     """DNNRL_MINE_TILE=tiny / small / large on the same batch (the tile is otherwise chosen
     by B: tiny up to 320 rows on a 132-SM card, large from 1,409 (ceil(B / 128)^2 >= 132)). Each product is

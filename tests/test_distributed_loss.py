@@ -34,7 +34,7 @@ def _grad_worker(rank: int, port: int):
     assert DL.world() == (rank, WORLD)
     try:
         for mining, reduction, B in (("semi_hard", "sum", 12), ("batch_hard", "mean", 11),
-                                     ("semi_hard", "mean", 9)):
+                                     ("semi_hard", "mean", 9), ("easy_positive", "mean", 10)):
             g = torch.Generator().manual_seed(B)
             net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
             for p in net.parameters():

@@ -8,7 +8,7 @@ import torch
 
 from dnnrl_ext import ExpTripletLoss, TripletLoss, triplet_loss
 
-MININGS = ["batch_hard", "semi_hard"]
+MININGS = ["batch_hard", "semi_hard", "easy_positive"]
 REDUCTIONS = ["none", "mean", "sum"]
 
 

@@ -28,6 +28,8 @@ CONFIGS = [
     dict(mining="semi_hard", loss="exp", gamma=0.3, alpha=1.3),
     dict(mining="batch_hard", loss="hinge", gamma=0.0, margin=2.0),
     dict(mining="semi_hard", loss="hinge", gamma=-0.5, margin=1.0),
+    dict(mining="easy_positive", loss="exp", gamma=-0.2, alpha=0.9),
+    dict(mining="easy_positive", loss="hinge", gamma=0.0, margin=0.5),
 ]
 
 

@@ -130,6 +130,53 @@ def test_mining_with_a_row_the_norm_expansion_cannot_take(impl, extra):
     assert bh.pos[6] == 7 and bh.neg[6] == 0  # the far row as the farthest positive of anchor 6
 
 
+def test_easy_positive_takes_the_nearest_positive_with_ties(impl):
+    # anchor 0: positives 1 (d=4), 2 (d=1), 3 (d=4), 5 (d=1) -> nearest tie 2 vs 5 -> 2;
+    # negative: the nearest, as batch-hard (4 at d=81, 6 at d=9 -> 6)
+    x = T([[0, 0], [2, 0], [1, 0], [0, 2], [9, 0], [0, -1], [3, 0]])
+    labels = L([0, 0, 0, 0, 1, 0, 1])
+    out, g = mined(impl, x, labels, mining="easy_positive", gamma=-100.0, alpha=0.01)
+    assert out.pos.tolist()[:4] == [2, 2, 0, 0]  # anchor 1: 2 (d=1); anchors 2 and 3: 0 (d=1 / d=4)
+    assert out.pos[5] == 0 and out.neg[0] == 6 and out.r[0] == 9 - 1
+    # anchor 4 (class 1): its one positive 6; negatives 0, 1, 2, 3, 5 at d = 81, 49, 64, 85, 82 -> 1
+    assert out.valid.all() and out.pos[4] == 6 and out.neg[4] == 1
+    # the same batch, batch-hard: the farthest positive (tie 1 vs 3 -> 1)
+    bh, _ = mined(impl, x, labels, grad=False, mining="batch_hard", gamma=-100.0, alpha=0.01)
+    assert bh.pos[0] == 1 and bh.neg[0] == 6
+    assert torch.isfinite(g).all() and g.abs().sum() > 0  # every triplet active (r > gamma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("B", [16, 64, 80])
+def test_easy_positive_ties_in_a_full_tile_go_to_the_smaller_index(impl, B, dtype):
+    """Two positives at the same smallest distance: 16 columns apart (2 and 18, one AVX2
+    lane of the CPU kernel's 32- and 40-column tiles at B = 64, 80) or, at B = 16, in one
+    16-column step (2 and 14); a farther positive before them, and the anchor's own row
+    (d = 0) never its positive."""
+    t = 18 if B > 18 else 14
+    rows = [[100 + i, 100] for i in range(B)]
+    labels = [2] * B
+    for j, xy, lab in ((0, [0, 0], 0), (1, [3, 0], 0), (2, [0, 1], 0), (3, [2, 0], 1), (t, [0, -1], 0)):
+        rows[j], labels[j] = xy, lab
+    out, _ = mined(impl, T(rows, dtype), L(labels), grad=False, mining="easy_positive")
+    assert out.pos[0] == 2 and out.neg[0] == 3 and out.r[0] == 4 - 1
+    # to row 0: d = 1 from 2 and from t, 9 from 1; row 2 to t: 4
+    assert out.pos[2] == 0 and out.pos[t] == 0 and out.pos[1] == 0
+
+
+@pytest.mark.parametrize("extra", [1e154, math.inf])
+def test_easy_positive_with_a_row_the_norm_expansion_cannot_take(impl, extra):
+    """A far positive whose squared norm overflows the expansion: never the nearest
+    positive of another anchor; its own nearest positive is the nearest finite row."""
+    x = T([[0, 0], [2, 0], [1, 0], [0, 3], [extra, 0]])
+    labels = L([0, 0, 0, 1, 0])
+    out, _ = mined(impl, x, labels, grad=False, mining="easy_positive")
+    assert out.pos.tolist()[:3] == [2, 2, 0] and out.neg[0] == 3 and out.r[0] == 9 - 1
+    # from the far row every positive lies at the same distance (1e308 or inf: a - 2 == a
+    # at 1e154): the tie goes to the smallest index
+    assert out.pos[4] == 0 and out.neg[4] == 3
+
+
 def test_semi_hard_falls_back_to_batch_hard_negative(impl):
     # anchor 0: positive at d=16; every negative is nearer than 16 + gamma -> nearest (tie -> 2)
     x = T([[0, 0], [4, 0], [0, 1], [1, 0], [0, 2]])

@@ -1,5 +1,5 @@
 // CPU kernels of the triplet-loss ops (contracts in dnnrl_ext/reference.py):
-//   triplet_loss           fused batch-hard / semi-hard mining + exp or hinge loss
+//   triplet_loss           fused batch-hard / semi-hard / easy-positive mining + exp or hinge loss
 //   triplet_loss_indexed   the same loss on explicit (anchor, positive, negative) triplets
 //   triplet_loss_backward  gradient of either form from the saved indices
 //
@@ -110,6 +110,7 @@ struct RowSweep {
   const acc_t* thrj;   // semi-hard thresholds of the column anchors
   int64_t nj;
   acc_t sqi, ti;       // ||x_i||^2, threshold of the row anchor
+  acc_t psign;         // +1: the farthest positive; -1: the nearest (easy_positive), as the largest -d
   int32_t li, self, rr;  // row label, column index of the anchor itself (-1: none), row index
   acc_t *bp, *bn, *cp, *cn;
   int32_t *bpj, *bnj, *cpr, *cnr;
@@ -128,7 +129,7 @@ void sweep_row_scalar(const RowSweep<acc_t>& s, int64_t c) {
     const bool same = s.labj[c] == s.li;
     acc_t nc;
     if constexpr (kHard) {
-      const acc_t pc = (same && c != s.self) ? v : -inf;
+      const acc_t pc = (same && c != s.self) ? s.psign * v : -inf;
       if (pc > s.bp[l]) { s.bp[l] = pc; s.bpj[l] = int32_t(c); }
       if (kColumns && pc > s.cp[c]) { s.cp[c] = pc; s.cpr[c] = s.rr; }
       nc = same ? inf : v;
@@ -158,6 +159,7 @@ __attribute__((target("avx2"))) int64_t sweep_row_avx2(const RowSweep<float>& s)
   constexpr bool kHard = kPass == Pass::kHard;
   const __m256 inf = _mm256_set1_ps(kInf<float>), ninf = _mm256_set1_ps(-kInf<float>);
   const __m256 two = _mm256_set1_ps(2.f), sqi = _mm256_set1_ps(s.sqi), ti = _mm256_set1_ps(s.ti);
+  const __m256 psign = _mm256_set1_ps(s.psign);
   const __m256i li = _mm256_set1_epi32(s.li), self = _mm256_set1_epi32(s.self), rr = _mm256_set1_epi32(s.rr);
   const __m256i step = _mm256_set1_epi32(kLanes);
   __m256 bp[2], bn[2];
@@ -180,7 +182,7 @@ __attribute__((target("avx2"))) int64_t sweep_row_avx2(const RowSweep<float>& s)
       __m256 nc;
       if constexpr (kHard) {
         const __m256 is_self = _mm256_castsi256_ps(_mm256_cmpeq_epi32(idx[h], self));
-        const __m256 pc = _mm256_blendv_ps(ninf, v, _mm256_andnot_ps(is_self, same));
+        const __m256 pc = _mm256_blendv_ps(ninf, _mm256_mul_ps(psign, v), _mm256_andnot_ps(is_self, same));
         const __m256 up = _mm256_cmp_ps(pc, bp[h], _CMP_GT_OQ);
         bp[h] = _mm256_blendv_ps(bp[h], pc, up);
         bpj[h] = blend_i(bpj[h], idx[h], up);
@@ -237,12 +239,13 @@ void sweep_row(const RowSweep<acc_t>& s) {
 
 // Reduces one tile for the row anchors [i0, i0+ni) and, off the diagonal, for the
 // column anchors [j0, j0+nj). `tile` holds x_I x_J^T; d = (||x_i||^2 + ||x_j||^2) - 2 s.
-//   kHard: farthest positive and nearest negative.
+//   kHard: farthest positive (psign = 1; with psign = -1 the nearest, kept as -d so that
+//          one max serves both: x -> -x is exact and keeps ties and NaN) and nearest negative.
 //   kSemi: nearest negative with d > thr[anchor] (thr = d(a,p) + gamma).
 // One fused sweep per tile row; lanes and column bests are merged with the tie rule.
 template <Pass kPass, typename acc_t>
 void reduce_tile(const acc_t* tile, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const acc_t* sq,
-                 const int32_t* lab, const acc_t* thr, AnchorBest<acc_t>& best,
+                 const int32_t* lab, const acc_t* thr, acc_t psign, AnchorBest<acc_t>& best,
                  ColumnBest<acc_t>& col) {
   constexpr bool kHard = kPass == Pass::kHard;
   const bool diag = i0 == j0;
@@ -254,6 +257,7 @@ void reduce_tile(const acc_t* tile, int64_t i0, int64_t ni, int64_t j0, int64_t 
   s.labj = lab + j0;
   s.thrj = kHard ? nullptr : thr + j0;
   s.nj = nj;
+  s.psign = psign;
   s.bp = bp;
   s.bn = bn;
   s.bpj = bpj;
@@ -313,7 +317,7 @@ int64_t tile_pair_count(int64_t B) {
 // reads the products from it instead of computing them (the same values, bit for bit).
 template <Pass kPass, typename acc_t>
 std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, const int32_t* lab,
-                                          const acc_t* thr, std::vector<Tensor>* cache = nullptr) {
+                                          const acc_t* thr, acc_t psign, std::vector<Tensor>* cache = nullptr) {
   const int64_t B = xf.size(0);
   const int64_t T = tile_rows(B);
   const int64_t nb = (B + T - 1) / T;
@@ -352,7 +356,7 @@ std::vector<AnchorBest<acc_t>> tiled_pass(const Tensor& xf, const acc_t* sq, con
         } else {
           prod = cpu::tile_product(xf.narrow(0, i0, ni), xf.narrow(0, j0, nj), onednn, buf.data());
         }
-        reduce_tile<kPass>(prod.data_ptr<acc_t>(), i0, ni, j0, nj, sq, lab, thr, best[w], col);
+        reduce_tile<kPass>(prod.data_ptr<acc_t>(), i0, ni, j0, nj, sq, lab, thr, psign, best[w], col);
       }
     }
   });
@@ -383,7 +387,8 @@ void mine_tiled(const Tensor& xf, const acc_t* sq, const int32_t* lab, int64_t m
   const int64_t tile_bytes = tile_pair_count(B) * tile_rows(B) * tile_rows(B) * int64_t(sizeof(acc_t));
   const bool cache_tiles = mining == kSemiHard && tile_bytes <= kTileCacheBytes;
   {
-    auto parts = tiled_pass<Pass::kHard, acc_t>(xf, sq, lab, nullptr, cache_tiles ? &tiles : nullptr);
+    const acc_t psign = mining == kEasyPositive ? acc_t(-1) : acc_t(1);
+    auto parts = tiled_pass<Pass::kHard, acc_t>(xf, sq, lab, nullptr, psign, cache_tiles ? &tiles : nullptr);
     for (int64_t i = 0; i < B; ++i) {
       acc_t pv = -kInf<acc_t>, nv = kInf<acc_t>;
       int64_t pj = -1, nj = -1;
@@ -393,7 +398,7 @@ void mine_tiled(const Tensor& xf, const acc_t* sq, const int32_t* lab, int64_t m
       }
       pos[i] = pj;
       neg[i] = nj;
-      pos_v[i] = pv;
+      pos_v[i] = pv;  // -d(a,p) for easy_positive (not used: no threshold)
     }
   }
   if (mining != kSemiHard) return;
@@ -401,7 +406,7 @@ void mine_tiled(const Tensor& xf, const acc_t* sq, const int32_t* lab, int64_t m
   // exactly the positive's distance (a duplicate row) is never taken as semi-hard.
   std::vector<acc_t> thr(B);
   for (int64_t i = 0; i < B; ++i) thr[i] = pos[i] >= 0 ? pos_v[i] + gamma : kInf<acc_t>;
-  auto parts = tiled_pass<Pass::kSemi, acc_t>(xf, sq, lab, thr.data(), cache_tiles ? &tiles : nullptr);
+  auto parts = tiled_pass<Pass::kSemi, acc_t>(xf, sq, lab, thr.data(), acc_t(1), cache_tiles ? &tiles : nullptr);
   for (int64_t i = 0; i < B; ++i) {
     acc_t nv = kInf<acc_t>;
     int64_t nj = -1;
@@ -424,7 +429,8 @@ void mine_exact(const acc_t* x, int64_t B, int64_t D, const int32_t* lab, int64_
       int64_t pj = -1, nj = -1;
       for (int64_t j = 0; j < B; ++j) {
         if (lab[j] == lab[i]) {
-          if (j != i && better_max(d[j], j, pv, pj)) { pv = d[j]; pj = j; }
+          const bool take = mining == kEasyPositive ? better_min(d[j], j, pv, pj) : better_max(d[j], j, pv, pj);
+          if (j != i && take) { pv = d[j]; pj = j; }
         } else if (better_min(d[j], j, nv, nj)) {
           nv = d[j];
           nj = j;
@@ -537,8 +543,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_loss_forward_kernel(
   at::NoGradGuard no_grad;  // internal BLAS calls on x must not be recorded
   cpu::check_embeddings("x", x);
   cpu::check_index_vector("labels", labels, x.size(0), "one label per row of x");
-  TORCH_CHECK(mining == kBatchHard || mining == kSemiHard,
-              "mining must be 0 (batch_hard) or 1 (semi_hard), got ", mining);
+  TORCH_CHECK(mining == kBatchHard || mining == kSemiHard || mining == kEasyPositive,
+              "mining must be 0 (batch_hard), 1 (semi_hard) or 2 (easy_positive), got ", mining);
   check_codes(loss_type, reduction);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "triplet_loss_forward_kernel", [&] {

@@ -5,7 +5,8 @@
 // batch-hard at B <= 256 with mean / sum: mine_pass, mine_finalize):
 //   row_norms      ||x_i||^2 (B > 256; smaller batches: inside mine_pass) grid ceil(B/8)
 //   mine_pass      distance tiles (tile.cuh) reduced on the spot into, per anchor and
-//                  per column split, the farthest positive and nearest negative
+//                  per column split, the farthest positive (easy_positive: the nearest,
+//                  kept as the largest -d) and nearest negative
 //                  (semi-hard 2nd pass: nearest negative beyond d_ap + gamma)
 //                                                              grid (row tiles, splits)
 //   mine_threshold (semi-hard only) d_ap + gamma per anchor     warp per anchor
@@ -32,7 +33,7 @@ constexpr int kMaxSplits = 64;
 
 template <typename acc_t>
 struct MinePart {
-  acc_t pd, nd;  // farthest positive / nearest (or semi-hard) negative distance
+  acc_t pd, nd;  // farthest positive (easy_positive: minus the nearest) / nearest (or semi-hard) negative distance
   int pj, nj;    // their indices, -1 when none
 };
 
@@ -42,12 +43,14 @@ struct MinePart {
 // adjacent lanes and merge with shuffles at the end.
 // norms == nullptr: the block computes the norms it needs itself (small batches: one
 // launch less). done_counter (nullable): reset to 0 here for mine_finalize.
+// psign: +1 keeps the farthest positive; -1 the nearest (easy_positive) as the largest
+// -d, so one max and the merges below serve both (x -> -x is exact, keeps ties and NaN).
 template <typename Eng, bool kSemi>
 __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
     const typename Eng::T* __restrict__ x, const int64_t* __restrict__ labels,
     const typename Eng::acc_t* __restrict__ norms, const typename Eng::acc_t* __restrict__ thr,
-    int B, int D, bool vec, int col_tiles, int splits, MinePart<typename Eng::acc_t>* __restrict__ part,
-    unsigned* __restrict__ done_counter) {
+    typename Eng::acc_t psign, int B, int D, bool vec, int col_tiles, int splits,
+    MinePart<typename Eng::acc_t>* __restrict__ part, unsigned* __restrict__ done_counter) {
   using acc_t = typename Eng::acc_t;
   constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
   constexpr int TPR = NT / BM;
@@ -110,7 +113,8 @@ __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
         const bool same = cl[c] == rl;
         if (!kSemi) {
           if (same) {
-            if (j != row && take_max(d, j, pd, pj)) { pd = d; pj = j; }
+            const acc_t dp = psign * d;
+            if (j != row && take_max(dp, j, pd, pj)) { pd = dp; pj = j; }
           } else if (take_min(d, j, nd, nj)) {
             nd = d; nj = j;
           }
@@ -335,7 +339,8 @@ constexpr size_t mine_smem() {
 
 template <typename Eng>
 void launch_mine_pass(bool semi, const typename Eng::T* x, const int64_t* labels,
-                      const typename Eng::acc_t* norms, const typename Eng::acc_t* thr, int B, int D,
+                      const typename Eng::acc_t* norms, const typename Eng::acc_t* thr,
+                      typename Eng::acc_t psign, int B, int D,
                       bool vec, int splits, MinePart<typename Eng::acc_t>* part, unsigned* done_counter,
                       cudaStream_t stream) {
   const int row_tiles = static_cast<int>(ceil_div<int64_t>(B, Eng::BM));
@@ -345,12 +350,12 @@ void launch_mine_pass(bool semi, const typename Eng::T* x, const int64_t* labels
   if (semi) {
     auto k = mine_pass_kernel<Eng, true>;
     allow_smem(k, smem);
-    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, psign, B, D, vec, col_tiles, splits, part,
                                              done_counter);
   } else {
     auto k = mine_pass_kernel<Eng, false>;
     allow_smem(k, smem);
-    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, psign, B, D, vec, col_tiles, splits, part,
                                              done_counter);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -407,11 +412,12 @@ void mine_impl(const at::Tensor& x, const at::Tensor& labels, int64_t mining, in
     row_norms_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(xp, B, D, norms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  launch_mine_pass<Eng>(false, xp, lab, norms, nullptr, B, D, vec, splits, part1, counter, stream);
+  const acc_t psign = mining == kEasyPositive ? acc_t(-1) : acc_t(1);
+  launch_mine_pass<Eng>(false, xp, lab, norms, nullptr, psign, B, D, vec, splits, part1, counter, stream);
   if (semi) {
     mine_threshold_kernel<acc_t><<<row_blocks, 256, 0, stream>>>(part1, splits, B, static_cast<acc_t>(gamma), thr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_mine_pass<Eng>(true, xp, lab, norms, thr, B, D, vec, splits, part2, nullptr, stream);
+    launch_mine_pass<Eng>(true, xp, lab, norms, thr, acc_t(1), B, D, vec, splits, part2, nullptr, stream);
   }
   mine_finalize_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(
       xp, part1, splits, part2, splits, B, D, loss_type, static_cast<acc_t>(alpha),
@@ -482,8 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triplet_l
   check_index("triplet_loss", "labels", labels_in, x_in);
   TORCH_CHECK(labels_in.size(0) == x_in.size(0), "triplet_loss: labels has ", labels_in.size(0),
               " entries but x has ", x_in.size(0), " rows");
-  TORCH_CHECK(mining == kBatchHard || mining == kSemiHard,
-              "triplet_loss: mining must be 0 (batch_hard) or 1 (semi_hard), got ", mining);
+  TORCH_CHECK(mining == kBatchHard || mining == kSemiHard || mining == kEasyPositive,
+              "triplet_loss: mining must be 0 (batch_hard), 1 (semi_hard) or 2 (easy_positive), got ", mining);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
