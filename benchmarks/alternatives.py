@@ -34,6 +34,19 @@ def plain_pytorch_exp_triplet_semi_hard(x, labels, alpha=0.2, gamma=0.0):
     return per[valid].mean()
 
 
+def plain_pytorch_exp_triplet_easy_positive(x, labels, alpha=0.2, gamma=0.0):
+    """The same with the nearest positive instead of the farthest (easy-positive mining)."""
+    d = torch.cdist(x, x).pow(2)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    d_ap = torch.where(same & ~eye, d, torch.full_like(d, float("inf"))).min(1).values
+    d_an = torch.where(~same, d, torch.full_like(d, float("inf"))).min(1).values
+    valid = torch.isfinite(d_ap) & torch.isfinite(d_an)
+    r = d_an - d_ap
+    per = torch.where(r > gamma, torch.exp(-alpha * (r - gamma)), torch.ones_like(r))
+    return per[valid].mean()
+
+
 class PMLBatchHard:
     """pytorch-metric-learning: BatchHardMiner + TripletMarginLoss, squared L2 distances."""
 

@@ -3,7 +3,8 @@
 1. Fused mining + exponential triplet loss, forward + backward, vs the plain-PyTorch
    version (cdist + masks + max/min) and pytorch-metric-learning (BatchHardMiner +
    TripletMarginLoss), B in {128, 512, 2048}, D = 512, 7 classes, float32; and with
-   semi-hard mining vs the plain-PyTorch semi-hard version.
+   semi-hard and easy-positive mining vs the plain-PyTorch versions of those (and, for
+   easy-positive, the app's earlier way: mining in PyTorch ops + the fused indexed loss).
 2. k-NN vote at FER-2013 scale (3,589 queries x 28,709 gallery x 512, k = 10) vs
    scikit-learn (brute), faiss-cpu IndexFlatL2 + vote, and the chunked reference;
    time and peak memory, each method in its own process so peaks don't mix.
@@ -36,6 +37,15 @@ def loss_inputs(B, D=512, classes=7, seed=0):
     return x, y
 
 
+def python_mining_easy_positive(x, y):
+    """The app's easy-positive criterion before the op had the mode (dnnrl.train.
+    ExplicitTripletLoss: B x B distances and argmins in PyTorch ops, then the fused
+    indexed loss), the same loss as dnnrl_ext's mining="easy_positive"."""
+    from dnnrl.train import ExplicitTripletLoss
+    return ExplicitTripletLoss("exp", alpha=0.2, gamma=0.0, margin=0.2, reduction="mean", backend="auto",
+                               mining="easy_positive")(x, y)
+
+
 def bench_loss(sizes, repeats):
     rows = []
     pml = alternatives.PMLBatchHard()
@@ -54,6 +64,9 @@ def bench_loss(sizes, repeats):
             # miner returns every semi-hard triplet, another loss, so it has no column here)
             "dnnrl_ext_semi_hard": lambda x, y: dnnrl_ext.triplet_loss(x, y, mining="semi_hard"),
             "plain_pytorch_semi_hard": alternatives.plain_pytorch_exp_triplet_semi_hard,
+            "dnnrl_ext_easy_positive": lambda x, y: dnnrl_ext.triplet_loss(x, y, mining="easy_positive"),
+            "plain_pytorch_easy_positive": alternatives.plain_pytorch_exp_triplet_easy_positive,
+            "python_mining_easy_positive": python_mining_easy_positive,
         }
         times = {name: common.time_cpu(lambda f=f: step(f), repeats=repeats, min_seconds=0.5)
                  for name, f in candidates.items()}
@@ -61,6 +74,9 @@ def bench_loss(sizes, repeats):
         row["speedup_vs_plain"] = times["plain_pytorch"] / times["dnnrl_ext"]
         row["speedup_vs_pml"] = times["pytorch_metric_learning"] / times["dnnrl_ext"]
         row["semi_hard_speedup_vs_plain"] = times["plain_pytorch_semi_hard"] / times["dnnrl_ext_semi_hard"]
+        row["easy_positive_speedup_vs_plain"] = times["plain_pytorch_easy_positive"] / times["dnnrl_ext_easy_positive"]
+        row["easy_positive_speedup_vs_python_mining"] = (times["python_mining_easy_positive"]
+                                                         / times["dnnrl_ext_easy_positive"])
         rows.append(row)
         print("loss B=%d done" % B, flush=True)
     return rows
@@ -172,6 +188,10 @@ def main():
     print("\n## The same, semi-hard mining (gamma = 0)")
     loss_md += "\n\n" + common.print_table(loss_rows, ["B", "dnnrl_ext_semi_hard_ms", "plain_pytorch_semi_hard_ms",
                                                      "semi_hard_speedup_vs_plain"])
+    print("\n## The same, easy-positive mining (gamma = 0)")
+    loss_md += "\n\n" + common.print_table(loss_rows, [
+        "B", "dnnrl_ext_easy_positive_ms", "plain_pytorch_easy_positive_ms", "python_mining_easy_positive_ms",
+        "easy_positive_speedup_vs_plain", "easy_positive_speedup_vs_python_mining"])
     print("\n## knn_vote Q=%d N=%d D=%d k=%d" % (args.Q, args.N, args.D, args.k))
     knn_md = common.print_table(knn_rows, ["method", "seconds", "peak_extra_mib", "ours_speedup",
                                            "same_predictions_as_ours"])

@@ -290,14 +290,15 @@ def test_machine_record_names_the_cpu_and_its_gemm_rate(monkeypatch):
     assert common.cpu_name()  # platform's name or "unknown cpu"
 
 
-@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "easy_positive"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
 def test_benchmark_alternatives_compute_our_loss(monkeypatch, mining, gamma):
     """The plain-PyTorch columns of bench_cpu / bench_gpu time the same loss as ours
     (SPEC semantics, float64 to rounding), or the side-by-side compares unequal work."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     alt = _load("alternatives")
-    plain = {"batch_hard": alt.plain_pytorch_exp_triplet, "semi_hard": alt.plain_pytorch_exp_triplet_semi_hard}
+    plain = {"batch_hard": alt.plain_pytorch_exp_triplet, "semi_hard": alt.plain_pytorch_exp_triplet_semi_hard,
+             "easy_positive": alt.plain_pytorch_exp_triplet_easy_positive}
     g = torch.Generator().manual_seed(3)
     for B, classes in ((6, 2), (64, 7), (300, 7)):
         x = torch.randn(B, 32, generator=g, dtype=torch.float64)
@@ -305,6 +306,9 @@ def test_benchmark_alternatives_compute_our_loss(monkeypatch, mining, gamma):
         want = dnnrl_ext.triplet_loss(x, y, mining=mining, gamma=gamma, backend="reference")
         got = plain[mining](x, y, gamma=gamma)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        if mining == "easy_positive" and gamma == 0.0:  # bench_cpu's third column: the app's earlier path
+            bench = _load("bench_cpu")
+            torch.testing.assert_close(bench.python_mining_easy_positive(x, y), want, rtol=1e-12, atol=1e-12)
 
 
 def _small_trainer(method, seed=3):
