@@ -43,14 +43,16 @@ struct MinePart {
 // adjacent lanes and merge with shuffles at the end.
 // norms == nullptr: the block computes the norms it needs itself (small batches: one
 // launch less). done_counter (nullable): reset to 0 here for mine_finalize.
-// psign: +1 keeps the farthest positive; -1 the nearest (easy_positive) as the largest
+// kEasy: the nearest positive (easy_positive) instead of the farthest, kept as the largest
 // -d, so one max and the merges below serve both (x -> -x is exact, keeps ties and NaN).
-template <typename Eng, bool kSemi>
+// A template flag, not a run-time sign: a sign in a register made the float32 32 x 32
+// pass spill 8 bytes that batch-hard did not spill.
+template <typename Eng, bool kSemi, bool kEasy = false>
 __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
     const typename Eng::T* __restrict__ x, const int64_t* __restrict__ labels,
     const typename Eng::acc_t* __restrict__ norms, const typename Eng::acc_t* __restrict__ thr,
-    typename Eng::acc_t psign, int B, int D, bool vec, int col_tiles, int splits,
-    MinePart<typename Eng::acc_t>* __restrict__ part, unsigned* __restrict__ done_counter) {
+    int B, int D, bool vec, int col_tiles, int splits, MinePart<typename Eng::acc_t>* __restrict__ part,
+    unsigned* __restrict__ done_counter) {
   using acc_t = typename Eng::acc_t;
   constexpr int BM = Eng::BM, BN = Eng::BN, NT = Eng::kThreads, LDS = Eng::LDS;
   constexpr int TPR = NT / BM;
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(Eng::kThreads) mine_pass_kernel(
         const bool same = cl[c] == rl;
         if (!kSemi) {
           if (same) {
-            const acc_t dp = psign * d;
+            const acc_t dp = kEasy ? -d : d;
             if (j != row && take_max(dp, j, pd, pj)) { pd = dp; pj = j; }
           } else if (take_min(d, j, nd, nj)) {
             nd = d; nj = j;
@@ -338,9 +340,8 @@ constexpr size_t mine_smem() {
 }
 
 template <typename Eng>
-void launch_mine_pass(bool semi, const typename Eng::T* x, const int64_t* labels,
-                      const typename Eng::acc_t* norms, const typename Eng::acc_t* thr,
-                      typename Eng::acc_t psign, int B, int D,
+void launch_mine_pass(bool semi, bool easy, const typename Eng::T* x, const int64_t* labels,
+                      const typename Eng::acc_t* norms, const typename Eng::acc_t* thr, int B, int D,
                       bool vec, int splits, MinePart<typename Eng::acc_t>* part, unsigned* done_counter,
                       cudaStream_t stream) {
   const int row_tiles = static_cast<int>(ceil_div<int64_t>(B, Eng::BM));
@@ -350,12 +351,17 @@ void launch_mine_pass(bool semi, const typename Eng::T* x, const int64_t* labels
   if (semi) {
     auto k = mine_pass_kernel<Eng, true>;
     allow_smem(k, smem);
-    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, psign, B, D, vec, col_tiles, splits, part,
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
+                                             done_counter);
+  } else if (easy) {
+    auto k = mine_pass_kernel<Eng, false, true>;
+    allow_smem(k, smem);
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
                                              done_counter);
   } else {
     auto k = mine_pass_kernel<Eng, false>;
     allow_smem(k, smem);
-    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, psign, B, D, vec, col_tiles, splits, part,
+    k<<<grid, Eng::kThreads, smem, stream>>>(x, labels, norms, thr, B, D, vec, col_tiles, splits, part,
                                              done_counter);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -412,12 +418,12 @@ void mine_impl(const at::Tensor& x, const at::Tensor& labels, int64_t mining, in
     row_norms_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(xp, B, D, norms);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const acc_t psign = mining == kEasyPositive ? acc_t(-1) : acc_t(1);
-  launch_mine_pass<Eng>(false, xp, lab, norms, nullptr, psign, B, D, vec, splits, part1, counter, stream);
+  launch_mine_pass<Eng>(false, mining == kEasyPositive, xp, lab, norms, nullptr, B, D, vec, splits, part1, counter,
+                        stream);
   if (semi) {
     mine_threshold_kernel<acc_t><<<row_blocks, 256, 0, stream>>>(part1, splits, B, static_cast<acc_t>(gamma), thr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_mine_pass<Eng>(true, xp, lab, norms, thr, acc_t(1), B, D, vec, splits, part2, nullptr, stream);
+    launch_mine_pass<Eng>(true, false, xp, lab, norms, thr, B, D, vec, splits, part2, nullptr, stream);
   }
   mine_finalize_kernel<T, acc_t><<<row_blocks, 256, 0, stream>>>(
       xp, part1, splits, part2, splits, B, D, loss_type, static_cast<acc_t>(alpha),
