@@ -47,6 +47,15 @@ def plain_pytorch_exp_triplet_easy_positive(x, labels, alpha=0.2, gamma=0.0):
     return per[valid].mean()
 
 
+def python_mining_easy_positive(x, labels, alpha=0.2, gamma=0.0):
+    """The app's easy-positive criterion before the op had the mode (dnnrl.train.
+    ExplicitTripletLoss: B x B distances and argmins in PyTorch ops, then dnnrl_ext's
+    fused indexed loss): the same loss as dnnrl_ext's mining="easy_positive"."""
+    from dnnrl.train import ExplicitTripletLoss
+    return ExplicitTripletLoss("exp", alpha=alpha, gamma=gamma, margin=0.2, reduction="mean", backend="auto",
+                               mining="easy_positive")(x, labels)
+
+
 class PMLBatchHard:
     """pytorch-metric-learning: BatchHardMiner + TripletMarginLoss, squared L2 distances."""
 

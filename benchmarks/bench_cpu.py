@@ -37,15 +37,6 @@ def loss_inputs(B, D=512, classes=7, seed=0):
     return x, y
 
 
-def python_mining_easy_positive(x, y):
-    """The app's easy-positive criterion before the op had the mode (dnnrl.train.
-    ExplicitTripletLoss: B x B distances and argmins in PyTorch ops, then the fused
-    indexed loss), the same loss as dnnrl_ext's mining="easy_positive"."""
-    from dnnrl.train import ExplicitTripletLoss
-    return ExplicitTripletLoss("exp", alpha=0.2, gamma=0.0, margin=0.2, reduction="mean", backend="auto",
-                               mining="easy_positive")(x, y)
-
-
 def bench_loss(sizes, repeats):
     rows = []
     pml = alternatives.PMLBatchHard()
@@ -66,7 +57,7 @@ def bench_loss(sizes, repeats):
             "plain_pytorch_semi_hard": alternatives.plain_pytorch_exp_triplet_semi_hard,
             "dnnrl_ext_easy_positive": lambda x, y: dnnrl_ext.triplet_loss(x, y, mining="easy_positive"),
             "plain_pytorch_easy_positive": alternatives.plain_pytorch_exp_triplet_easy_positive,
-            "python_mining_easy_positive": python_mining_easy_positive,
+            "python_mining_easy_positive": alternatives.python_mining_easy_positive,
         }
         times = {name: common.time_cpu(lambda f=f: step(f), repeats=repeats, min_seconds=0.5)
                  for name, f in candidates.items()}

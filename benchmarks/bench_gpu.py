@@ -5,6 +5,8 @@
   8192}, D = 512, float32 and bfloat16.
 * knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) and with a 1,000,000-row
   gallery vs chunked torch (cdist + topk).
+* Last (new code that has not yet run on a GPU may fault): easy-positive mining, the fused
+  op vs the app's PyTorch-ops mining + indexed loss and plain PyTorch, float32.
 Times are medians of CUDA-event timings after warm-up; peak memory is the allocator's
 peak above what the inputs already hold; "mm_fraction" is the distance work's FLOP rate
 (2 B^2 D, or 2 Q N D) over the card's measured torch.mm rate in the same dtype.
@@ -94,6 +96,34 @@ def bench_loss(sizes, dtypes, rates, repeats):
             print(row, flush=True)
             del x, x0
             torch.cuda.empty_cache()
+    return rows
+
+
+def bench_easy_positive(sizes, repeats):
+    """mining="easy_positive" forward + backward (float32, D = 512, 7 classes): the fused op
+    against the app's PyTorch-ops mining + indexed loss (alternatives.python_mining_easy_positive,
+    what `dnnrl train --mining easy_positive` runs) and plain PyTorch, and the largest
+    difference of the fused loss from the PyTorch-ops one."""
+    rows = []
+    cands = {"dnnrl_ext": lambda a, b: dnnrl_ext.triplet_loss(a, b, mining="easy_positive"),
+             "python_mining": alternatives.python_mining_easy_positive,
+             "plain_pytorch": alternatives.plain_pytorch_exp_triplet_easy_positive}
+    for B in sizes:
+        g = torch.Generator(device=DEV).manual_seed(B)
+        x0 = torch.nn.functional.normalize(torch.randn(B, 512, device=DEV, generator=g), dim=1)
+        y = torch.randint(0, 7, (B,), device=DEV, generator=g)
+        x = x0.clone().requires_grad_(True)
+        row = {"B": B, "loss_diff": float((cands["dnnrl_ext"](x0, y) - cands["python_mining"](x0, y)).abs())}
+        for name, f in cands.items():
+            def step(f=f):
+                x.grad = None
+                f(x, y).backward()
+            t, mem = measure(step, repeats)
+            row[name + "_ms"], row[name + "_mib"] = t * 1e3, mem
+        row["x_vs_python_mining"] = row["python_mining_ms"] / row["dnnrl_ext_ms"]
+        row["x_vs_plain_pytorch"] = row["plain_pytorch_ms"] / row["dnnrl_ext_ms"]
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
@@ -269,6 +299,11 @@ def main():
             bench_knn_opt_in(payload["knn_vote"], max(3, repeats // 4))
         except Exception:
             traceback.print_exc()
+    common.write_json(out, payload)
+    try:  # after everything else: the easy-positive kernel's first run on a GPU
+        payload["loss_easy_positive"] = bench_easy_positive((128, 1024, 8192), repeats)
+    except Exception:
+        traceback.print_exc()
     md = []
     if payload.get("loss"):
         print("\n## Fused loss forward+backward, D=512, 7 classes (%s)" % info.get("gpu"))
@@ -277,6 +312,11 @@ def main():
             "pml_ms",
             "x_vs_plain_pytorch", "x_vs_pml",
             "dnnrl_ext_mib", "plain_pytorch_mib", "pml_mib", "ours_fwd_ms", "mm_fraction"]))
+    if payload.get("loss_easy_positive"):
+        print("\n## Easy-positive mining, forward+backward, float32, D=512, 7 classes (%s)" % info.get("gpu"))
+        md.append(common.print_table(payload["loss_easy_positive"], [
+            "B", "dnnrl_ext_ms", "python_mining_ms", "plain_pytorch_ms", "x_vs_python_mining", "x_vs_plain_pytorch",
+            "dnnrl_ext_mib", "python_mining_mib", "plain_pytorch_mib", "loss_diff"]))
     if payload.get("knn_vote"):
         print("\n## knn_vote, D=512, k=10 (%s)" % info.get("gpu"))
         md.append(common.print_table(payload["knn_vote"], [

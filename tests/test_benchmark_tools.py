@@ -306,9 +306,9 @@ def test_benchmark_alternatives_compute_our_loss(monkeypatch, mining, gamma):
         want = dnnrl_ext.triplet_loss(x, y, mining=mining, gamma=gamma, backend="reference")
         got = plain[mining](x, y, gamma=gamma)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        if mining == "easy_positive" and gamma == 0.0:  # bench_cpu's third column: the app's earlier path
-            bench = _load("bench_cpu")
-            torch.testing.assert_close(bench.python_mining_easy_positive(x, y), want, rtol=1e-12, atol=1e-12)
+        if mining == "easy_positive":  # bench_cpu's / bench_gpu's third column: the app's earlier path
+            got = alt.python_mining_easy_positive(x, y, gamma=gamma)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def _small_trainer(method, seed=3):
@@ -358,3 +358,29 @@ def test_count_step_ops_leaves_views_out_of_the_compute_count():
     cs = _load("count_step_ops")
     counts = collections.Counter({"aten.view": 3, "aten.select": 2, "aten.mul": 4, "aten.convolution": 1})
     assert cs.compute_ops(counts) == 5
+
+
+def test_bench_gpu_easy_positive_section_runs_on_the_cpu(monkeypatch):
+    """bench_gpu.py's last section, run on the CPU with a CPU timer in place of the CUDA
+    one (its first real run is on a GPU): a row per B with the three columns, the ratios,
+    and the fused loss equal to the app's PyTorch-ops path."""
+    if not dnnrl_ext.kernels_available("cpu"):
+        pytest.skip("compiled CPU kernels not built")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    bg = _load("bench_gpu")
+    monkeypatch.setattr(bg, "DEV", "cpu")
+    calls = []
+
+    def cpu_measure(fn, repeats):
+        fn()
+        calls.append(repeats)
+        return 1e-3 * (1 + len(calls)), 0.5
+
+    monkeypatch.setattr(bg, "measure", cpu_measure)
+    rows = bg.bench_easy_positive((16, 40), 2)
+    assert [r["B"] for r in rows] == [16, 40] and calls == [2] * 6
+    for r in rows:
+        assert r["loss_diff"] < 1e-6
+        assert r["x_vs_python_mining"] == pytest.approx(r["python_mining_ms"] / r["dnnrl_ext_ms"])
+        assert r["x_vs_plain_pytorch"] == pytest.approx(r["plain_pytorch_ms"] / r["dnnrl_ext_ms"])
+        assert r["dnnrl_ext_mib"] == 0.5
