@@ -83,9 +83,10 @@ def _mined_args(device, dtype, reduction, grad=True):
 def test_opcheck_triplet_loss(compiled_device, dtype, reduction):
     op = torch.ops.dnnrl_ext.triplet_loss.default
     torch.library.opcheck(op, _mined_args(compiled_device, dtype, reduction))
-    # semi-hard and hinge too
+    # semi-hard and hinge too, and easy-positive
     x, labels, *_ = _mined_args(compiled_device, dtype, reduction)
     torch.library.opcheck(op, (x, labels, 1, 1, 0.5, 0.1, 0.3, reduction))
+    torch.library.opcheck(op, (x, labels, 2, 0, 0.5, -1.0, 0.2, reduction))
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16], ids=str)
