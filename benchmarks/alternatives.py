@@ -6,45 +6,47 @@ import numpy as np
 import torch
 
 
-def plain_pytorch_exp_triplet(x, labels, alpha=0.2, gamma=0.0):
-    """The obvious PyTorch version: cdist + masks + max/min, B x B matrices throughout."""
+def _pairwise(x, labels):
+    """(B, B) squared distances (cdist), the positive mask (same label, not self) and the
+    negative mask, as the plain versions below all start."""
     d = torch.cdist(x, x).pow(2)
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    d_ap = torch.where(same & ~eye, d, torch.full_like(d, float("-inf"))).max(1).values
-    d_an = torch.where(~same, d, torch.full_like(d, float("inf"))).min(1).values
+    return d, same & ~eye, ~same
+
+
+def _exp_mean(d_ap, d_an, alpha, gamma):
+    """The exp loss of the mined pairs, the mean over anchors with both a positive and a negative."""
     valid = torch.isfinite(d_ap) & torch.isfinite(d_an)
     r = d_an - d_ap
     per = torch.where(r > gamma, torch.exp(-alpha * (r - gamma)), torch.ones_like(r))
     return per[valid].mean()
+
+
+def plain_pytorch_exp_triplet(x, labels, alpha=0.2, gamma=0.0):
+    """The obvious PyTorch version: cdist + masks + max/min, B x B matrices throughout."""
+    d, pos, neg = _pairwise(x, labels)
+    d_ap = torch.where(pos, d, torch.full_like(d, float("-inf"))).max(1).values
+    d_an = torch.where(neg, d, torch.full_like(d, float("inf"))).min(1).values
+    return _exp_mean(d_ap, d_an, alpha, gamma)
 
 
 def plain_pytorch_exp_triplet_semi_hard(x, labels, alpha=0.2, gamma=0.0):
     """The same with semi-hard negatives (nearest beyond d(a,p) + gamma, else the nearest)."""
-    d = torch.cdist(x, x).pow(2)
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    d_ap = torch.where(same & ~eye, d, torch.full_like(d, float("-inf"))).max(1).values
-    neg = torch.where(~same, d, torch.full_like(d, float("inf")))
-    beyond = torch.where(neg > (d_ap + gamma)[:, None], neg, torch.full_like(d, float("inf"))).min(1).values
-    d_an = torch.where(torch.isfinite(beyond), beyond, neg.min(1).values)
-    valid = torch.isfinite(d_ap) & torch.isfinite(d_an)
-    r = d_an - d_ap
-    per = torch.where(r > gamma, torch.exp(-alpha * (r - gamma)), torch.ones_like(r))
-    return per[valid].mean()
+    d, pos, neg = _pairwise(x, labels)
+    d_ap = torch.where(pos, d, torch.full_like(d, float("-inf"))).max(1).values
+    neg_d = torch.where(neg, d, torch.full_like(d, float("inf")))
+    beyond = torch.where(neg_d > (d_ap + gamma)[:, None], neg_d, torch.full_like(d, float("inf"))).min(1).values
+    d_an = torch.where(torch.isfinite(beyond), beyond, neg_d.min(1).values)
+    return _exp_mean(d_ap, d_an, alpha, gamma)
 
 
 def plain_pytorch_exp_triplet_easy_positive(x, labels, alpha=0.2, gamma=0.0):
     """The same with the nearest positive instead of the farthest (easy-positive mining)."""
-    d = torch.cdist(x, x).pow(2)
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
-    d_ap = torch.where(same & ~eye, d, torch.full_like(d, float("inf"))).min(1).values
-    d_an = torch.where(~same, d, torch.full_like(d, float("inf"))).min(1).values
-    valid = torch.isfinite(d_ap) & torch.isfinite(d_an)
-    r = d_an - d_ap
-    per = torch.where(r > gamma, torch.exp(-alpha * (r - gamma)), torch.ones_like(r))
-    return per[valid].mean()
+    d, pos, neg = _pairwise(x, labels)
+    d_ap = torch.where(pos, d, torch.full_like(d, float("inf"))).min(1).values
+    d_an = torch.where(neg, d, torch.full_like(d, float("inf"))).min(1).values
+    return _exp_mean(d_ap, d_an, alpha, gamma)
 
 
 def python_mining_easy_positive(x, labels, alpha=0.2, gamma=0.0):
