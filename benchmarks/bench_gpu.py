@@ -6,7 +6,8 @@
 * knn_vote at FER-2013 scale (3,589 x 28,709 x 512, k = 10) and with a 1,000,000-row
   gallery vs chunked torch (cdist + topk).
 * Last (new code that has not yet run on a GPU may fault): easy-positive mining, the fused
-  op vs the app's PyTorch-ops mining + indexed loss and plain PyTorch, float32.
+  op vs the PyTorch-ops mining + indexed loss (the app's form before session 24, its fallback
+  now) and plain PyTorch, float32.
 Times are medians of CUDA-event timings after warm-up; peak memory is the allocator's
 peak above what the inputs already hold; "mm_fraction" is the distance work's FLOP rate
 (2 B^2 D, or 2 Q N D) over the card's measured torch.mm rate in the same dtype.
@@ -101,8 +102,9 @@ def bench_loss(sizes, dtypes, rates, repeats):
 
 def bench_easy_positive(sizes, repeats):
     """mining="easy_positive" forward + backward (float32, D = 512, 7 classes): the fused op
-    against the app's PyTorch-ops mining + indexed loss (alternatives.python_mining_easy_positive,
-    what `dnnrl train --mining easy_positive` runs) and plain PyTorch, and the largest
+    against the PyTorch-ops mining + indexed loss (alternatives.python_mining_easy_positive,
+    what `dnnrl train --mining easy_positive` runs with DNNRL_EASY_POSITIVE_IN_PYTHON=1) and
+    plain PyTorch, and the largest
     difference of the fused loss from the PyTorch-ops one."""
     rows = []
     cands = {"dnnrl_ext": lambda a, b: dnnrl_ext.triplet_loss(a, b, mining="easy_positive"),

@@ -2,7 +2,8 @@
 # Everything one GPU session needs, in one device call of under 10 minutes:
 #   1. build in place (sm_90)
 #   2. a smoke check of the CUDA paths the runs use (benchmarks/smoke_cuda.py; where one
-#      fails, the runs fall back: DNNRL_LOSS_FEWER_LAUNCHES=0 or --backend reference, so
+#      fails, the runs fall back: DNNRL_LOSS_FEWER_LAUNCHES=0, DNNRL_EASY_POSITIVE_IN_PYTHON=1
+#      or --backend reference, so
 #      that their results still stand; a crash, as on 2026-11-28, also means the reference)
 #   3. in the background: `dnnrl reproduce` (DNN, T-DNN, DNNRL at once, each with a time
 #      budget; with EXTRA=1 a fourth run beside it, EXTRA_FLAGS), then the DNNRL model exported
@@ -70,6 +71,9 @@ if [ "$smoke" -ne 0 ]; then
   echo "SMOKE STATUS $smoke"
   if [ $((smoke & 2)) -ne 0 ] && [ $((smoke & 4)) -eq 0 ]; then
     echo "-> DNNRL_LOSS_FEWER_LAUNCHES=0 for the runs"; export DNNRL_LOSS_FEWER_LAUNCHES=0
+  fi
+  if [ $((smoke & 8)) -ne 0 ]; then
+    echo "-> DNNRL_EASY_POSITIVE_IN_PYTHON=1 for the runs"; export DNNRL_EASY_POSITIVE_IN_PYTHON=1
   fi
   if [ $((smoke & 1)) -ne 0 ] || [ $((smoke & 4)) -ne 0 ] || [ "$smoke" -ge 124 ]; then
     echo "-> --backend reference for the runs"; BACKEND_FLAG="--backend reference"

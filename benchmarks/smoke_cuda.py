@@ -5,7 +5,9 @@ Exit status, a bit per failed part (0 = all good):
   1  float32 k-NN, the default exact pass (fall back: --backend reference)
   2  the loss with its fused launches (fall back: DNNRL_LOSS_FEWER_LAUNCHES=0)
   4  the loss with its separate launches (fall back: --backend reference)
-(the loss: the mined forms at B = 128-1000, and the explicit triplets the recipe trains with)
+  8  the op's easy-positive mining, the recipe's (fall back: DNNRL_EASY_POSITIVE_IN_PYTHON=1,
+     the triplets formed in Python and passed to the explicit-triplet op)
+(the loss: the mined forms at B = 128-1000, and the explicit triplets of the Python fallback)
 
 `--opt-in` instead compares the opt-in k-NN paths (candidate, filter) with the default
 pass, printed only, exit 0. A process of its own: a fault there (a sticky CUDA error, a
@@ -140,6 +142,46 @@ def indexed_loss_ok(fewer_launches: bool) -> bool:
     return ok
 
 
+def easy_positive_ok() -> bool:
+    """The op's easy-positive mining on CUDA, both launch settings, against the reference on
+    the CPU: the same nearest positive and negative per anchor (inputs without ties), the same
+    loss and gradient. B = 128 float32 is the recipe's step (embeddings go in as float32)."""
+    ok = True
+    try:
+        for B, C, dtype in [(128, 7, torch.float32), (128, 7, torch.bfloat16), (300, 7, torch.float32),
+                            (1000, 50, torch.float32), (77, 3, torch.float32)]:
+            g = torch.Generator().manual_seed(B + C)
+            x = torch.nn.functional.normalize(torch.randn(B, 512, generator=g), dim=1).to(dtype)
+            y = torch.randint(0, C, (B,), generator=g)
+            xr = x.double().requires_grad_(True)
+            want = dnnrl_ext.triplet_loss(xr, y, mining="easy_positive", gamma=-0.3, return_details=True,
+                                          backend="reference")
+            want.loss.backward()
+            for fewer in ("1", "0"):
+                os.environ["DNNRL_LOSS_FEWER_LAUNCHES"] = fewer
+                xa = x.cuda().requires_grad_(True)
+                out = dnnrl_ext.triplet_loss(xa, y.cuda(), mining="easy_positive", gamma=-0.3, return_details=True)
+                out.loss.backward()
+                same = ((out.pos.cpu() == want.pos) & (out.neg.cpu() == want.neg)
+                        & (out.valid.cpu() == want.valid)).float().mean().item()
+                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                lerr = abs(out.loss.item() - want.loss.item())
+                gscale = xr.grad.abs().max().item() + 1e-12
+                gerr = (xa.grad.double().cpu() - xr.grad).abs().max().item() / gscale
+                print("easy-positive B=%d C=%d %s fewer_launches=%s: same triplets in %.4f of the anchors, "
+                      "|loss diff| %.2e, max |grad diff| / max |grad| %.2e" % (B, C, dtype, fewer, same, lerr, gerr),
+                      flush=True)
+                # bfloat16 rounds the distances: a near tie may pick the other neighbour
+                ok = ok and same >= (1.0 if dtype == torch.float32 else 0.97)
+                ok = ok and lerr <= tol * max(1.0, abs(want.loss.item())) and (gerr <= tol or same < 1.0)
+    except Exception as exc:  # a launch failure must not stop the session
+        print("easy-positive raised %s" % exc, flush=True)
+        ok = False
+    finally:
+        os.environ.pop("DNNRL_LOSS_FEWER_LAUNCHES", None)
+    return ok
+
+
 def main() -> int:
     if "--opt-in" in sys.argv[1:]:
         opt_in_knn_report()
@@ -155,6 +197,8 @@ def main() -> int:
         status |= 2
     if not loss_ok(False):
         status |= 4
+    if not easy_positive_ok():
+        status |= 8
     print("smoke_cuda: status %d" % status, flush=True)
     return status
 

@@ -423,11 +423,16 @@ def test_each_method_trains_its_own_loss(method, mining):
     assert not torch.allclose(got, loss_of(**dict(kw, loss="hinge" if kind == "exp" else "exp", gamma=-0.3)))
 
 
-def test_easy_positive_mining_trains(tmp_path):
+@pytest.mark.parametrize("in_python", ["0", "1"])
+def test_easy_positive_mining_trains(tmp_path, monkeypatch, in_python):
+    """The recipe's mining trains with its triplets mined by the op (the default) or formed
+    in Python (DNNRL_EASY_POSITIVE_IN_PYTHON=1), and results.json says which."""
+    monkeypatch.setenv("DNNRL_EASY_POSITIVE_IN_PYTHON", in_python)
     res = train(_cfg(tmp_path / "ep", method="dnnrl", mining="easy_positive"))
     hist = [json.loads(x) for x in open(tmp_path / "ep" / "log.jsonl")]
     assert all(0 <= h["train_active_fraction"] <= 1 for h in hist)
     assert 0 <= res["val_accuracy"] <= 1
+    assert res["training"]["triplets_formed_by"] == ("python" if in_python == "1" else "op")
     from dnnrl.train import ExplicitTripletLoss
     with pytest.raises(ValueError, match="mining"):
         ExplicitTripletLoss("exp", 0.2, 0.0, 0.2, "sum", "reference", mining="hardest")
@@ -935,3 +940,38 @@ def test_cudnn_benchmark_option_is_checked():
         resolve(dict(TINY, out="x", cudnn_benchmark="yes"))
     from dnnrl.runtime import use_cudnn_benchmark
     assert use_cudnn_benchmark("auto", torch.device("cuda")) and not use_cudnn_benchmark("auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["dnnrl", "tdnn"])
+def test_easy_positive_is_mined_by_the_op_unless_asked(monkeypatch, method):
+    """mining="easy_positive" builds the library's loss module (mined inside the op);
+    DNNRL_EASY_POSITIVE_IN_PYTHON=1 the Python-formed triplets; random_triplets is always
+    formed in Python; a value other than 0 / 1 is an error naming the variable. Both forms
+    give the same loss and gradient."""
+    import dnnrl_ext
+    from dnnrl.config import Config
+    from dnnrl.train import ExplicitTripletLoss, make_criterion
+    cfg = Config(method=method, mining="easy_positive", alpha=0.5, gamma=-0.3, margin=0.7, reduction="sum")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (40,), generator=g)
+    values, grads = [], []
+    for env, kind in (("0", dnnrl_ext.ExpTripletLoss if method == "dnnrl" else dnnrl_ext.TripletLoss),
+                      ("", dnnrl_ext.ExpTripletLoss if method == "dnnrl" else dnnrl_ext.TripletLoss),
+                      ("1", ExplicitTripletLoss)):
+        monkeypatch.setenv("DNNRL_EASY_POSITIVE_IN_PYTHON", env)
+        crit = make_criterion(cfg, "reference")
+        assert type(crit) is kind
+        assert isinstance(make_criterion(dataclasses.replace(cfg, mining="random_triplets"), "reference"),
+                          ExplicitTripletLoss)
+        leaf = x.clone().requires_grad_(True)
+        loss = crit(leaf, y)
+        loss.backward()
+        values.append(loss)
+        grads.append(leaf.grad)
+    torch.testing.assert_close(values[0], values[2])
+    torch.testing.assert_close(grads[0], grads[2])
+    assert grads[0].abs().sum() > 0
+    monkeypatch.setenv("DNNRL_EASY_POSITIVE_IN_PYTHON", "yes")
+    with pytest.raises(ValueError, match="DNNRL_EASY_POSITIVE_IN_PYTHON"):
+        make_criterion(cfg, "reference")

@@ -192,7 +192,21 @@ class ExplicitTripletLoss(torch.nn.Module):
                                  torch.where(keep, r, zero), keep)
 
 
-EXPLICIT_MINING = ("random_triplets", "easy_positive")  # triplets formed in Python, not by the op
+def easy_positive_in_python() -> bool:
+    """Whether the recipe's easy-positive triplets are formed in Python (:class:`ExplicitTripletLoss`)
+    instead of mined inside the fused op, which is the default: one or two launches and no
+    B x B buffer instead of a dozen ops. ``DNNRL_EASY_POSITIVE_IN_PYTHON=1`` asks for the
+    Python form (same triplets, loss and gradient: tests/test_app_train.py); a GPU session sets
+    it where the op's CUDA form fails its smoke check (benchmarks/smoke_cuda.py)."""
+    value = os.environ.get("DNNRL_EASY_POSITIVE_IN_PYTHON", "0")
+    if value not in ("", "0", "1"):
+        raise ValueError("DNNRL_EASY_POSITIVE_IN_PYTHON must be 0 or 1, got %r" % (value,))
+    return value == "1"
+
+
+def explicit_minings() -> tuple:
+    """The minings whose triplets the app forms in Python, not the op."""
+    return ("random_triplets", "easy_positive") if easy_positive_in_python() else ("random_triplets",)
 
 
 def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
@@ -201,7 +215,7 @@ def make_criterion(cfg: Config, backend: str, reduction: Optional[str] = None,
     the validation loss, which is reported per anchor). ``generator`` draws the
     triplets of ``mining="random_triplets"``."""
     red = reduction or cfg.reduction
-    if cfg.method in ("dnnrl", "tdnn") and cfg.mining in EXPLICIT_MINING:
+    if cfg.method in ("dnnrl", "tdnn") and cfg.mining in explicit_minings():
         return ExplicitTripletLoss("exp" if cfg.method == "dnnrl" else "hinge", cfg.alpha, cfg.gamma,
                                    cfg.margin, red, backend, generator, mining=cfg.mining)
     if cfg.method == "dnnrl":
@@ -305,6 +319,9 @@ class Trainer:
         self.triplet_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 11)
         self.val_triplet_gen = torch.Generator(device=self.device)
         self.criterion = make_criterion(cfg, self.backend, generator=self.triplet_gen)
+        # recorded in results.json: DNNRL_EASY_POSITIVE_IN_PYTHON moves the recipe's mining
+        self.triplets_formed_by = (None if cfg.method == "dnn" else
+                                   "python" if isinstance(self.criterion, ExplicitTripletLoss) else "op")
         self.val_criterion = make_criterion(cfg, self.backend, reduction="mean",
                                             generator=self.val_triplet_gen)
         self.optimizer = self._optimizer(cfg.lr)
@@ -732,7 +749,7 @@ class Trainer:
                               "seconds": secs, "images_per_s": imgs / secs if secs else 0.0,
                               "device": str(self.device), "device_name": device_name(self.device),
                               "backend": self.backend, "world_size": self.dist.world_size,
-                              "cuda_graph": self.cfg.cuda_graph,
+                              "cuda_graph": self.cfg.cuda_graph, "triplets_formed_by": self.triplets_formed_by,
                               "graph_replays": self._graph.replays if self._graph is not None else 0},
                  "data": self.data_summary}
         # the batch norms folded into the convolutions: the function of the eval-mode network,
@@ -846,6 +863,9 @@ def _train(cfg: Config, ctx, resume: bool, stop_after: Optional[int], ignored=()
             "tdnn": "hinge triplet loss: mining %s, margin %g, gamma %g, reduction %s"
                     % (cfg.mining, cfg.margin, cfg.gamma, cfg.reduction),
             "dnn": "softmax loss"}[cfg.method]
+    if cfg.method != "dnn":
+        loss += ", triplets formed by the %s" % {"op": "fused op", "python": "app in Python"}[
+            trainer.triplets_formed_by]
     if cfg.method != "dnn" and cfg.softmax_weight > 0:
         loss += ", + %g x softmax" % cfg.softmax_weight
     log.info("method %s, device %s, backend %s, preset %s, image %d, width %g, sampler %s, %s", cfg.method,
