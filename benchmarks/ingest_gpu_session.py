@@ -20,6 +20,7 @@ packaged now (``--force`` replaces that anyway).
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import re
@@ -141,6 +142,13 @@ def main(argv=None) -> int:
             with open(table) as f:
                 print("\n" + f.read())
         print_train_benchmarks(fer_dir)
+        for res in sorted(glob.glob(os.path.join(fer_dir, "*", "*", "results.json"))):
+            with open(res) as f:
+                tr = json.load(f).get("training", {})
+            # which code the runs took: the smoke check's fallbacks change it
+            print("%s: backend %s, triplets formed by %s, cuda_graph %s" % (
+                os.path.relpath(os.path.dirname(res), fer_dir), tr.get("backend"),
+                tr.get("triplets_formed_by") or "-", tr.get("cuda_graph")))
         report = os.path.join(fer_dir, "embedding_report.json")
         if os.path.exists(report):
             with open(report) as f:

@@ -1,7 +1,8 @@
 """Shared pytest configuration of the dnnrl test suite.
 
 * Hypothesis profiles: "ci" (default, modest example counts so the suite runs in a
-  few minutes on two cores) and "dev" (more examples). Pick one with
+  few minutes on two cores), "dev" (more examples) and "soak" (1000 per test, a longer
+  search run by hand now and then). Pick one with
   ``HYPOTHESIS_PROFILE=dev python3 -m pytest tests``.
 * ``impl`` fixture: (backend, device) pairs, "reference" always, "compiled" when
   ``dnnrl_ext._C`` is built; "cuda" devices only where CUDA is available.
@@ -24,6 +25,10 @@ settings.register_profile(
                            HealthCheck.function_scoped_fixture])
 settings.register_profile(
     "dev", max_examples=200, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture])
+settings.register_profile(  # a longer search, run by hand now and then (docs/testing.md)
+    "soak", max_examples=1000, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
