@@ -35,7 +35,9 @@ def cpu_details() -> dict:
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
-    return {"cpu_family": info.get("cpu family"), "cpu_model": info.get("model"), "cpu_isa": isa}
+    from dnnrl_ext._extension import cpu_tile_gemm  # the GEMM our float32 tiles take on this host
+    return {"cpu_vendor": info.get("vendor_id"), "cpu_family": info.get("cpu family"), "cpu_model": info.get("model"),
+            "cpu_isa": isa, "cpu_tile_gemm": cpu_tile_gemm()}
 
 
 def cpu_gemm_gflops(m: int = 512, n: int = 1024, k: int = 512) -> dict:

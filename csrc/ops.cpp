@@ -6,6 +6,10 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <string>
+
+#include "cpu/tile_product.h"
+
 TORCH_LIBRARY(dnnrl_ext, m) {
   // Fused mining + triplet loss over one batch with integer labels.
   //   x (B, D) float{16,32,64}/bfloat16, labels (B,) integer.
@@ -58,6 +62,9 @@ std::pair<int64_t, int64_t> knn_candidate_stats() {
 #endif
 }
 
+// The GEMM the CPU kernels' float32 tiles take in this call: "onednn" or "mm" (at::mm, MKL).
+std::string cpu_tile_gemm() { return dnnrl::cpu::use_onednn_tiles(at::kFloat) ? "onednn" : "mm"; }
+
 bool compiled_with_cuda() {
 #ifdef DNNRL_WITH_CUDA
   return true;
@@ -71,6 +78,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Compiled kernels of dnnrl_ext (ops are registered under torch.ops.dnnrl_ext)";
   module.def("compiled_with_cuda", &compiled_with_cuda,
              "True when the CUDA kernels were compiled into this build");
+  module.def("cpu_tile_gemm", &cpu_tile_gemm,
+             "The GEMM of the CPU kernels' float32 tiles now: 'onednn' or 'mm' (csrc/cpu/tile_product.h)");
   module.def("knn_candidate_stats", &knn_candidate_stats,
              "(exact-pass queries, queries) of the last CUDA knn call under DNNRL_KNN_STATS=1, "
              "(-1, -1) when the candidate path did not run");

@@ -38,6 +38,14 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.compiled_with_cuda())
 
 
+def cpu_tile_gemm():
+    """The GEMM that the CPU kernels' float32 tiles take now: "onednn" or "mm" (at::mm,
+    i.e. MKL), or None without the extension. Default: oneDNN on non-Intel CPUs, where MKL
+    runs its AVX2 code; DNNRL_CPU_TILE_GEMM=onednn|mm|auto and torch.backends.mkldnn.enabled
+    change it (csrc/cpu/tile_product.h). Benchmarks record it beside their CPU figures."""
+    return None if _C is None else str(_C.cpu_tile_gemm())
+
+
 # The CUDA kernels use what Ampere brought (cp.async, bfloat16 and TF32 tensor cores). The
 # default build holds sm_80 and sm_90 code plus compute_90 PTX, which the driver compiles
 # for newer cards (sm_100, sm_120) on first use; an older card would fail at its first

@@ -275,7 +275,8 @@ def test_machine_record_names_the_cpu_and_its_gemm_rate(monkeypatch):
     monkeypatch.syspath_prepend(sys_path)
     common = _load("common")
     info = common.machine("cpu")
-    assert {"cpu", "cpu_family", "cpu_model", "cpu_isa", "cores", "torch"} <= set(info)
+    assert {"cpu", "cpu_vendor", "cpu_family", "cpu_model", "cpu_isa", "cpu_tile_gemm", "cores", "torch"} <= set(info)
+    assert info["cpu_tile_gemm"] in ("onednn", "mm", None)  # None: no compiled extension
     assert info["cpu_isa"] in ("avx512", "avx2", "other")
     threads = torch.get_num_threads()
     rates = common.cpu_gemm_gflops(64, 64, 64)
@@ -286,7 +287,8 @@ def test_machine_record_names_the_cpu_and_its_gemm_rate(monkeypatch):
         raise OSError("no /proc here")
     monkeypatch.setattr("builtins.open", no_proc)
     bare = common.cpu_details()
-    assert bare == {"cpu_family": None, "cpu_model": None, "cpu_isa": "other"}
+    assert {k: v for k, v in bare.items() if k != "cpu_tile_gemm"} == {
+        "cpu_vendor": None, "cpu_family": None, "cpu_model": None, "cpu_isa": "other"}
     assert common.cpu_name()  # platform's name or "unknown cpu"
 
 

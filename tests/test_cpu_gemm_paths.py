@@ -1,11 +1,15 @@
 """The CPU kernels' two tile GEMMs (csrc/cpu/tile_product.h): oneDNN for float32 tiles
-of at least 2^21 multiply-adds, at::mm otherwise or with torch.backends.mkldnn off.
+of at least 2^21 multiply-adds on a non-Intel CPU (or with DNNRL_CPU_TILE_GEMM=onednn),
+at::mm otherwise or with torch.backends.mkldnn off.
 
 The property tests mostly draw shapes below that size, so these cases are large enough
 for the oneDNN path and run every op both ways against the reference. A last check
 shows that the two paths really differ (in the last bits of the distances), so the
 comparison cannot pass by running one path twice.
 """
+import contextlib
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -21,8 +25,27 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
 PATHS = ["onednn", "at_mm"]
 
 
+@contextlib.contextmanager
 def _paths(path):
-    return torch.backends.mkldnn.flags(enabled=(path == "onednn"))
+    """oneDNN tiles forced on any CPU, or every tile through at::mm (the user's mkldnn switch)."""
+    old = os.environ.get("DNNRL_CPU_TILE_GEMM")
+    os.environ["DNNRL_CPU_TILE_GEMM"] = "onednn" if path == "onednn" else "auto"
+    try:
+        with torch.backends.mkldnn.flags(enabled=(path == "onednn")):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("DNNRL_CPU_TILE_GEMM", None)
+        else:
+            os.environ["DNNRL_CPU_TILE_GEMM"] = old
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
 
 
 def _knn_data(seed=0, Q=400, N=1500, D=512, C=7):
@@ -115,6 +138,34 @@ def test_the_two_gemm_paths_are_both_taken():
     assert not torch.equal(d1, d2)
 
 
+def test_the_default_tile_gemm_follows_the_cpu_vendor(monkeypatch):
+    """Default ("auto"): at::mm on an Intel CPU (MKL takes its AVX-512 code there and costs
+    less per tile), oneDNN elsewhere; DNNRL_CPU_TILE_GEMM overrides it, the user's mkldnn
+    switch turns oneDNN off, a bad value is an error naming the variable, and the default
+    computes what the path it names computes, bit for bit."""
+    require_compiled("cpu")
+    from dnnrl_ext._extension import cpu_tile_gemm
+    vendor = _cpu_vendor()
+    if vendor is None:
+        pytest.skip("no /proc/cpuinfo vendor_id to check the default against")
+    monkeypatch.delenv("DNNRL_CPU_TILE_GEMM", raising=False)
+    want = "mm" if vendor == "GenuineIntel" else "onednn"
+    assert cpu_tile_gemm() == want
+    q, g, _ = _knn_data(seed=4)
+    d_default, _ = dnnrl_ext.knn(q, g, 10, backend="compiled")
+    for setting in ("onednn", "mm", "auto"):
+        monkeypatch.setenv("DNNRL_CPU_TILE_GEMM", setting)
+        assert cpu_tile_gemm() == (want if setting == "auto" else setting)
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert cpu_tile_gemm() == "mm"
+    monkeypatch.setenv("DNNRL_CPU_TILE_GEMM", want)
+    d_named, _ = dnnrl_ext.knn(q, g, 10, backend="compiled")
+    assert torch.equal(d_default, d_named)
+    monkeypatch.setenv("DNNRL_CPU_TILE_GEMM", "mkl")
+    with pytest.raises(RuntimeError, match="DNNRL_CPU_TILE_GEMM must be auto, onednn or mm"):
+        dnnrl_ext.knn(q, g, 10, backend="compiled")
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_nan_and_inf_rank_like_the_reference_on_both_gemm_paths(path):
     """NaN / inf rows through the big-tile path: NaN distances rank last, ties by index."""
@@ -137,14 +188,16 @@ def test_nan_and_inf_rank_like_the_reference_on_both_gemm_paths(path):
 
 @settings(max_examples=12, deadline=None)
 @given(Q=st.integers(40, 700), N=st.integers(1025, 2600), D=st.integers(48, 700), k=st.integers(1, 20),
-       seed=st.integers(0, 2 ** 31), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-def test_knn_on_random_big_shapes_matches_reference(Q, N, D, k, seed, dtype):
+       seed=st.integers(0, 2 ** 31), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       path=st.sampled_from(PATHS))
+def test_knn_on_random_big_shapes_matches_reference(Q, N, D, k, seed, dtype, path):
     """Random shapes above the oneDNN threshold (tail tiles of every size, low-precision
-    inputs converted to float32 first) against the reference."""
+    inputs converted to float32 first), through either GEMM, against the reference."""
     require_compiled("cpu")
     q, g, labels = _knn_data(seed=seed, Q=Q, N=N, D=D)
     q, g = q.to(dtype), g.to(dtype)
-    d, i = dnnrl_ext.knn(q, g, k, backend="compiled")
+    with _paths(path):
+        d, i = dnnrl_ext.knn(q, g, k, backend="compiled")
     want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
     rows = _tie_free_rows(q.float(), g.float(), k)
     note("Q=%d N=%d D=%d k=%d %s: %d tie-free rows" % (Q, N, D, k, dtype, rows.sum()))

@@ -117,6 +117,12 @@ MUTANTS = [
     ("avx2_knn_equal_distance_enters", "csrc/cpu/knn_cpu.cpp",
      "      if (t[b] < worst) {", "      if (t[b] <= worst) {",
      None),
+    # the CPU tiles' GEMM: oneDNN on non-Intel CPUs by default, DNNRL_CPU_TILE_GEMM overriding it
+    ("tile_gemm_vendor_rule_inverted", "csrc/cpu/tile_product.h",
+     "(setting == TileGemm::kAuto && !cpu_is_intel())", "(setting == TileGemm::kAuto && cpu_is_intel())",
+     None, ["tests/test_cpu_gemm_paths.py"]),
+    ("tile_gemm_onednn_setting_ignored", "csrc/cpu/tile_product.h",
+     "return setting == TileGemm::kOnednn || (", "return (", None, ["tests/test_cpu_gemm_paths.py"]),
     ("mean_over_all_anchors", "csrc/cpu/triplet_loss_cpu.cpp",
      "if (reduction == kMean) total /= double(std::max<int64_t>(count, 1));",
      "if (reduction == kMean) total /= double(std::max<int64_t>(int64_t(per.size()), 1));", None),

@@ -9,6 +9,15 @@
 // dispatcher (mkldnn::_linear_pointwise, the op torch.compile's CPU backend emits), so
 // a torch built without it falls back to at::mm instead of failing to load.
 //
+// On an Intel CPU MKL takes its AVX-512 path, so that reason is gone, and each oneDNN call
+// costs more around the product (a boxed dispatch, a fresh output, a cache lookup): on the
+// Intel Xeon host of the pool (family 6 model 167, 2 threads) the loss forward at D = 512
+// took 186 / 416 / 993 us at B = 128 / 256 / 512 through oneDNN against 138 / 376 / 935 us
+// through at::mm, and the k-NN vote at FER-2013 scale 0.38-0.39 s either way (session 24).
+// So the default ("auto") sends float32 tiles to oneDNN on other vendors' CPUs only.
+// DNNRL_CPU_TILE_GEMM=onednn|mm|auto (read at every call) overrides it, for the tests of
+// both paths and for timing them on any host.
+//
 // The arithmetic is IEEE float32; only the summation order differs from MKL's
 // (checked with torch 2.14: the op ignores torch.backends.mkldnn.matmul.fp32_precision
 // = "bf16"; should a later torch honour it, tiles would follow the user's setting as
@@ -18,10 +27,17 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
 
 namespace dnnrl {
 namespace cpu {
@@ -29,16 +45,50 @@ namespace cpu {
 // The oneDNN dense linear op, when this torch has it (looked up once).
 inline const std::optional<c10::OperatorHandle>& onednn_linear_op() {
   static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    if (!at::hasMKLDNN() || std::getenv("DNNRL_NO_ONEDNN") != nullptr) return std::nullopt;
+    if (!at::hasMKLDNN()) return std::nullopt;
     return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
   }();
   return op;
 }
 
-// Whether float32 tiles go to oneDNN in this call (the user's mkldnn switch is read
-// every time; DNNRL_NO_ONEDNN=1 in the environment, read once, forces at::mm).
+// Whether this CPU's vendor string is "GenuineIntel" (cpuid leaf 0; read once).
+inline bool cpu_is_intel() {
+  static const bool intel = []() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) return false;
+    char vendor[13];
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    vendor[12] = '\0';
+    return std::strcmp(vendor, "GenuineIntel") == 0;
+#else
+    return false;
+#endif
+  }();
+  return intel;
+}
+
+// DNNRL_CPU_TILE_GEMM: unset, "" or "auto" (oneDNN on non-Intel CPUs), "onednn", "mm".
+// Read at every call: a getenv costs nanoseconds against a tile's microseconds.
+enum class TileGemm { kAuto, kOnednn, kMm };
+inline TileGemm tile_gemm_setting() {
+  const char* v = std::getenv("DNNRL_CPU_TILE_GEMM");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return TileGemm::kAuto;
+  if (std::strcmp(v, "onednn") == 0) return TileGemm::kOnednn;
+  if (std::strcmp(v, "mm") == 0) return TileGemm::kMm;
+  TORCH_CHECK(false, "DNNRL_CPU_TILE_GEMM must be auto, onednn or mm, got '", v, "'");
+}
+
+// Whether float32 tiles go to oneDNN in this call: this torch has it, the user's mkldnn
+// switch is on, and DNNRL_CPU_TILE_GEMM asks for it (auto: on a non-Intel CPU).
 inline bool use_onednn_tiles(at::ScalarType dtype) {
-  return dtype == at::kFloat && onednn_linear_op().has_value() && at::globalContext().userEnabledMkldnn();
+  const TileGemm setting = tile_gemm_setting();  // checked even where the dtype makes it moot
+  if (dtype != at::kFloat || !onednn_linear_op().has_value() || !at::globalContext().userEnabledMkldnn()) {
+    return false;
+  }
+  return setting == TileGemm::kOnednn || (setting == TileGemm::kAuto && !cpu_is_intel());
 }
 
 // Concurrency: the kernels call this from several at::parallel_for workers at once.
