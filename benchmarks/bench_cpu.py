@@ -8,6 +8,8 @@
 2. k-NN vote at FER-2013 scale (3,589 queries x 28,709 gallery x 512, k = 10) vs
    scikit-learn (brute), faiss-cpu IndexFlatL2 + vote, and the chunked reference;
    time and peak memory, each method in its own process so peaks don't mix.
+3. Our loss and k-NN vote with their float32 tiles through oneDNN and through at::mm,
+   alternating: which GEMM this host's default should take (csrc/cpu/tile_product.h).
 
 Usage:  python3 benchmarks/bench_cpu.py [--quick] [--out benchmarks/results/X.json]
 """
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -150,6 +153,47 @@ def bench_knn(Q, N, D, k, repeats):
     return rows
 
 
+TILE_GEMMS = ("onednn", "mm")
+
+
+def bench_tile_gemm(sizes, Q, N, D, k, rounds):
+    """Our loss (batch-hard, forward + backward) and k-NN vote with their float32 tiles
+    through oneDNN and through at::mm (DNNRL_CPU_TILE_GEMM), alternating round by round
+    so that both see the same machine: which GEMM the default ("auto", by CPU vendor)
+    should take on this host (csrc/cpu/tile_product.h). Medians over the rounds."""
+    if not torch.backends.mkldnn.is_available():
+        return []
+    old = os.environ.get("DNNRL_CPU_TILE_GEMM")
+    rows = []
+    try:
+        cases = []
+        for B in sizes:
+            x0, y = loss_inputs(B)
+
+            def step(x0=x0, y=y):
+                x = x0.clone().requires_grad_(True)
+                dnnrl_ext.triplet_loss(x, y).backward()
+            cases.append(("loss fwd+bwd B=%d" % B, step, 1e3, "ms"))
+        q, g, lab = (torch.from_numpy(a) for a in knn_inputs(Q, N, D))
+        cases.append(("knn_vote %dx%dx%d" % (Q, N, D), lambda: dnnrl_ext.knn_vote(q, g, lab, k, 7), 1.0, "s"))
+        for name, fn, scale, unit in cases:
+            times = {t: [] for t in TILE_GEMMS}
+            for _ in range(rounds):
+                for t in TILE_GEMMS:
+                    os.environ["DNNRL_CPU_TILE_GEMM"] = t
+                    times[t].append(common.time_cpu(fn, repeats=3, min_seconds=0.3 if unit == "ms" else 0.0))
+            med = {t: statistics.median(v) for t, v in times.items()}
+            rows.append({"case": name, "unit": unit, **{t: med[t] * scale for t in TILE_GEMMS},
+                         "onednn_over_mm": med["onednn"] / med["mm"]})
+            print("tile GEMM %s done" % name, flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("DNNRL_CPU_TILE_GEMM", None)
+        else:
+            os.environ["DNNRL_CPU_TILE_GEMM"] = old
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
@@ -172,6 +216,7 @@ def main():
     print("machine:", info, flush=True)
     loss_rows = bench_loss(sizes, repeats=5 if args.quick else 10)
     knn_rows = bench_knn(args.Q, args.N, args.D, args.k, args.repeats)
+    gemm_rows = bench_tile_gemm(sizes, args.Q, args.N, args.D, args.k, rounds=3 if args.quick else 5)
     print("\n## Fused loss forward+backward, D=512, 7 classes, float32 (%s)" % info["cpu"])
     loss_md = common.print_table(loss_rows, ["B", "dnnrl_ext_ms", "plain_pytorch_ms",
                                              "pytorch_metric_learning_ms", "speedup_vs_plain",
@@ -186,12 +231,15 @@ def main():
     print("\n## knn_vote Q=%d N=%d D=%d k=%d" % (args.Q, args.N, args.D, args.k))
     knn_md = common.print_table(knn_rows, ["method", "seconds", "peak_extra_mib", "ours_speedup",
                                            "same_predictions_as_ours"])
+    print("\n## Our tiles through oneDNN and through at::mm (default here: %s)" % info.get("cpu_tile_gemm"))
+    gemm_md = common.print_table(gemm_rows, ["case", "unit", "onednn", "mm", "onednn_over_mm"])
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    "%s-%s%s.json" % (common.card_slug(info), info["date"],
                                                      "-quick" if args.quick else ""))
     common.write_json(out, {"machine": info, "loss": loss_rows, "knn_vote": knn_rows,
                             "knn_shape": {"Q": args.Q, "N": args.N, "D": args.D, "k": args.k},
-                            "markdown": loss_md + "\n\n" + knn_md})
+                            "tile_gemm": gemm_rows,
+                            "markdown": loss_md + "\n\n" + knn_md + "\n\n" + gemm_md})
 
 
 if __name__ == "__main__":

@@ -387,3 +387,27 @@ def test_bench_gpu_easy_positive_section_runs_on_the_cpu(monkeypatch):
         assert r["x_vs_python_mining"] == pytest.approx(r["python_mining_ms"] / r["dnnrl_ext_ms"])
         assert r["x_vs_plain_pytorch"] == pytest.approx(r["plain_pytorch_ms"] / r["dnnrl_ext_ms"])
         assert r["dnnrl_ext_mib"] == 0.5
+
+
+def test_bench_cpu_times_both_tile_gemms_and_restores_the_setting(monkeypatch):
+    """bench_cpu's third section times our ops with the tiles through oneDNN and through
+    at::mm (DNNRL_CPU_TILE_GEMM), one row per case, and leaves the user's setting as it was."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    if not dnnrl_ext.kernels_available("cpu"):
+        pytest.skip("compiled CPU kernels not built")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    bench = _load("bench_cpu")
+    seen = []
+    real = bench.common.time_cpu
+
+    def spy(fn, **kw):
+        seen.append(os.environ.get("DNNRL_CPU_TILE_GEMM"))
+        return real(fn, repeats=1, warmup=0)
+    monkeypatch.setattr(bench.common, "time_cpu", spy)
+    monkeypatch.setenv("DNNRL_CPU_TILE_GEMM", "auto")
+    rows = bench.bench_tile_gemm((64,), Q=40, N=300, D=32, k=3, rounds=2)
+    assert [r["case"] for r in rows] == ["loss fwd+bwd B=64", "knn_vote 40x300x32"]
+    assert seen == ["onednn", "mm"] * 4  # alternating, two rounds per case
+    assert all(r["onednn"] > 0 and r["mm"] > 0 and r["onednn_over_mm"] == r["onednn"] / r["mm"] for r in rows)
+    assert os.environ["DNNRL_CPU_TILE_GEMM"] == "auto"
