@@ -81,7 +81,7 @@ template <> struct WmmaShape<float> {
 // Element-wise, so the (opaque) fragment layout does not matter.
 template <typename Frag>
 __device__ __forceinline__ void split_tf32(Frag& big, Frag& small) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(DNNRL_CUDA_EMU)
 #pragma unroll
   for (int e = 0; e < big.num_elements; ++e) {
     float v = big.x[e];

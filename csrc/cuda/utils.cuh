@@ -67,6 +67,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+#elif defined(DNNRL_CUDA_EMU)  // tools/cuda_emu: the copy lands when its group is waited for
+  ::dnnrl_emu::cp_async16(smem, gmem, valid);
 #else
   if (valid) {
     *reinterpret_cast<int4*>(smem) = *reinterpret_cast<const int4*>(gmem);
@@ -78,12 +80,16 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::);
+#elif defined(DNNRL_CUDA_EMU)
+  ::dnnrl_emu::cp_async_commit();
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#elif defined(DNNRL_CUDA_EMU)
+  ::dnnrl_emu::cp_async_wait(N);
 #endif
 }
 

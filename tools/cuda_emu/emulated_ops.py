@@ -1,0 +1,147 @@
+"""Build and load the CUDA kernels of dnnrl_ext as CPU code (the kernel emulator).
+
+The kernels' own source (csrc/cuda) is rewritten in a few mechanical ways, compiled by
+the host compiler with include/dnnrl_cuda_emu.h in front, and registered as the operator
+library ``dnnrl_emu`` with the same schemas as ``dnnrl_ext``, taking CPU tensors:
+
+    ops = load()
+    loss, pos, neg, r, valid = ops.triplet_loss(x_cpu, labels_cpu, 0, 0, 1.0, 1.0, 0.0, 1)
+
+The rewrites: ``kern<<<cfg>>>(args)`` -> ``Launch(cfg).go(kern, args)``; ``extern
+__shared__ ... name[];`` -> the block's emulated dynamic shared memory; a static
+``__shared__`` variable is poisoned (0xFF) once per block; the CUDA runtime calls go to
+the emulator's; ``__noinline__`` -> the GNU attribute; ``TORCH_LIBRARY_IMPL(dnnrl_ext, CUDA)`` -> ``(dnnrl_emu, CPU)``;
+``is_cuda()`` -> ``is_cpu()``. Everything else compiles as written: a rewrite that fails
+to match raises, so the emulator never tests something other than the kernels.
+
+Why a hand-made emulator: no library runs CUDA C++ on a CPU with the checks we want
+(barrier divergence, warp-collective masks, cp.async ordering); see the header for
+what it models and what it cannot find.
+"""
+import functools
+import glob
+import os
+import re
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+BUILD = os.path.join(ROOT, "build", "cuda_emu")
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?unsigned\s+char\s+(\w+)\[\];")
+_STATIC_SHARED = re.compile(r"(?<!extern )__shared__\s+([\w:<>, ]+?)\s+(\w+)(\s*\[[^\]]*\])?\s*;")
+_RUNTIME_CALLS = re.compile(
+    r"(?<![\w:])(cudaGetDevice|cudaMemsetAsync|cudaFuncGetAttributes|cudaFuncSetAttribute|"
+    r"cudaOccupancyMaxActiveBlocksPerMultiprocessor)\s*\(")
+_IMPL = "TORCH_LIBRARY_IMPL(dnnrl_ext, CUDA, m)"
+
+
+def cuda_include_dir():
+    """Directory with cuda_fp16.h / cuda_runtime_api.h (the toolkit's, else the nvidia wheel's), or None."""
+    cands = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            cands.append(os.path.join(os.environ[var], "include"))
+    cands.append("/usr/local/cuda/include")
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            cands += sorted(glob.glob(os.path.join(root, "*", "include")))
+    except ImportError:
+        pass
+    for c in cands:
+        if os.path.exists(os.path.join(c, "cuda_fp16.h")) and os.path.exists(os.path.join(c, "cuda_runtime_api.h")):
+            return c
+    return None
+
+
+def rewrite(text, name):
+    """The emulator's form of one CUDA source file (see the module docstring)."""
+    n_launch = len(_LAUNCH.findall(text))
+    text = _LAUNCH.sub(lambda m: "::dnnrl_emu::Launch(%s).go(%s, " % (m.group(2), m.group(1)), text)
+    if "<<<" in text:
+        raise RuntimeError("%s: a kernel launch the emulator's rewrite does not understand" % name)
+    text = _EXTERN_SHARED.sub(
+        lambda m: "unsigned char* %s = static_cast<unsigned char*>(::dnnrl_emu::dynamic_smem());" % m.group(1), text)
+    if "extern __shared__" in text:
+        raise RuntimeError("%s: an extern __shared__ declaration that is not `unsigned char name[]`" % name)
+    text = _STATIC_SHARED.sub(
+        lambda m: "%s ::dnnrl_emu::shared_decl(&%s, sizeof(%s));" % (m.group(0), m.group(2), m.group(2)), text)
+    text = _RUNTIME_CALLS.sub(lambda m: "::dnnrl_emu::%s(" % m.group(1), text)
+    text = text.replace(_IMPL, "TORCH_LIBRARY_IMPL(dnnrl_emu, CPU, m)")
+    text = text.replace(".is_cuda()", ".is_cpu()")
+    # nvcc's keyword; a macro of that name would break libstdc++'s __attribute__((__noinline__)).
+    text = re.sub(r"\b__noinline__\b", "__attribute__((noinline))", text)
+    if "TORCH_LIBRARY_IMPL(dnnrl_ext" in text:
+        raise RuntimeError("%s: a registration the emulator's rewrite does not understand" % name)
+    return text, n_launch
+
+
+def schemas():
+    """The m.def(...) schema strings of csrc/ops.cpp's TORCH_LIBRARY(dnnrl_ext, m) block."""
+    src = open(os.path.join(CSRC, "ops.cpp")).read()
+    block = src[src.index("TORCH_LIBRARY(dnnrl_ext, m)"):]
+    block = block[:block.index("\n}\n")]
+    out = []
+    for m in re.finditer(r"m\.def\(\s*((?:\"(?:[^\"\\]|\\.)*\"\s*)+)\)", block):
+        out.append("".join(re.findall(r"\"((?:[^\"\\]|\\.)*)\"", m.group(1))))
+    if not out:
+        raise RuntimeError("no schemas found in csrc/ops.cpp")
+    return out
+
+
+def write_sources(dest):
+    """Write the rewritten sources and the registration file under dest; returns the .cpp paths."""
+    os.makedirs(os.path.join(dest, "cuda"), exist_ok=True)
+    shutil.copy(os.path.join(CSRC, "common.h"), os.path.join(dest, "common.h"))
+    cpps = []
+    for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*"))):
+        name = os.path.basename(path)
+        text, _ = rewrite(open(path).read(), name)
+        out = os.path.join(dest, "cuda", name[:-3] + ".cpp" if name.endswith(".cu") else name)
+        _write_if_changed(out, text)
+        if out.endswith(".cpp"):
+            cpps.append(out)
+    defs = "\n".join('  m.def("%s");' % s for s in schemas())
+    reg = os.path.join(dest, "emu_library.cpp")
+    _write_if_changed(reg, "// Generated by tools/cuda_emu/emulated_ops.py: dnnrl_ext's schemas as dnnrl_emu.\n"
+                           "#include <torch/library.h>\n\nTORCH_LIBRARY(dnnrl_emu, m) {\n%s\n}\n" % defs)
+    return cpps + [reg, os.path.join(HERE, "emu_runtime.cpp")]
+
+
+def _write_if_changed(path, text):
+    if os.path.exists(path) and open(path).read() == text:
+        return  # keep the mtime, so ninja does not rebuild it
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@functools.lru_cache(maxsize=None)
+def load(verbose=False):
+    """Build (incrementally) and load the emulated kernels; returns torch.ops.dnnrl_emu."""
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_inc = cuda_include_dir()
+    if cuda_inc is None:
+        raise RuntimeError("the CUDA emulator needs cuda_fp16.h (a CUDA toolkit or the nvidia wheels that come with torch)")
+    src = os.path.join(BUILD, "src")
+    sources = write_sources(src)
+    os.makedirs(os.path.join(BUILD, "obj"), exist_ok=True)
+    flags = ["-O2", "-include", "dnnrl_cuda_emu.h", "-Wno-unknown-pragmas", "-Wno-unused-variable",
+             "-Wno-unused-function", "-DDNNRL_CUDA_EMU=1"]
+    path = cpp_extension.load(
+        name="dnnrl_cuda_emu", sources=sources, extra_cflags=flags,
+        extra_include_paths=[os.path.join(HERE, "include"), cuda_inc],
+        build_directory=os.path.join(BUILD, "obj"), is_python_module=False, verbose=verbose)
+    if isinstance(path, str):
+        torch.ops.load_library(path)
+    return torch.ops.dnnrl_emu
+
+
+if __name__ == "__main__":
+    load(verbose="-v" in sys.argv)
+    print("dnnrl_emu loaded")
