@@ -223,7 +223,7 @@ void run_block(int nthreads, const Schedule& sch, std::mt19937_64& rng) {
       swapcontext(&g->sched, &th.ctx);
       g->cur = nullptr;
       ran = true;
-      if (!g->error.empty()) throw std::runtime_error(g->error);
+      if (!g->error.empty()) throw std::runtime_error("dnnrl_emu: " + g->error);
     }
     if (resolve_warps(nthreads)) continue;
     if (ran) continue;

@@ -98,7 +98,7 @@ def write_sources(dest):
     os.makedirs(os.path.join(dest, "cuda"), exist_ok=True)
     shutil.copy(os.path.join(CSRC, "common.h"), os.path.join(dest, "common.h"))
     cpps = []
-    for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*"))):
+    for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*"))) + [os.path.join(HERE, "selftest_kernels.cu")]:
         name = os.path.basename(path)
         text, _ = rewrite(open(path).read(), name)
         out = os.path.join(dest, "cuda", name[:-3] + ".cpp" if name.endswith(".cu") else name)
