@@ -227,10 +227,14 @@ def _warn_knn_stats(query: Tensor, gallery: Tensor, k: int) -> None:
         return
     if not _eager():
         return
-    exact_rows, queries = _extension._C.knn_candidate_stats()
+    _knn_stats_warning(*_extension._C.knn_candidate_stats(), query, gallery, k)
+
+
+def _knn_stats_warning(exact_rows: int, queries: int, query: Tensor, gallery: Tensor, k: int) -> None:
+    """The DNNRL_KNN_STATS warning from the kernel's counters (also used by the CUDA emulator, tools/cuda_emu)."""
     if exact_rows >= 0 and queries == query.shape[0]:  # (an empty query never reaches the kernel)
         warnings.warn("dnnrl_ext knn: %d of %d queries took the exact pass (fast path, k=%d, N=%d, D=%d)"
-                      % (exact_rows, queries, k, gallery.shape[0], query.shape[1]), stacklevel=3)
+                      % (exact_rows, queries, k, gallery.shape[0], query.shape[1]), stacklevel=4)
 
 
 def knn_vote(query: Tensor, gallery: Tensor, gallery_labels: Tensor, k: int, num_classes: int,

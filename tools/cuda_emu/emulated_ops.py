@@ -145,3 +145,43 @@ def load(verbose=False):
 if __name__ == "__main__":
     load(verbose="-v" in sys.argv)
     print("dnnrl_emu loaded")
+
+
+OPS = ("triplet_loss", "triplet_loss_indexed", "triplet_loss_backward", "knn", "knn_vote")
+
+
+class emulated_cpu_kernels:
+    """Context manager: while open, dnnrl_ext's CPU kernels are the emulated CUDA kernels.
+
+    Everything that reaches ``torch.ops.dnnrl_ext`` with CPU tensors (the public wrappers,
+    the C++ autograd, the loss modules) then runs the CUDA code path, so the op tests'
+    CPU cases test the CUDA kernels with their own tolerances. The dispatcher keeps the
+    CPU kernel underneath and restores it on exit.
+    """
+
+    def __enter__(self):
+        import warnings
+
+        import torch
+        from dnnrl_ext import ops  # defines the dnnrl_ext library first
+        emu = load()
+        self._lib = torch.library.Library("dnnrl_ext", "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel": the point
+            for name in OPS:
+                self._lib.impl(name, getattr(emu, name).default, "CPU")
+        # DNNRL_KNN_STATS: the wrappers read the counters of the emulated kernels for CPU tensors.
+        self._ops, self._warn = ops, ops._warn_knn_stats
+
+        def warn_knn_stats(query, gallery, k):
+            if os.environ.get("DNNRL_KNN_STATS", "0") in ("", "0") or not ops._eager():
+                return
+            ops._knn_stats_warning(*emu.knn_candidate_stats(), query, gallery, k)
+
+        ops._warn_knn_stats = warn_knn_stats
+        return emu
+
+    def __exit__(self, *exc):
+        self._ops._warn_knn_stats = self._warn
+        self._lib._destroy()
+        return False
