@@ -10,7 +10,10 @@
 On inputs that take either branch: clear neighbourhoods (answered by the fast path),
 neighbourhoods denser than the bound (the candidate path falls back; the filter path
 answers them, or falls back when they overflow its slots), duplicates, NaN / inf and
-extreme magnitudes (always the exact pass)."""
+extreme magnitudes (always the exact pass).
+
+Every test runs on a GPU where there is one and in the CPU emulator of the CUDA kernels
+(the ``gpu`` fixture, tests/conftest.py), except the one about cuBLAS itself."""
 import math
 
 import numpy as np
@@ -19,10 +22,7 @@ import torch
 from hypothesis import given, note, settings, strategies as st
 
 import dnnrl_ext
-from ops_testutil import grid_embeddings, require_compiled, row_scale
-
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+from ops_testutil import grid_embeddings, row_scale
 
 K_CAND = 32  # candidates per query in the kernel
 
@@ -51,13 +51,13 @@ def _set_path(monkeypatch, path: str) -> None:
         monkeypatch.setenv(var, value)
 
 
-def _run(q, g, labels, k, C, path: str, monkeypatch):
+def _run(gpu, q, g, labels, k, C, path: str, monkeypatch):
     """(dist, idx, pred, votes) from the compiled CUDA kernels, on the chosen path."""
     _set_path(monkeypatch, path)
-    qd, gd, ld = q.cuda(), g.cuda(), labels.cuda()
+    qd, gd, ld = q.to(gpu.device), g.to(gpu.device), labels.to(gpu.device)
     d, i = dnnrl_ext.knn(qd, gd, k, backend="compiled")
     p, v = dnnrl_ext.knn_vote(qd, gd, ld, k, C, return_votes=True, backend="compiled")
-    torch.cuda.synchronize()
+    gpu.sync()
     return d.cpu(), i.cpu(), p.cpu(), v.cpu()
 
 
@@ -70,58 +70,56 @@ def dist64(q, g) -> np.ndarray:
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T, 0.0)
 
 
-def _exact_pass_count(q, g, k, monkeypatch, path: str = "candidates") -> int:
+def _exact_pass_count(gpu, q, g, k, monkeypatch, path: str = "candidates") -> int:
     """Queries the fast path left to the exact pass (its DNNRL_KNN_STATS warning)."""
     _set_path(monkeypatch, path)
-    counts = _stats_counts(q, g, k, monkeypatch)
+    counts = _stats_counts(gpu, q, g, k, monkeypatch)
     assert len(counts) == 1, "the %s path did not run" % path
     return counts[0]
 
 
-def _stats_counts(q, g, k, monkeypatch) -> list:
+def _stats_counts(gpu, q, g, k, monkeypatch) -> list:
     """The exact-pass counts that one knn call under DNNRL_KNN_STATS=1 warned about."""
     import re
     import warnings
     monkeypatch.setenv("DNNRL_KNN_STATS", "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dnnrl_ext.knn(q.cuda(), g.cuda(), k, backend="compiled")
-        torch.cuda.synchronize()
+        dnnrl_ext.knn(q.to(gpu.device), g.to(gpu.device), k, backend="compiled")
+        gpu.sync()
     monkeypatch.delenv("DNNRL_KNN_STATS")
     return [int(m.group(1)) for w in caught
             for m in [re.search(r"(\d+) of \d+ queries took the exact pass", str(w.message))] if m]
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
-def test_fast_paths_are_opt_in(path, monkeypatch):
+def test_fast_paths_are_opt_in(gpu, path, monkeypatch):
     """Without its variable every query takes the exact pass (the default); with it, and
     DNNRL_KNN_EXACT=1 beside it, too; with it alone the fast path runs."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(3)
     q, g = torch.randn(50, 64, generator=gen), torch.randn(1000, 64, generator=gen)
     for var in ("DNNRL_KNN_EXACT", *PATH_VARS.values()):
         monkeypatch.delenv(var, raising=False)
-    assert _stats_counts(q, g, 5, monkeypatch) == []
+    assert _stats_counts(gpu, q, g, 5, monkeypatch) == []
     monkeypatch.setenv(PATH_VARS[path], "1")
     monkeypatch.setenv("DNNRL_KNN_EXACT", "1")
-    assert _stats_counts(q, g, 5, monkeypatch) == []
+    assert _stats_counts(gpu, q, g, 5, monkeypatch) == []
     monkeypatch.delenv("DNNRL_KNN_EXACT")
-    assert len(_stats_counts(q, g, 5, monkeypatch)) == 1
+    assert len(_stats_counts(gpu, q, g, 5, monkeypatch)) == 1
 
 
-def test_filter_path_takes_precedence_over_the_candidate_path(monkeypatch):
+def test_filter_path_takes_precedence_over_the_candidate_path(gpu, monkeypatch):
     """Both variables set: the filter path runs. Told apart by a neighbourhood denser than
     the candidate path's certificate: the candidate path sends that query to the exact
     pass, the filter path answers it."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(4)
     q = _unit(torch.randn(10, 64, generator=gen))
     g = torch.cat([_unit(q[:1] + 1e-4 * torch.randn(100, 64, generator=gen)),
                    _unit(torch.randn(2000, 64, generator=gen))])
-    assert _exact_pass_count(q, g, 10, monkeypatch, "candidates") >= 1
-    assert _exact_pass_count(q, g, 10, monkeypatch, "filter") == 0
+    assert _exact_pass_count(gpu, q, g, 10, monkeypatch, "candidates") >= 1
+    assert _exact_pass_count(gpu, q, g, 10, monkeypatch, "filter") == 0
     monkeypatch.setenv("DNNRL_KNN_CANDIDATES", "1")  # _set_path("filter") left only the filter's on
-    assert _stats_counts(q, g, 10, monkeypatch) == [0]
+    assert _stats_counts(gpu, q, g, 10, monkeypatch) == [0]
 
 
 def _tie_free_rows(q, g, k, rel=None) -> np.ndarray:
@@ -170,27 +168,25 @@ def _unit(x):
 @pytest.mark.parametrize("path", FAST_PATHS + ("filter_bk32",))
 @pytest.mark.parametrize("D", [3, 64, 512])
 @pytest.mark.parametrize("k", [1, 5, 10, 16, 32])
-def test_fast_path_matches_reference_and_exact_path(path, D, k, monkeypatch):
-    require_compiled("cuda")
+def test_fast_path_matches_reference_and_exact_path(gpu, path, D, k, monkeypatch):
     if path == "candidates" and k > 16:
         pytest.skip("the candidate path runs for k <= 16")
     gen = torch.Generator().manual_seed(D * 100 + k)
     q = _unit(torch.randn(300, D, generator=gen))
     g = _unit(torch.randn(4000, D, generator=gen))
     labels = torch.randint(0, 7, (4000,), generator=gen)
-    fast = _run(q, g, labels, k, 7, path, monkeypatch)
-    exact = _run(q, g, labels, k, 7, "exact", monkeypatch)
+    fast = _run(gpu, q, g, labels, k, 7, path, monkeypatch)
+    exact = _run(gpu, q, g, labels, k, 7, "exact", monkeypatch)
     rows = _tie_free_rows(q, g, k)
     _check_against_reference(q, g, labels, k, 7, fast, rows)
     _check_against_reference(q, g, labels, k, 7, exact, rows)
     if D >= 64 or path != "candidates":  # (nearly) every query answered, so the fast pass counts
-        assert _exact_pass_count(q, g, k, monkeypatch, path) <= 0.05 * q.shape[0]
+        assert _exact_pass_count(gpu, q, g, k, monkeypatch, path) <= 0.05 * q.shape[0]
 
 
-def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
+def test_dense_neighbourhoods_fall_back_to_the_exact_pass(gpu, monkeypatch):
     """Over 32 gallery rows within the error bound of each query: no certificate can
     hold, so every row must come from the exact pass, and still be right."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(1)
     D, k = 128, 10
     q = _unit(torch.randn(20, D, generator=gen, dtype=torch.float64))
@@ -209,15 +205,15 @@ def test_dense_neighbourhoods_fall_back_to_the_exact_pass(monkeypatch):
     approx = np.sort(_approx_dist(q, g), axis=1)
     exact_d = np.sort(dist64(q, g), axis=1)
     assert (approx[:, K_CAND - 1] - e < exact_d[:, k - 1] - 1e-6).all()
-    assert _exact_pass_count(q, g, k, monkeypatch) == q.shape[0]
-    fast = _run(q, g, labels, k, 5, "candidates", monkeypatch)
-    exact = _run(q, g, labels, k, 5, "exact", monkeypatch)
+    assert _exact_pass_count(gpu, q, g, k, monkeypatch) == q.shape[0]
+    fast = _run(gpu, q, g, labels, k, 5, "candidates", monkeypatch)
+    exact = _run(gpu, q, g, labels, k, 5, "exact", monkeypatch)
     for a, b in zip(fast, exact):
         assert torch.equal(a, b), "the fallback rows must be the exact path's, bit for bit"
     _check_against_reference(q, g, labels, k, 5, fast, _tie_free_rows(q, g, k, rel=1e-7))
     # the filter path has no such limit: all 100 rows are candidates and re-ranked exactly
-    assert _exact_pass_count(q, g, k, monkeypatch, "filter") == 0
-    filt = _run(q, g, labels, k, 5, "filter", monkeypatch)
+    assert _exact_pass_count(gpu, q, g, k, monkeypatch, "filter") == 0
+    filt = _run(gpu, q, g, labels, k, 5, "filter", monkeypatch)
     _check_against_reference(q, g, labels, k, 5, filt, _tie_free_rows(q, g, k, rel=1e-7))
 
 
@@ -229,12 +225,11 @@ def _shell(row, n, spread, gen):
     return _unit(row + t[:, None] * v)
 
 
-def test_filter_path_overflow_falls_back_to_the_exact_pass(monkeypatch):
+def test_filter_path_overflow_falls_back_to_the_exact_pass(gpu, monkeypatch):
     """Query 0 has 700 gallery rows within the filter's threshold (more than its 512
     slots): that query, and only it, takes the exact pass, bit for bit. The others have
     150 rows of their own spread out nearby, so their thresholds stay far below the
     distance to query 0's crowd (modelled on the CPU: about 120-250 candidates each)."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(6)
     D, k = 64, 10
     q = _unit(torch.randn(30, D, generator=gen, dtype=torch.float64))
@@ -242,29 +237,28 @@ def test_filter_path_overflow_falls_back_to_the_exact_pass(monkeypatch):
                   + [_unit(torch.randn(3000, D, generator=gen, dtype=torch.float64))])
     q, g = q.float(), g.float()
     labels = torch.randint(0, 5, (g.shape[0],), generator=gen)
-    assert _exact_pass_count(q, g, k, monkeypatch, "filter") == 1
-    filt = _run(q, g, labels, k, 5, "filter", monkeypatch)
-    exact = _run(q, g, labels, k, 5, "exact", monkeypatch)
+    assert _exact_pass_count(gpu, q, g, k, monkeypatch, "filter") == 1
+    filt = _run(gpu, q, g, labels, k, 5, "filter", monkeypatch)
+    exact = _run(gpu, q, g, labels, k, 5, "exact", monkeypatch)
     for a, b in zip(filt, exact):
         assert torch.equal(a[:1], b[:1]), "the overflowing query must be the exact path's, bit for bit"
     _check_against_reference(q, g, labels, k, 5, filt, _tie_free_rows(q, g, k))
 
 
 @pytest.mark.parametrize("path", ["filter", "filter_bk32", "filter_tile64"])
-def test_filter_path_in_query_chunks_with_the_large_tiles(path, monkeypatch):
+def test_filter_path_in_query_chunks_with_the_large_tiles(gpu, path, monkeypatch):
     """8,500 queries: two chunks (8,192 queries each at most). In the first, 64 row tiles
     give the bound pass (3 column tiles of its 267-row subset) and the filter pass at least
     132 tiles, so both take the 128 x 128 engine on an H100 / H200 (filter_tile64: the filter
     pass on the 64 x 64 one all the same); the second chunk's 308 queries take the 64 x 64
     engine in both."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(8)
     q = _unit(torch.randn(8500, 16, generator=gen))
     g = _unit(torch.randn(3200, 16, generator=gen))
     labels = torch.randint(0, 6, (3200,), generator=gen)
-    assert _exact_pass_count(q, g, 10, monkeypatch, path) <= 0.05 * q.shape[0]
-    filt = _run(q, g, labels, 10, 6, path, monkeypatch)
-    exact = _run(q, g, labels, 10, 6, "exact", monkeypatch)
+    assert _exact_pass_count(gpu, q, g, 10, monkeypatch, path) <= 0.05 * q.shape[0]
+    filt = _run(gpu, q, g, labels, 10, 6, path, monkeypatch)
+    exact = _run(gpu, q, g, labels, 10, 6, "exact", monkeypatch)
     rows = torch.as_tensor(_tie_free_rows(q, g, 10))
     assert rows[:8192].sum() > 1000 and rows[8192:].sum() > 50, "both chunks need tie-free rows"
     for a, b in zip(filt[1:], exact[1:]):
@@ -274,9 +268,8 @@ def test_filter_path_in_query_chunks_with_the_large_tiles(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
-def test_duplicates_and_ties_follow_the_index_rule(path, monkeypatch):
+def test_duplicates_and_ties_follow_the_index_rule(gpu, path, monkeypatch):
     """Grid values: exact distances in every path, many exact ties (duplicated rows)."""
-    require_compiled("cuda")
     rng = np.random.default_rng(2)
     q = grid_embeddings(rng, 200, 24, torch.float32, 2, 0, dup=False)
     g = grid_embeddings(rng, 900, 24, torch.float32, 2, 0, dup=True)
@@ -284,16 +277,15 @@ def test_duplicates_and_ties_follow_the_index_rule(path, monkeypatch):
     for k in (1, 7, 16):
         want_d, want_i = dnnrl_ext.knn(q, g, k, backend="reference")
         want_p, want_v = dnnrl_ext.knn_vote(q, g, labels, k, 4, return_votes=True, backend="reference")
-        d, i, p, v = _run(q, g, labels, k, 4, path, monkeypatch)
+        d, i, p, v = _run(gpu, q, g, labels, k, 4, path, monkeypatch)
         assert torch.equal(i, want_i) and torch.equal(d, want_d), k
         assert torch.equal(p, want_p) and torch.equal(v, want_v), k
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
-def test_non_finite_rows(path, monkeypatch):
+def test_non_finite_rows(gpu, path, monkeypatch):
     """A NaN / inf gallery row stops every certificate; a NaN query row its own. The
     results are then the exact path's (NaN distances last, as on the CPU)."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(3)
     q = _unit(torch.randn(50, 32, generator=gen))
     g = _unit(torch.randn(500, 32, generator=gen))
@@ -304,9 +296,10 @@ def test_non_finite_rows(path, monkeypatch):
     g_bad[7, 3] = float("nan")
     g_bad[400, 0] = float("inf")
     for qq, gg in ((q_nan, g), (q, g_bad), (q_nan, g_bad)):
-        fast = _run(qq, gg, labels, 10, 3, path, monkeypatch)
-        exact = _run(qq, gg, labels, 10, 3, "exact", monkeypatch)
-        cpu_i = dnnrl_ext.knn(qq, gg, 10, backend="compiled")[1]
+        fast = _run(gpu, qq, gg, labels, 10, 3, path, monkeypatch)
+        exact = _run(gpu, qq, gg, labels, 10, 3, "exact", monkeypatch)
+        # the CPU kernel (on a GPU run; in the emulator the CPU kernel is the emulated one) and the reference
+        cpu_i = dnnrl_ext.knn(qq, gg, 10, backend="compiled" if gpu.name == "cuda" else "reference")[1]
         rows = torch.as_tensor(_tie_free_rows(qq, gg, 10))
         rows[5] = True  # the NaN query row: all distances NaN, so indices 0..9 in order
         assert rows.sum() > 25
@@ -315,27 +308,26 @@ def test_non_finite_rows(path, monkeypatch):
         torch.testing.assert_close(fast[0][rows], exact[0][rows], equal_nan=True, rtol=0, atol=1e-5)
         assert torch.equal(fast[1][rows], cpu_i[rows]), "CUDA and CPU kernels order NaN rows alike"
         if gg is g_bad:  # no certificate: every row is the exact pass's, bit for bit
-            assert _exact_pass_count(qq, gg, 10, monkeypatch, path) == qq.shape[0]
+            assert _exact_pass_count(gpu, qq, gg, 10, monkeypatch, path) == qq.shape[0]
             for a, b in zip(fast, exact):
                 assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
         else:  # only the NaN query row (and perhaps a few unclear ones)
-            assert 1 <= _exact_pass_count(qq, gg, 10, monkeypatch, path) <= 5
+            assert 1 <= _exact_pass_count(gpu, qq, gg, 10, monkeypatch, path) <= 5
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("exp_range", [10, 40, 58])
-def test_rows_of_very_different_magnitudes(path, exp_range, monkeypatch):
+def test_rows_of_very_different_magnitudes(gpu, path, exp_range, monkeypatch):
     """Row scales 2^-r .. 2^r: the float16 copies are scaled per row; rows beyond 2^+-48
     are never certified (exact pass)."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(exp_range)
     s_q = 2.0 ** torch.randint(-exp_range, exp_range + 1, (200, 1), generator=gen).double()
     s_g = 2.0 ** torch.randint(-exp_range, exp_range + 1, (2000, 1), generator=gen).double()
     q = (torch.randn(200, 16, generator=gen, dtype=torch.float64) * s_q).float()
     g = (torch.randn(2000, 16, generator=gen, dtype=torch.float64) * s_g).float()
     labels = torch.randint(0, 4, (2000,), generator=gen)
-    fast = _run(q, g, labels, 8, 4, path, monkeypatch)
-    exact = _run(q, g, labels, 8, 4, "exact", monkeypatch)
+    fast = _run(gpu, q, g, labels, 8, 4, path, monkeypatch)
+    exact = _run(gpu, q, g, labels, 8, 4, "exact", monkeypatch)
     rows = torch.as_tensor(_tie_free_rows(q, g, 8))
     assert rows.float().mean() > 0.25, "too few unambiguous rows for the test to mean anything"
     assert torch.equal(fast[1][rows], exact[1][rows])
@@ -347,8 +339,7 @@ def test_rows_of_very_different_magnitudes(path, exp_range, monkeypatch):
 @given(Q=st.integers(1, 200), N=st.integers(1, 1500), D=st.integers(1, 128), k=st.integers(1, 32),
        scale=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2 ** 31 - 1),
        path=st.sampled_from(FAST_PATHS))
-def test_fast_and_exact_paths_agree(Q, N, D, k, scale, seed, path):
-    require_compiled("cuda")
+def test_fast_and_exact_paths_agree(gpu, Q, N, D, k, scale, seed, path):
     # the candidate path runs for k <= 16 and N > 32, the filter path for k <= 32 (k = N
     # and small N included: the subset stride falls to 1); outside, both are the exact pass
     k = min(k, N, 16 if path == "candidates" else 32)
@@ -358,8 +349,8 @@ def test_fast_and_exact_paths_agree(Q, N, D, k, scale, seed, path):
     g = torch.randn(N, D, generator=gen) * scale
     labels = torch.randint(0, 5, (N,), generator=gen)
     with pytest.MonkeyPatch.context() as mp:
-        fast = _run(q, g, labels, k, 5, path, mp)
-        exact = _run(q, g, labels, k, 5, "exact", mp)
+        fast = _run(gpu, q, g, labels, k, 5, path, mp)
+        exact = _run(gpu, q, g, labels, k, 5, "exact", mp)
     rows = torch.as_tensor(_tie_free_rows(q, g, k))
     assert torch.equal(fast[1][rows], exact[1][rows])
     assert torch.equal(fast[2][rows], exact[2][rows])
@@ -368,16 +359,15 @@ def test_fast_and_exact_paths_agree(Q, N, D, k, scale, seed, path):
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
-def test_tiny_magnitudes_everywhere(path, monkeypatch):
+def test_tiny_magnitudes_everywhere(gpu, path, monkeypatch):
     """Every row near 2^-45 (norms near 2^-90): the bound must not underflow (it once was
     formed as sqrt(|q|^2 max|g|^2), whose product is below float32's range here)."""
-    require_compiled("cuda")
     gen = torch.Generator().manual_seed(5)
     q = (torch.randn(200, 32, generator=gen, dtype=torch.float64) * 2.0 ** -45).float()
     g = (torch.randn(3000, 32, generator=gen, dtype=torch.float64) * 2.0 ** -45).float()
     labels = torch.randint(0, 4, (3000,), generator=gen)
-    fast = _run(q, g, labels, 10, 4, path, monkeypatch)
-    exact = _run(q, g, labels, 10, 4, "exact", monkeypatch)
+    fast = _run(gpu, q, g, labels, 10, 4, path, monkeypatch)
+    exact = _run(gpu, q, g, labels, 10, 4, "exact", monkeypatch)
     rows = torch.as_tensor(_tie_free_rows(q, g, 10))
     assert rows.float().mean() > 0.5
     assert torch.equal(fast[1][rows], exact[1][rows])
@@ -386,6 +376,8 @@ def test_tiny_magnitudes_everywhere(path, monkeypatch):
 
 
 @pytest.mark.parametrize("D", [64, 512, 2048])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuBLAS itself, not our kernels)")
 def test_float16_tensor_core_accumulation_stays_within_the_bound(D):
     """The certificate assumes that a float16 tensor-core product with float32
     accumulation errs by at most D 2^-22 ||q|| ||g|| on exactly representable inputs

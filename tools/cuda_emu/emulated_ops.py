@@ -22,7 +22,6 @@ import functools
 import glob
 import os
 import re
-import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,7 +95,7 @@ def schemas():
 def write_sources(dest):
     """Write the rewritten sources and the registration file under dest; returns the .cpp paths."""
     os.makedirs(os.path.join(dest, "cuda"), exist_ok=True)
-    shutil.copy(os.path.join(CSRC, "common.h"), os.path.join(dest, "common.h"))
+    _write_if_changed(os.path.join(dest, "common.h"), open(os.path.join(CSRC, "common.h")).read())
     cpps = []
     for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*"))) + [os.path.join(HERE, "selftest_kernels.cu")]:
         name = os.path.basename(path)
