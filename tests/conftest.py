@@ -85,11 +85,20 @@ def compiled_device(request):
     return request.param
 
 
+EMULATED_FULL = os.environ.get("DNNRL_TEST_EMULATED_CUDA", "0") not in ("", "0")
+
+
 class GpuTarget:
     """Where a CUDA-kernel test runs: ``device`` for its tensors and ``sync()`` after its calls."""
 
     def __init__(self, name, device, sync):
         self.name, self.device, self.sync = name, device, sync
+
+    def skip_slow_emulation(self, what: str) -> None:
+        """In the emulator, skip a case that takes it most of a minute or more, unless
+        DNNRL_TEST_EMULATED_CUDA=1 asks for everything (CI keeps the smaller cases)."""
+        if self.name == "emu" and not EMULATED_FULL:
+            pytest.skip("slow in the CPU emulator (%s); DNNRL_TEST_EMULATED_CUDA=1 runs it" % what)
 
     def __repr__(self):
         return "GpuTarget(%s)" % self.name

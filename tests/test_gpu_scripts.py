@@ -188,3 +188,10 @@ def test_benchmark_scripts_import(script, monkeypatch):
 
 # the modules whose names the check above follows (not torch's or numpy's)
 _OURS = {"dnnrl", "dnnrl_ext", "common", "alternatives", "filter_path_model", "bench_train", "bench_gpu"}
+
+
+def test_the_gpu_tests_leave_the_emulator_cases_to_ci():
+    """test_cuda_*_paths.py run each test on "cuda" and on "emu" (the CPU emulator): the GPU
+    session's pytest filter must keep only the former, or its minutes go to CPU emulation."""
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    assert 'TEST_FILTER=${TEST_FILTER:-"(cuda or build) and not emu"}' in text

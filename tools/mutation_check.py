@@ -11,7 +11,7 @@ transforms' geometry, P x K batches, distributed shards), or of the library's Py
 C++ layer around the kernels (the drop-in loss modules' arguments and defaults, the
 wrappers' argument checks and fake shapes, KNNClassifier, the C++ autograd), or of the
 built-in synthetic data, or of `dnnrl eval` / `dnnrl embed`, `dnnrl predict` and
-DistributedLoss. For each, this script applies it in a scratch git worktree of HEAD
+DistributedLoss, or of the CUDA kernels (tested in the CPU emulator, tools/cuda_emu). For each, this script applies it in a scratch git worktree of HEAD
 (committed work only; it sees ``../shared`` through a link, so the tests that read
 FER-2013 faces run there too), builds the extension there (CPU kernels only, about a
 minute on two cores; first the unmutated tree, which must pass), runs the op tests (or
@@ -65,6 +65,10 @@ CONFIG_TESTS = ["tests/test_app_bad_options.py", "tests/test_app_graphs.py"]
 EXPORT_TESTS = ["tests/test_app_eval_bundle.py", "tests/test_app_predict.py", "tests/test_app_bad_options.py"]
 TRANSFORM_TESTS = ["tests/test_app_transforms.py", "tests/test_app_train.py", "-k",
                    "transform or theta or flip or erase or shift or tta or eval or augment or scaled or crop"]
+# the CUDA kernels, run by the CPU emulator (tools/cuda_emu): its own tests and the emulator cases of
+# the two CUDA path files (-k emu selects both: the file name test_cuda_emulated.py holds "emu")
+EMU_TESTS = ["tests/test_cuda_emulated.py", "tests/test_cuda_loss_paths.py", "tests/test_knn_cuda_paths.py",
+             "-k", "emu"]
 RUNTIME_TESTS = ["tests/test_app_runtime.py", "tests/test_app_bad_options.py", "tests/test_app_data.py",
                  "tests/test_app_distributed.py"]
 CLI_TESTS = ["tests/test_app_train.py", "tests/test_app_bad_options.py", "tests/test_app_eval_bundle.py", "-k",
@@ -117,6 +121,21 @@ MUTANTS = [
     ("avx2_knn_equal_distance_enters", "csrc/cpu/knn_cpu.cpp",
      "      if (t[b] < worst) {", "      if (t[b] <= worst) {",
      None),
+    # the CUDA kernels' own forms of the rules, killed (or not) in the CPU emulator
+    ("cuda_knn_tie_to_larger_index", "csrc/cuda/utils.cuh", "return d1 < d2 || (d1 == d2 && j1 < j2);",
+     "return d1 < d2 || (d1 == d2 && j1 > j2);", None, EMU_TESTS),
+    ("cuda_knn_nan_first", "csrc/cuda/utils.cuh", "if (n1 || n2) return n2 && (!n1 || j1 < j2);",
+     "if (n1 || n2) return n1 && (!n2 || j1 < j2);", None, EMU_TESTS),
+    ("cuda_knn_non_finite_norm_kept", "csrc/cuda/tile.cuh", "if (kNonFiniteAsNaN && !isfinite(s))",
+     "if (false && !isfinite(s))", None, EMU_TESTS),
+    ("cuda_vote_tie_to_later_class", "csrc/cuda/knn_cuda.cu", "    if (total > best_v) {\n      best_v = total;",
+     "    if (total >= best_v) {\n      best_v = total;", None, EMU_TESTS),
+    ("cuda_semi_hard_threshold_without_gamma", "csrc/cuda/triplet_loss_cuda.cu", "thr[row] = m.pd + gamma;",
+     "thr[row] = m.pd;", None, EMU_TESTS),
+    ("cuda_easy_positive_takes_the_farthest", "csrc/cuda/triplet_loss_cuda.cu", "const acc_t dp = kEasy ? -d : d;",
+     "const acc_t dp = d;", None, EMU_TESTS),
+    ("cuda_filter_slack_halved", "csrc/cuda/knn_cuda.cu", "  return 2.f * e + ldexpf(rn + gmax, -20);",
+     "  return 0.5f * e;", None, EMU_TESTS),
     # the CPU tiles' GEMM: oneDNN on non-Intel CPUs by default, DNNRL_CPU_TILE_GEMM overriding it
     ("tile_gemm_vendor_rule_inverted", "csrc/cpu/tile_product.h",
      "(setting == TileGemm::kAuto && !cpu_is_intel())", "(setting == TileGemm::kAuto && cpu_is_intel())",
@@ -686,6 +705,12 @@ def _first_failure(log):
 BUILD = [sys.executable, "setup.py", "build_ext", "--inplace"]
 
 
+def _needs_build(path):
+    """C++ of the extension; the CUDA sources are not in its CPU-only build (FORCE_CPU=1): their
+    tests build the emulator from the mutated sources themselves."""
+    return path.startswith("csrc/") and not path.startswith("csrc/cuda/")
+
+
 def run_mutant(mutant, tree, scratch, env, pytest, timeout):
     """Apply one mutant in ``tree``, build where it is C++, run its tests, restore the
     file, and rebuild a C++ one's original (before session 21 the restored source was
@@ -701,12 +726,12 @@ def run_mutant(mutant, tree, scratch, env, pytest, timeout):
     log = os.path.join(scratch, ident + ".log")
     try:
         open(target, "w").write(original.replace(text, repl))
-        if path.startswith("csrc/") and _run(BUILD, tree, log, env) != 0:
+        if _needs_build(path) and _run(BUILD, tree, log, env) != 0:
             return None
         return _run(pytest + (own_tests[0] if own_tests else TESTS), tree, log, env, timeout)
     finally:
         open(target, "w").write(original)
-        if path.startswith("csrc/") and _run(BUILD, tree, os.path.join(scratch, ident + "-restore.log"), env) != 0:
+        if _needs_build(path) and _run(BUILD, tree, os.path.join(scratch, ident + "-restore.log"), env) != 0:
             raise SystemExit("%s: the restored tree no longer builds (see %s-restore.log)" % (ident, ident))
 
 
