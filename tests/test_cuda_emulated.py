@@ -302,3 +302,59 @@ def test_fixed_grid_knn_equals_the_cpu_kernel(emu, dtype, path, Q, N, D, k, sms,
                       (emu.knn_vote(q, g, labels, k, 5), _cpu().knn_vote(q, g, labels, k, 5))):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+def _non_finite_rows(x):
+    """x with rows the expansion ||a||^2 + ||b||^2 - 2 a.b cannot be trusted with: +inf and
+    -inf entries, a NaN, and finite rows whose squared norm overflows (float32 / 16-bit)."""
+    x = x.clone()
+    big = 1e20 if x.dtype in (torch.float32, torch.float64) else 6e4
+    x[2, 0] = float("inf")
+    x[5, 1] = float("nan")
+    x[7, 0] = -float("inf")
+    x[9] = big
+    x[11, 0] = -big
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("path", list(KNN_PATHS))
+def test_fixed_non_finite_knn_equals_the_cpu_kernel(emu, dtype, path, monkeypatch):
+    """k = N: every gallery row is ranked, so the order of inf against NaN distances counts
+    (a row with a non-finite norm has only NaN distances; the expansion alone would give
+    inf for some queries, by the signs)."""
+    gen = torch.Generator().manual_seed(11)
+    g = _non_finite_rows(torch.randn(24, 6, generator=gen).to(dtype))
+    q = torch.cat([torch.randn(6, 6, generator=gen), -torch.randn(6, 6, generator=gen).abs()]).to(dtype)
+    q[3, 2] = float("inf")
+    labels = torch.arange(24) % 3
+    for var in ("DNNRL_KNN_CANDIDATES", "DNNRL_KNN_FILTER", "DNNRL_KNN_FILTER_TILE", "DNNRL_KNN_EXACT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in KNN_PATHS[path].items():
+        monkeypatch.setenv(var, value)
+    for k in (24, 13):
+        for got, want in ((emu.knn(q, g, k), _cpu().knn(q, g, k)),
+                          (emu.knn_vote(q, g, labels, k, 3), _cpu().knn_vote(q, g, labels, k, 3))):
+            for a, b in zip(got, want):
+                if a.is_floating_point():  # distances of random rows: to rounding, NaN and inf in place
+                    torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-3 if dtype != torch.float64 else 1e-9,
+                                               atol=1e-5)
+                else:
+                    assert torch.equal(a, b), (k, a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("mining", MININGS)
+def test_fixed_non_finite_losses_equal_the_cpu_kernel(emu, dtype, mining):
+    """Rows the expansion cannot be trusted with take their distances by explicit differences
+    in mine_pass, as in the CPU kernel's exact mining: the same triplets and r."""
+    gen = torch.Generator().manual_seed(12)
+    x = _non_finite_rows(torch.randn(40, 6, generator=gen).to(dtype))
+    labels = torch.arange(40) % 4
+    args = (MINING_CODES[mining], 1, 1.0, 0.0, 0.5, 0)
+    got, want = emu.triplet_loss(x, labels, *args), _cpu().triplet_loss(x, labels, *args)
+    for name, a, b in zip(("loss", "pos", "neg", "r", "valid"), got, want):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a, b), name
