@@ -148,7 +148,8 @@ std::string g_last_error;
 char* stacks() {
   if (g_stacks == nullptr) {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    void* p = mmap(nullptr, kStackBytes * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+    void* p = mmap(nullptr, kStackBytes * kMaxThreads, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("dnnrl_emu: cannot map the fiber stacks");
     g_stacks = static_cast<char*>(p);
@@ -159,7 +160,8 @@ char* stacks() {
 }
 
 Thread& cur() {
-  if (g == nullptr || g->cur == nullptr) throw std::runtime_error("dnnrl_emu: device code called outside a kernel launch");
+  if (g == nullptr || g->cur == nullptr)
+    throw std::runtime_error("dnnrl_emu: device code called outside a kernel launch");
   return *g->cur;
 }
 
@@ -243,12 +245,14 @@ bool resolve_warps(int nthreads) {
       if (t.state != State::AtWarpOp) continue;
       const unsigned mask = t.mask;
       if (!(mask >> l & 1u))
-        fail(where(t) + ": " + t.kind + " at " + site(t.file, t.line) + " with a mask that leaves out the calling lane");
+        fail(where(t) + ": " + t.kind + " at " + site(t.file, t.line) +
+             " with a mask that leaves out the calling lane");
       bool ready = true;
       void* args[32] = {nullptr};
       for (int m = 0; m < 32; ++m) {
         if (!(mask >> m & 1u)) continue;
-        if (m >= nl) fail(where(t) + ": " + t.kind + " names lane " + std::to_string(m) + ", past the block's last thread");
+        if (m >= nl)
+          fail(where(t) + ": " + t.kind + " names lane " + std::to_string(m) + ", past the block's last thread");
         Thread& o = g->threads[w0 + m];
         if (o.state == State::Done)
           fail(where(t) + ": " + t.kind + " at " + site(t.file, t.line) + " waits for lane " + std::to_string(m) +
@@ -258,7 +262,8 @@ bool resolve_warps(int nthreads) {
           continue;
         }
         if (o.mask != mask || o.complete != t.complete || o.kind != t.kind)
-          fail(where(t) + ": " + t.kind + " at " + site(t.file, t.line) + " (mask " + std::to_string(mask) + ") meets " +
+          fail(where(t) + ": " + t.kind + " at " + site(t.file, t.line) + " (mask " + std::to_string(mask) +
+               ") meets " +
                o.kind + " at " + site(o.file, o.line) + " (mask " + std::to_string(o.mask) + ") in lane " +
                std::to_string(m) + ": divergent warp collectives");
         args[m] = o.arg;

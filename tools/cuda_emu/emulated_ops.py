@@ -126,7 +126,8 @@ def load(verbose=False):
 
     cuda_inc = cuda_include_dir()
     if cuda_inc is None:
-        raise RuntimeError("the CUDA emulator needs cuda_fp16.h (a CUDA toolkit or the nvidia wheels that come with torch)")
+        raise RuntimeError("the CUDA emulator needs cuda_fp16.h "
+                           "(a CUDA toolkit or the nvidia wheels that come with torch)")
     src = os.path.join(BUILD, "src")
     sources = write_sources(src)
     os.makedirs(os.path.join(BUILD, "obj"), exist_ok=True)

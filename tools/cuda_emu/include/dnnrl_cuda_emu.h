@@ -143,8 +143,10 @@ inline void syncwarp_complete(void* const*, unsigned) {}
 #define __syncthreads() ::dnnrl_emu::syncthreads(__FILE__, __LINE__)
 #define __syncthreads_or(p) ::dnnrl_emu::syncthreads_or((p) ? 1 : 0, __FILE__, __LINE__)
 #define __syncwarp(...) ::dnnrl_emu::syncwarp_at(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
-#define __shfl_sync(mask, v, src, ...) ::dnnrl_emu::shfl_idx_at(__FILE__, __LINE__, mask, v, src __VA_OPT__(, ) __VA_ARGS__)
-#define __shfl_xor_sync(mask, v, lm, ...) ::dnnrl_emu::shfl_xor_at(__FILE__, __LINE__, mask, v, lm __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_sync(mask, v, src, ...) \
+  ::dnnrl_emu::shfl_idx_at(__FILE__, __LINE__, mask, v, src __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_xor_sync(mask, v, lm, ...) \
+  ::dnnrl_emu::shfl_xor_at(__FILE__, __LINE__, mask, v, lm __VA_OPT__(, ) __VA_ARGS__)
 #define __ballot_sync(mask, p) ::dnnrl_emu::ballot_at(__FILE__, __LINE__, mask, (p) ? 1 : 0)
 #define __all_sync(mask, p) (::dnnrl_emu::ballot_at(__FILE__, __LINE__, mask, (p) ? 1 : 0) == (mask))
 #define __any_sync(mask, p) (::dnnrl_emu::ballot_at(__FILE__, __LINE__, mask, (p) ? 1 : 0) != 0u)
@@ -205,8 +207,33 @@ template <typename T> inline T __ldcg(const T* p) { return *p; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 
 // Atomics: a fiber is never interrupted between two collectives, so plain read-modify-write is atomic here.
-template <typename T, typename V> inline T atomicAdd(T* p, V v) { T old = *p; *p = static_cast<T>(old + v); return old; }
-template <typename T, typename V> inline T atomicOr(T* p, V v) { T old = *p; *p = static_cast<T>(old | v); return old; }
-template <typename T, typename V> inline T atomicMax(T* p, V v) { T old = *p; *p = old < static_cast<T>(v) ? static_cast<T>(v) : old; return old; }
-template <typename T, typename V> inline T atomicMin(T* p, V v) { T old = *p; *p = static_cast<T>(v) < old ? static_cast<T>(v) : old; return old; }
-template <typename T, typename V> inline T atomicExch(T* p, V v) { T old = *p; *p = static_cast<T>(v); return old; }
+template <typename T, typename V>
+inline T atomicAdd(T* p, V v) {
+  T old = *p;
+  *p = static_cast<T>(old + v);
+  return old;
+}
+template <typename T, typename V>
+inline T atomicOr(T* p, V v) {
+  T old = *p;
+  *p = static_cast<T>(old | v);
+  return old;
+}
+template <typename T, typename V>
+inline T atomicMax(T* p, V v) {
+  T old = *p;
+  *p = old < static_cast<T>(v) ? static_cast<T>(v) : old;
+  return old;
+}
+template <typename T, typename V>
+inline T atomicMin(T* p, V v) {
+  T old = *p;
+  *p = static_cast<T>(v) < old ? static_cast<T>(v) : old;
+  return old;
+}
+template <typename T, typename V>
+inline T atomicExch(T* p, V v) {
+  T old = *p;
+  *p = static_cast<T>(v);
+  return old;
+}

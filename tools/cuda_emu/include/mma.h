@@ -66,7 +66,8 @@ template <typename Use, int M, int N, int K, typename T, typename L, typename E>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const E* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, L>;
   static_assert(std::is_same<E, typename F::element_type>::value, "load_matrix_sync: pointer type != fragment type");
-  static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value, "matrix fragment needs a layout");
+  static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value,
+                "matrix fragment needs a layout");
   detail::check_mem(p, ldm, "wmma::load_matrix_sync");
   const int lane = ::dnnrl_emu::lane_id();
   for (int e = 0; e < F::num_elements; ++e) {
