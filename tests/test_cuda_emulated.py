@@ -358,3 +358,29 @@ def test_fixed_non_finite_losses_equal_the_cpu_kernel(emu, dtype, mining):
             torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
         else:
             assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------- memcheck
+@pytest.mark.parametrize("case,report", [(9, "heap-buffer-overflow"), (10, "use-after-poison")])
+def test_memcheck_reports_out_of_bounds_accesses(emu, case, report, tmp_path):
+    """tools/cuda_emu/memcheck.sh (the emulator under AddressSanitizer) stops at a kernel's
+    read one element past its input tensor (case 9) and its write one byte past its dynamic
+    shared memory (case 10), and names the kernel."""
+    import subprocess
+    env = dict(os.environ, DNNRL_EMU_SELFTEST_CASE=str(case),
+               ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:new_delete_type_mismatch=0:"
+                            "detect_odr_violation=0:halt_on_error=1:log_path=%s" % (tmp_path / "asan"))
+    res = subprocess.run(["bash", os.path.join(ROOT, "tools", "cuda_emu", "memcheck.sh"),
+                          os.path.join(ROOT, "tests", "test_cuda_emulated.py"), "-k", "planted_fault_under_memcheck"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    logs = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert res.returncode != 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert report in logs and ("global_oob_kernel" if case == 9 else "shared_oob_kernel") in logs, logs[:3000]
+
+
+def test_planted_fault_under_memcheck(emu):
+    """Run by the test above, inside memcheck.sh."""
+    case = os.environ.get("DNNRL_EMU_SELFTEST_CASE")
+    if not case:
+        pytest.skip("run by test_memcheck_reports_out_of_bounds_accesses under tools/cuda_emu/memcheck.sh")
+    emu.selftest(int(case), torch.arange(64, dtype=torch.float32))

@@ -62,19 +62,48 @@ struct Context {
 #else
   ucontext_t uc;
 #endif
+  const void* stack_lo = nullptr;  // for AddressSanitizer's fiber annotations
+  size_t stack_bytes = 0;
+  void* fake_stack = nullptr;
 };
 
-// Save the running context into `from` and resume `to`.
+// AddressSanitizer must be told which stack is current (its checks of stack memory and of
+// exceptions use the bounds): each switch is announced, and completed on the other side.
+#if defined(__SANITIZE_ADDRESS__)
+#define DNNRL_EMU_ASAN 1
+}  // namespace
+}  // namespace dnnrl_emu
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+namespace dnnrl_emu {
+namespace {
+#endif
+
+// Save the running context into `from` and resume `to`. Stack bounds: the fibers'
+// (lo, bytes); the scheduler's are learnt from the first switch into a fiber.
 inline void switch_context(Context& from, Context& to) {
+#ifdef DNNRL_EMU_ASAN
+  __sanitizer_start_switch_fiber(&from.fake_stack, to.stack_lo, to.stack_bytes);
+#endif
 #ifdef DNNRL_EMU_ASM_SWITCH
   dnnrl_emu_switch(&from.sp, to.sp);
 #else
   swapcontext(&from.uc, &to.uc);
 #endif
+#ifdef DNNRL_EMU_ASAN
+  __sanitizer_finish_switch_fiber(from.fake_stack, nullptr, nullptr);
+#endif
 }
 
 // A fresh context that starts `fn` (which must never return) on the stack [lo, lo + bytes).
 inline void make_context(Context& c, char* lo, size_t bytes, void (*fn)()) {
+  c.stack_lo = lo;
+  c.stack_bytes = bytes;
+#ifdef DNNRL_EMU_ASAN
+  // the frames of the fiber that last used this stack never returned: clear their redzones
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  __asan_unpoison_memory_region(lo + page, bytes - page);
+#endif
 #ifdef DNNRL_EMU_ASM_SWITCH
   auto* top = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(lo + bytes)) & ~uintptr_t(15));
   // The frame dnnrl_emu_switch pops: control words, r15 .. rbp, then `ret` into fn, with the
@@ -198,6 +227,10 @@ void flush_copies(Thread& t) {
 }
 
 void entry() {
+#ifdef DNNRL_EMU_ASAN
+  // the first switch into this fiber: complete it, and learn the scheduler's stack bounds
+  __sanitizer_finish_switch_fiber(nullptr, &g->sched.stack_lo, &g->sched.stack_bytes);
+#endif
   Thread& t = cur();
   try {
     (*g->body)();
@@ -436,26 +469,39 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel, const std:
   state.grid = grid;
   state.block = block;
   state.body = &body;
-  state.smem_store.assign(smem + 128, 0xFF);
+  state.smem_store.assign(smem + 256, 0xFF);
   state.smem = state.smem_store.data() + (128 - reinterpret_cast<uintptr_t>(state.smem_store.data()) % 128) % 128;
   state.smem_bytes = smem;
+#ifdef DNNRL_EMU_ASAN
+  // memcheck: the padding around the dynamic shared memory is out of bounds
+  unsigned char* lo = state.smem_store.data();
+  unsigned char* hi = lo + state.smem_store.size();
+  __asan_poison_memory_region(lo, static_cast<size_t>(state.smem - lo));
+  __asan_poison_memory_region(state.smem + smem, static_cast<size_t>(hi - (state.smem + smem)));
+#endif
   const Schedule sch = read_schedule();
   std::mt19937_64 rng(sch.seed);
   g = &state;
+  auto done = [&] {
+    g = nullptr;
+#ifdef DNNRL_EMU_ASAN
+    __asan_unpoison_memory_region(lo, static_cast<size_t>(hi - lo));
+#endif
+  };
   try {
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
           state.bidx = make_uint3(x, y, z);
           state.block_serial = ++g_serial;
-          std::fill(state.smem_store.begin(), state.smem_store.end(), 0xFF);
+          std::fill(state.smem, state.smem + smem, 0xFF);
           run_block(static_cast<int>(nthreads), sch, rng);
         }
   } catch (...) {
-    g = nullptr;
+    done();
     throw;
   }
-  g = nullptr;
+  done();
 }
 
 void launch_check() {}

@@ -118,6 +118,12 @@ def _write_if_changed(path, text):
         f.write(text)
 
 
+def asan_requested():
+    """DNNRL_EMU_ASAN=1: build (into build/cuda_emu_asan) and load the AddressSanitizer variant;
+    the process must have libasan preloaded (tools/cuda_emu/memcheck.sh does it)."""
+    return os.environ.get("DNNRL_EMU_ASAN", "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def load(verbose=False):
     """Build (incrementally) and load the emulated kernels; returns torch.ops.dnnrl_emu."""
@@ -128,15 +134,27 @@ def load(verbose=False):
     if cuda_inc is None:
         raise RuntimeError("the CUDA emulator needs cuda_fp16.h "
                            "(a CUDA toolkit or the nvidia wheels that come with torch)")
-    src = os.path.join(BUILD, "src")
+    asan = asan_requested()
+    build = BUILD + ("_asan" if asan else "")
+    src = os.path.join(build, "src")
     sources = write_sources(src)
-    os.makedirs(os.path.join(BUILD, "obj"), exist_ok=True)
+    os.makedirs(os.path.join(build, "obj"), exist_ok=True)
     flags = ["-O2", "-include", "dnnrl_cuda_emu.h", "-Wno-unknown-pragmas", "-Wno-unused-variable",
              "-Wno-unused-function", "-DDNNRL_CUDA_EMU=1"]
-    path = cpp_extension.load(
-        name="dnnrl_cuda_emu", sources=sources, extra_cflags=flags,
-        extra_include_paths=[os.path.join(HERE, "include"), cuda_inc],
-        build_directory=os.path.join(BUILD, "obj"), is_python_module=False, verbose=verbose)
+    ldflags = []
+    if asan:  # memcheck.sh: AddressSanitizer on the kernels' global and shared memory accesses
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
+        ldflags += ["-fsanitize=address"]
+    # the compiler and linker run without the preloaded sanitizer runtime (this process keeps it)
+    preload = os.environ.pop("LD_PRELOAD", None) if asan else None
+    try:
+        path = cpp_extension.load(
+            name="dnnrl_cuda_emu" + ("_asan" if asan else ""), sources=sources, extra_cflags=flags,
+            extra_ldflags=ldflags, extra_include_paths=[os.path.join(HERE, "include"), cuda_inc],
+            build_directory=os.path.join(build, "obj"), is_python_module=False, verbose=verbose)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
     if isinstance(path, str):
         torch.ops.load_library(path)
     return torch.ops.dnnrl_emu

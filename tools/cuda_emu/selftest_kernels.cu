@@ -12,6 +12,8 @@
 //   case 6  64 KiB of dynamic shared memory without raising the limit -> launch refused
 //   case 7  a warp collective while one of its lanes waits at a barrier -> deadlock
 //   case 8  a shuffle that reads a lane outside its mask              -> not in the mask
+//   case 9  reads one element past the end of its input tensor        -> memcheck.sh (ASan)
+//   case 10 writes one byte past its dynamic shared memory            -> memcheck.sh (ASan)
 #include <torch/library.h>
 
 #include <mma.h>
@@ -133,6 +135,16 @@ __global__ void outside_mask_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 16);
 }
 
+__global__ void global_oob_kernel(const float* __restrict__ in, int n, float* __restrict__ out) {
+  if (threadIdx.x == 0) out[0] = in[n];
+}
+
+__global__ void shared_oob_kernel(float* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  if (threadIdx.x == 0) smem[1000] = 1;  // launched with 1000 bytes
+  out[0] = 1.f;
+}
+
 at::Tensor selftest(int64_t which, const at::Tensor& in) {
   TORCH_CHECK(in.is_cpu() && in.scalar_type() == at::kFloat && in.numel() >= 64 && in.is_contiguous(),
               "selftest: in must be a contiguous float32 CPU tensor of at least 64 elements");
@@ -149,6 +161,8 @@ at::Tensor selftest(int64_t which, const at::Tensor& in) {
     case 6: big_smem_kernel<<<1, 32, 64 * 1024>>>(op); break;
     case 7: deadlock_kernel<<<1, 64>>>(op); break;
     case 8: outside_mask_kernel<<<1, 32>>>(op); break;
+    case 9: global_oob_kernel<<<1, 32>>>(ip, static_cast<int>(in.numel()), op); break;
+    case 10: shared_oob_kernel<<<1, 32, 1000>>>(op); break;
     default: TORCH_CHECK(false, "selftest: no case ", which);
   }
   return out;
