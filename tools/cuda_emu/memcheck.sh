@@ -15,4 +15,7 @@ export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 if [ $# -eq 0 ]; then
   set -- tests/test_cuda_emulated.py tests/test_cuda_loss_paths.py tests/test_knn_cuda_paths.py -k emu
 fi
-LD_PRELOAD="$(gcc -print-file-name=libasan.so)" exec python3 -m pytest -q -p no:cacheprovider "$@"
+# libstdc++ beside the runtime: python does not link it, and ASan's interceptor of C++ throws
+# must find it at start-up (otherwise the first exception a kernel's host code raises aborts)
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+  exec python3 -m pytest -q -p no:cacheprovider "$@"
