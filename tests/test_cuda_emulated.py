@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, note, settings, strategies as st
 
 from conftest import load_emulator
+from test_knn_cuda_paths import _set_path
 from ops_testutil import (DTYPES, MININGS, acc_dtype, grid_embeddings, grid_shift, loss_tols, make_labels,
                           require_compiled)
 
@@ -182,14 +183,22 @@ def test_emulated_indexed_loss_equals_the_cpu_kernel(emu, dtype, B, D, T, seed, 
     torch.testing.assert_close(g_emu.double(), g_cpu.double(), rtol=tol, atol=tol * scale + 1e-30)
 
 
-KNN_PATHS = {"exact": {}, "candidates": {"DNNRL_KNN_CANDIDATES": "1"}, "filter": {"DNNRL_KNN_FILTER": "1"},
-             "filter_tile64": {"DNNRL_KNN_FILTER": "1", "DNNRL_KNN_FILTER_TILE": "64"}}
+KNN_PATHS = ("exact", "candidates", "filter", "filter_tile64")  # test_knn_cuda_paths.PATH_ENV's names
+
+
+def _assert_knn_equal(emu, q, g, labels, k, C):
+    """knn and knn_vote of the emulated kernels equal the CPU kernel's bit for bit."""
+    for got, want in ((emu.knn(q, g, k), _cpu().knn(q, g, k)),
+                      (emu.knn_vote(q, g, labels, k, C), _cpu().knn_vote(q, g, labels, k, C))):
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b), (a, b)
 
 
 @settings(max_examples=25, deadline=None)
 @given(dtype=st.sampled_from(DTYPES), Q=st.integers(1, 40), N=st.integers(1, 400), D=st.integers(1, 40),
        k=st.integers(1, 40), C=st.integers(1, 6), seed=st.integers(0, 2 ** 32 - 1),
-       path=st.sampled_from(list(KNN_PATHS)), sms=st.sampled_from([1, 5, 132]), dup=st.booleans())
+       path=st.sampled_from(KNN_PATHS), sms=st.sampled_from([1, 5, 132]), dup=st.booleans())
 def test_emulated_knn_equals_the_cpu_kernel_on_grid_inputs(emu, dtype, Q, N, D, k, C, seed, path, sms, dup,
                                                            monkeypatch):
     """Exact distances: the same neighbours in the same order (ties to the smaller index), the
@@ -200,19 +209,12 @@ def test_emulated_knn_equals_the_cpu_kernel_on_grid_inputs(emu, dtype, Q, N, D, 
     both = grid_embeddings(rng, Q + N, D, dtype, 2, 0, dup=dup)
     q, g = both[:Q], both[Q:]
     labels = torch.as_tensor(rng.integers(0, C, N), dtype=torch.int64)
-    for var in ("DNNRL_KNN_CANDIDATES", "DNNRL_KNN_FILTER", "DNNRL_KNN_FILTER_TILE", "DNNRL_KNN_EXACT"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in KNN_PATHS[path].items():
-        monkeypatch.setenv(var, value)
+    _set_path(monkeypatch, path)
     monkeypatch.setenv("DNNRL_EMU_SMS", str(sms))
-    for got, want in ((emu.knn(q, g, k), _cpu().knn(q, g, k)),
-                      (emu.knn_vote(q, g, labels, k, C), _cpu().knn_vote(q, g, labels, k, C))):
-        for a, b in zip(got, want):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            assert torch.equal(a, b), (a, b)
+    _assert_knn_equal(emu, q, g, labels, k, C)
 
 
-def _all_outputs(emu, B=150, D=40, seed=0):
+def _all_outputs(emu, monkeypatch, B=150, D=40, seed=0):
     """Every op's outputs on one input (float32 and bfloat16 loss, three k-NN paths)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=gen)
@@ -226,15 +228,8 @@ def _all_outputs(emu, B=150, D=40, seed=0):
                                                  res[4], 0, 1.0, -0.1, 0.2, 1))
     g = torch.randn(700, D, generator=gen)
     for path in ("exact", "candidates", "filter"):
-        env = KNN_PATHS[path]
-        old = {v: os.environ.pop(v, None) for v in ("DNNRL_KNN_CANDIDATES", "DNNRL_KNN_FILTER")}
-        os.environ.update(env)
-        try:
-            out += list(emu.knn(x[:40], g, 7)) + list(emu.knn_vote(x[:40], g, y.repeat(5)[:700], 7, 5))
-        finally:
-            for v in env:
-                os.environ.pop(v)
-            os.environ.update({v: s for v, s in old.items() if s is not None})
+        _set_path(monkeypatch, path)
+        out += list(emu.knn(x[:40], g, 7)) + list(emu.knn_vote(x[:40], g, y.repeat(5)[:700], 7, 5))
     return out
 
 
@@ -244,7 +239,7 @@ def test_the_kernels_do_not_depend_on_the_thread_schedule(emu, monkeypatch):
     runs = {}
     for order in ("forward", "reverse", "random:7"):
         monkeypatch.setenv("DNNRL_EMU_SCHEDULE", order)
-        runs[order] = _all_outputs(emu)
+        runs[order] = _all_outputs(emu, monkeypatch)
     for order in ("reverse", "random:7"):
         for a, b in zip(runs["forward"], runs[order]):
             assert torch.equal(a, b), order
@@ -285,7 +280,7 @@ def test_fixed_grid_losses_equal_the_cpu_kernel(emu, dtype, mining, B, D, sms, t
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("path", list(KNN_PATHS))
+@pytest.mark.parametrize("path", KNN_PATHS)
 @pytest.mark.parametrize("Q,N,D,k,sms", [(5, 40, 3, 7, 132), (30, 350, 24, 10, 5), (9, 300, 16, 40, 1)])
 def test_fixed_grid_knn_equals_the_cpu_kernel(emu, dtype, path, Q, N, D, k, sms, monkeypatch):
     rng = np.random.default_rng(Q * 7 + N)
@@ -293,15 +288,9 @@ def test_fixed_grid_knn_equals_the_cpu_kernel(emu, dtype, path, Q, N, D, k, sms,
     q, g = both[:Q], both[Q:]
     q[0] = g[3]  # a query equal to a gallery row: distance 0
     labels = torch.as_tensor(rng.integers(0, 5, N), dtype=torch.int64)
-    for var in ("DNNRL_KNN_CANDIDATES", "DNNRL_KNN_FILTER", "DNNRL_KNN_FILTER_TILE", "DNNRL_KNN_EXACT"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in KNN_PATHS[path].items():
-        monkeypatch.setenv(var, value)
+    _set_path(monkeypatch, path)
     monkeypatch.setenv("DNNRL_EMU_SMS", str(sms))
-    for got, want in ((emu.knn(q, g, k), _cpu().knn(q, g, k)),
-                      (emu.knn_vote(q, g, labels, k, 5), _cpu().knn_vote(q, g, labels, k, 5))):
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+    _assert_knn_equal(emu, q, g, labels, k, 5)
 
 
 def _non_finite_rows(x):
@@ -318,7 +307,7 @@ def _non_finite_rows(x):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).replace("torch.", ""))
-@pytest.mark.parametrize("path", list(KNN_PATHS))
+@pytest.mark.parametrize("path", KNN_PATHS)
 def test_fixed_non_finite_knn_equals_the_cpu_kernel(emu, dtype, path, monkeypatch):
     """k = N: every gallery row is ranked, so the order of inf against NaN distances counts
     (a row with a non-finite norm has only NaN distances; the expansion alone would give
@@ -328,10 +317,7 @@ def test_fixed_non_finite_knn_equals_the_cpu_kernel(emu, dtype, path, monkeypatc
     q = torch.cat([torch.randn(6, 6, generator=gen), -torch.randn(6, 6, generator=gen).abs()]).to(dtype)
     q[3, 2] = float("inf")
     labels = torch.arange(24) % 3
-    for var in ("DNNRL_KNN_CANDIDATES", "DNNRL_KNN_FILTER", "DNNRL_KNN_FILTER_TILE", "DNNRL_KNN_EXACT"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in KNN_PATHS[path].items():
-        monkeypatch.setenv(var, value)
+    _set_path(monkeypatch, path)
     for k in (24, 13):
         for got, want in ((emu.knn(q, g, k), _cpu().knn(q, g, k)),
                           (emu.knn_vote(q, g, labels, k, 3), _cpu().knn_vote(q, g, labels, k, 3))):
